@@ -1,0 +1,1 @@
+//! The replication daemon (backend `tandem`).
