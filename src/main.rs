@@ -1,6 +1,200 @@
 //! tandem: highly available storage for a pair of machines.
+//!
+//! The command line: one function per subcommand; each loads the config it needs and hands
+//! over to the module that owns the job.
+
+// Modules are being filled in by parallel work; remove once every module is wired.
+#![allow(dead_code)]
+
+mod backend;
+mod config;
 mod daemon;
+mod exit;
+mod host;
+mod logging;
+mod status;
+mod switch;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::exit::Usage;
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Highly available storage for a pair of machines",
+    max_term_width = 100
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(short, long, global = true, env = "TANDEM_CONFIG", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// Act as this node instead of the `node` key or the hostname.
+    #[arg(long, global = true, env = "TANDEM_NODE")]
+    node: Option<String>,
+    /// More output on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only warnings and errors on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone, Copy, Default)]
+pub struct StepOpts {
+    /// Print every step that would run, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Promote even data known to be stale or in split-brain.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// devd/udev/keepalived/ucarp entry point: promote or demote on a state word.
+    Switch {
+        #[command(flatten)]
+        opts: StepOpts,
+        /// The caller's arguments; the first state word (master, BACKUP, LINK_UP, …) decides.
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true, value_name = "EVENT")]
+        event: Vec<String>,
+    },
+    /// Make this node primary: role, wait for device, fsck, mount, start services.
+    Promote {
+        #[command(flatten)]
+        opts: StepOpts,
+        resources: Vec<String>,
+    },
+    /// Stop services, unmount (killing holders if needed), role secondary.
+    Demote {
+        #[command(flatten)]
+        opts: StepOpts,
+        resources: Vec<String>,
+    },
+    /// Role, connection, sync state, device, mount and services.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        resources: Vec<String>,
+    },
+    /// Parse and validate the config; print the effective config for this node.
+    CheckConfig,
+    /// Run the replication daemon in the foreground.
+    Daemon,
+    /// Write fresh replication metadata on the local disk of RES.
+    Create {
+        resource: String,
+        /// Extent size of the dirty map (default 2M).
+        #[arg(long, value_parser = parse_size_arg)]
+        extent_size: Option<u64>,
+        /// Overwrite existing metadata.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change the replication role through the daemon (like hastctl role).
+    Role {
+        #[arg(value_parser = ["init", "primary", "secondary"])]
+        role: String,
+        #[arg(required = true)]
+        resources: Vec<String>,
+        /// Become primary even on stale or split-brain data.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Wait until the resources are in sync.
+    WaitSync {
+        resources: Vec<String>,
+        /// Give up after this long (e.g. 10m).
+        #[arg(long, value_parser = parse_duration_arg, default_value = "1h")]
+        timeout: Duration,
+    },
+    /// End a split-brain on this node: discard its data and resync from the peer.
+    Resolve {
+        resource: String,
+        #[arg(long, required = true)]
+        discard_local: bool,
+    },
+    /// Watch rtnetlink for the VIP and run `switch` when it comes or goes (Linux).
+    Watch,
+    /// A complete two-node pair on loopback: sync, writes, failover, resync.
+    Demo,
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s)
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    config::parse_size(s)
+}
+
+fn load(cli: &Cli) -> Result<Config> {
+    config::load(&cli.config, cli.node.as_deref())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Demo => return Err(anyhow::anyhow!("demo: not implemented yet")),
+        Command::CheckConfig => {
+            let cfg = load(&cli)?;
+            let text = toml::to_string_pretty(&cfg)
+                .map_err(|e| anyhow::anyhow!("cannot print the configuration: {e}"))?;
+            println!(
+                "# {} as resolved for node {:?}",
+                cfg.file.display(),
+                cfg.node
+            );
+            print!("{text}");
+            return Ok(());
+        }
+        _ => {}
+    }
+    let cfg = load(&cli)?;
+    logging::init(Some(&cfg.log), cli.verbose, cli.quiet);
+    match cli.command {
+        Command::Switch { opts, event } => switch::cmd_switch(&cfg, &event, opts),
+        Command::Promote { opts, resources } => switch::cmd_promote(&cfg, &resources, opts),
+        Command::Demote { opts, resources } => switch::cmd_demote(&cfg, &resources, opts),
+        Command::Status { json, resources } => status::cmd_status(&cfg, &resources, json),
+        Command::Daemon => daemon::run(cfg, cli.config.clone()),
+        Command::Create { .. }
+        | Command::Role { .. }
+        | Command::WaitSync { .. }
+        | Command::Resolve { .. } => Err(anyhow::anyhow!("not implemented yet")),
+        Command::Watch => Err(anyhow::anyhow!("watch: not implemented yet")),
+        Command::CheckConfig | Command::Demo => Err(Usage("unreachable".into()).into()),
+    }
+}
 
 fn main() {
-    println!("tandem");
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::SUCCESS
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let (verbose, quiet) = (cli.verbose, cli.quiet);
+    // Before the config is read, errors still go to stderr.
+    let result = run(cli);
+    if let Err(e) = result {
+        logging::init(None, verbose, quiet);
+        eprintln!("tandem: {e:#}");
+        std::process::exit(exit::code_for(&e));
+    }
 }
