@@ -709,11 +709,6 @@ fn resolve_resource(
             )));
         }
     }
-    if fstype != FsType::Zfs && r.mountpoint.is_none() {
-        return Err(err(
-            "mountpoint is required (where the filesystem is mounted on the primary)".into(),
-        ));
-    }
     if let Some(c) = &r.carp {
         let ok = c
             .get_ref()

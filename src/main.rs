@@ -9,9 +9,11 @@
 mod backend;
 mod config;
 mod daemon;
+mod demo;
 mod exit;
 mod host;
 mod logging;
+mod nbd_client;
 mod status;
 mod switch;
 
@@ -144,7 +146,10 @@ fn load(cli: &Cli) -> Result<Config> {
 
 fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Demo => return Err(anyhow::anyhow!("demo: not implemented yet")),
+        Command::Demo => {
+            logging::init(None, cli.verbose, cli.quiet);
+            return demo::run();
+        }
         Command::CheckConfig => {
             let cfg = load(&cli)?;
             let text = toml::to_string_pretty(&cfg)
