@@ -1,1 +1,3 @@
 //! The replication daemon (backend `tandem`).
+pub mod activemap;
+pub mod metadata;
