@@ -172,13 +172,45 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demote { opts, resources } => switch::cmd_demote(&cfg, &resources, opts),
         Command::Status { json, resources } => status::cmd_status(&cfg, &resources, json),
         Command::Daemon => daemon::run(cfg, cli.config.clone()),
-        Command::Create { .. }
-        | Command::Role { .. }
-        | Command::WaitSync { .. }
-        | Command::Resolve { .. } => Err(anyhow::anyhow!("not implemented yet")),
+        Command::Create {
+            resource,
+            extent_size,
+            force,
+        } => cmd_create(&cfg, &resource, extent_size, force),
+        Command::Role { .. } | Command::WaitSync { .. } | Command::Resolve { .. } => {
+            Err(anyhow::anyhow!("not implemented yet"))
+        }
         Command::Watch => Err(anyhow::anyhow!("watch: not implemented yet")),
         Command::CheckConfig | Command::Demo => Err(Usage("unreachable".into()).into()),
     }
+}
+
+/// `tandem create`: fresh metadata on this node's disk of a `tandem` resource.
+fn cmd_create(cfg: &Config, name: &str, extent_size: Option<u64>, force: bool) -> Result<()> {
+    let res = cfg.select(&[name.to_string()])?[0];
+    if res.backend != config::BackendKind::Tandem {
+        return Err(Usage(format!(
+            "create {name}: the resource uses backend {:?}; create is for backend \"tandem\" (for hast use hastctl create)",
+            res.backend.to_string()
+        ))
+        .into());
+    }
+    let local = res.local.as_ref().ok_or_else(|| {
+        Usage(format!(
+            "create {name}: no local disk for node {:?}",
+            cfg.node
+        ))
+    })?;
+    let extent = extent_size.unwrap_or(res.extent_size);
+    let h = daemon::metadata::create(local, name, extent, force)?;
+    log::info!(
+        "create {name}: metadata written on {} (data {} bytes, extent {} bytes, {} extents)",
+        local.display(),
+        h.data_size,
+        h.extent_size,
+        h.data_size.div_ceil(h.extent_size)
+    );
+    Ok(())
 }
 
 fn main() {
