@@ -132,6 +132,14 @@ fn dry_run_prints_every_step_and_changes_nothing() {
         "{}",
         r.stdout
     );
+    // Options after the event words are options, not event words.
+    let r = e.run(&["switch", "master", "eth0", "--dry-run"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains("hastctl role primary r2\n"),
+        "{}",
+        r.stdout
+    );
     let r = e.run(&["demote", "--dry-run"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(
