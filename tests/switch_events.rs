@@ -184,3 +184,14 @@ fn a_waiting_event_superseded_by_a_newer_one_exits_75() {
     assert_eq!(newer.status.code(), Some(0));
     assert!(!e.calls().contains("role primary"), "{}", e.calls());
 }
+
+#[test]
+fn flapping_events_end_in_the_last_state() {
+    let e = env();
+    let state = e.state();
+    let f = switch_util::flap(&e, 10, 10, move || state.join("zpool/p3/imported").exists());
+    let master = f.last_word == "master";
+    assert_eq!(imported(&e), [master; 3]);
+    assert_eq!(roles(&e), [if master { "primary" } else { "secondary" }; 3]);
+    assert_eq!(e.path().join("share.running").exists(), master);
+}

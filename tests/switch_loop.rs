@@ -10,8 +10,6 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
@@ -366,18 +364,6 @@ fn corrupted_filesystem_fails_and_rolls_back() {
     assert_eq!(e.read("hook").trim(), "b");
 }
 
-/// A tiny xorshift: no rand crate needed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn flapping_events_from_many_processes_end_in_the_last_state() {
     if !root_with(&["losetup", "mkfs.ext4", "e2fsck"]) {
@@ -386,102 +372,17 @@ fn flapping_events_from_many_processes_end_in_the_last_state() {
     let _serial = serial();
     let s = Setup::new(&[("r0", "ext4", "mkfs.ext4 -q -F", false)], "");
     let mp = s.mps[0].clone();
-    let lock = s.env.path().join("switch.lock.seq");
-
-    // Watcher: whenever the sequence file says the last applied event was slave and nothing
-    // is running (unchanged before and after looking), the filesystem must not be mounted.
-    let stop = Arc::new(AtomicBool::new(false));
-    let violations = Arc::new(Mutex::new(Vec::<String>::new()));
-    let watcher = {
-        let (stop, violations, mp, lock) = (stop.clone(), violations.clone(), mp.clone(), lock);
-        std::thread::spawn(move || {
-            let mut samples = 0u32;
-            while !stop.load(Ordering::Relaxed) && samples < 200_000 {
-                samples += 1;
-                let before = std::fs::read_to_string(&lock).unwrap_or_default();
-                let m = mounted(&mp);
-                let after = std::fs::read_to_string(&lock).unwrap_or_default();
-                let last = before
-                    .lines()
-                    .find(|l| l.starts_with("last "))
-                    .unwrap_or("");
-                if before == after && last.ends_with(" slave done") && m {
-                    violations.lock().unwrap().push(last.to_string());
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            samples
-        })
-    };
-
-    let results = Arc::new(Mutex::new(Vec::<(u64, &'static str, i32)>::new()));
-    let seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
-    let threads: Vec<_> = (0..10u64)
-        .map(|t| {
-            let (results, cfg) = (results.clone(), s.env.config());
-            std::thread::spawn(move || {
-                let mut rng = Rng(seed.wrapping_add(t * 7919) | 1);
-                for _ in 0..10 {
-                    let word = if rng.next() % 2 == 0 {
-                        "master"
-                    } else {
-                        "slave"
-                    };
-                    std::thread::sleep(Duration::from_millis(rng.next() % 30));
-                    let out = Command::new(switch_util::BIN)
-                        .args(["-c"])
-                        .arg(&cfg)
-                        .args(["switch", word])
-                        .output()
-                        .unwrap();
-                    let stderr = String::from_utf8_lossy(&out.stderr);
-                    let seq = stderr
-                        .split("event #")
-                        .nth(1)
-                        .and_then(|r| r.split(':').next())
-                        .and_then(|n| n.parse::<u64>().ok())
-                        .unwrap_or_else(|| panic!("no event number in {stderr}"));
-                    let code = out.status.code().unwrap_or(-1);
-                    assert!(
-                        code == 0 || code == 75,
-                        "switch {word} exited {code}: {stderr}"
-                    );
-                    results.lock().unwrap().push((seq, word, code));
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    stop.store(true, Ordering::Relaxed);
-    let samples = watcher.join().unwrap();
-
-    let results = results.lock().unwrap();
-    assert_eq!(results.len(), 100);
-    let &(last_seq, last_word, last_code) = results.iter().max_by_key(|r| r.0).unwrap();
-    assert_eq!(last_seq, 100);
-    assert_eq!(last_code, 0, "the newest event must be applied");
-    let applied = results.iter().filter(|r| r.2 == 0).count();
-    eprintln!(
-        "{applied} of 100 events applied, {} superseded; last: #{last_seq} {last_word}; {samples} samples",
-        100 - applied
-    );
-    assert_eq!(mounted(&mp), last_word == "master");
+    let f = switch_util::flap(&s.env, 10, 10, move || mounted(&mp));
+    assert_eq!(mounted(&s.mps[0]), f.last_word == "master");
     let running = s.service_pid().is_some_and(alive);
-    assert_eq!(running, last_word == "master");
+    assert_eq!(running, f.last_word == "master");
     let events = s.events();
     let last_event = events.lines().last().unwrap_or("");
-    if last_word == "master" {
+    if f.last_word == "master" {
         assert_eq!(last_event, "start mounted", "{events}");
     } else {
         assert!(last_event == "stop" || events.is_empty(), "{events}");
     }
     // The service never started without its filesystem.
     assert!(!events.contains("start unmounted"), "{events}");
-    let v = violations.lock().unwrap();
-    assert!(
-        v.is_empty(),
-        "mounted while the last applied event was slave: {v:?}"
-    );
 }

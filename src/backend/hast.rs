@@ -171,9 +171,13 @@ impl Backend for Hast {
     fn promote_plan(&self, ctx: &RoleCtx) -> Vec<String> {
         vec![
             format!(
-                "hastctl list {}    # refuse stale or split-brain{}",
+                "hastctl list {}    # {}",
                 self.name,
-                if ctx.force { " (--force: ignored)" } else { "" }
+                if ctx.force {
+                    "--force: promote even stale or split-brain data"
+                } else {
+                    "refuse stale or split-brain data"
+                }
             ),
             format!(
                 "wait until no \"{}\" process runs (up to {})",

@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 
@@ -149,4 +152,119 @@ pub fn root_with(tools: &[&str]) -> bool {
         }
     }
     true
+}
+
+/// A tiny xorshift: no rand crate needed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// What a flapping run ended with.
+pub struct Flapping {
+    /// The word of the newest event (sequence number threads × per_thread).
+    pub last_word: &'static str,
+}
+
+/// `threads` threads each run `per_thread` `tandem switch master|slave` processes, at random,
+/// while a watcher samples `is_up()`. Asserts: every switch exits 0 or 75; the newest event
+/// is applied (exit 0); whenever the sequence file shows the last applied event was slave
+/// and nothing running (unchanged before and after sampling), `is_up()` is false.
+pub fn flap(
+    env: &Env,
+    threads: u64,
+    per_thread: u64,
+    is_up: impl Fn() -> bool + Send + 'static,
+) -> Flapping {
+    let seq_file = env.path().join("switch.lock.seq");
+    let stop = Arc::new(AtomicBool::new(false));
+    let violations = Arc::new(Mutex::new(Vec::<String>::new()));
+    let watcher = {
+        let (stop, violations) = (stop.clone(), violations.clone());
+        std::thread::spawn(move || {
+            let mut samples = 0u32;
+            while !stop.load(Ordering::Relaxed) && samples < 200_000 {
+                samples += 1;
+                let before = std::fs::read_to_string(&seq_file).unwrap_or_default();
+                let up = is_up();
+                let after = std::fs::read_to_string(&seq_file).unwrap_or_default();
+                let last = before
+                    .lines()
+                    .find(|l| l.starts_with("last "))
+                    .unwrap_or("");
+                if before == after && last.ends_with(" slave done") && up {
+                    violations.lock().unwrap().push(last.to_string());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            samples
+        })
+    };
+
+    let results = Arc::new(Mutex::new(Vec::<(u64, &'static str, i32)>::new()));
+    let seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let results = results.clone();
+            let mut cmds: Vec<(Command, &'static str)> = Vec::new();
+            let mut rng = Rng(seed.wrapping_add(t * 7919) | 1);
+            for _ in 0..per_thread {
+                let word = if rng.next() % 2 == 0 {
+                    "master"
+                } else {
+                    "slave"
+                };
+                cmds.push((env.command(&["switch", word]), word));
+            }
+            let pauses: Vec<u64> = (0..per_thread).map(|_| rng.next() % 30).collect();
+            std::thread::spawn(move || {
+                for ((mut cmd, word), pause) in cmds.into_iter().zip(pauses) {
+                    std::thread::sleep(Duration::from_millis(pause));
+                    let out = cmd.output().unwrap();
+                    let stderr = String::from_utf8_lossy(&out.stderr);
+                    let seq = stderr
+                        .split("event #")
+                        .nth(1)
+                        .and_then(|r| r.split(':').next())
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or_else(|| panic!("no event number in {stderr}"));
+                    let code = out.status.code().unwrap_or(-1);
+                    assert!(
+                        code == 0 || code == 75,
+                        "switch {word} exited {code}: {stderr}"
+                    );
+                    results.lock().unwrap().push((seq, word, code));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let samples = watcher.join().unwrap();
+
+    let results = results.lock().unwrap();
+    let total = threads * per_thread;
+    assert_eq!(results.len() as u64, total);
+    let &(last_seq, last_word, last_code) = results.iter().max_by_key(|r| r.0).unwrap();
+    assert_eq!(last_seq, total);
+    assert_eq!(last_code, 0, "the newest event must be applied");
+    let applied = results.iter().filter(|r| r.2 == 0).count();
+    eprintln!(
+        "{applied} of {total} events applied, the others superseded; \
+         last: #{last_seq} {last_word}; {samples} samples"
+    );
+    let v = violations.lock().unwrap();
+    assert!(
+        v.is_empty(),
+        "up while the last applied event was slave: {v:?}"
+    );
+    Flapping { last_word }
 }
