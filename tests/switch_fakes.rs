@@ -294,3 +294,21 @@ fn drbd_failing_role_change_rolls_back() {
     assert!(!e.exists("zpool/tank/imported"));
     assert_eq!(e.read("events"), "");
 }
+
+#[test]
+fn hast_works_with_the_hastctl_of_freebsd_8_and_9() {
+    // No `hastctl list` there; `hastctl status` printed the detailed listing.
+    let e = hast_env("5s");
+    e.set("hast_legacy", "");
+    e.set("hast/hast0/status", "split-brain");
+    let r = e.run(&["promote", "hast0"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(e.calls().contains("hastctl status hast0"), "{}", e.calls());
+    e.set("hast/hast0/status", "degraded");
+    let r = e.run(&["promote", "hast0"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let s = e.run(&["status", "--json", "hast0"]);
+    let v: serde_json::Value = serde_json::from_str(&s.stdout).unwrap();
+    assert_eq!(v["resources"][0]["role"], "primary");
+    assert_eq!(v["resources"][0]["state"], "degraded");
+}
