@@ -92,6 +92,10 @@ fn hast_promote_demote_and_idempotence() {
     let t = e.run(&["status"]);
     assert!(t.stdout.contains("hast0"), "{t:?}");
     assert!(t.stdout.contains("primary"), "{t:?}");
+    assert!(
+        t.stdout.contains("last switch event: #1 master (done)"),
+        "{t:?}"
+    );
 
     // Promoting again changes nothing.
     e.clear_calls();
