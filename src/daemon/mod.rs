@@ -1,1 +1,2 @@
 //! The replication daemon (backend `tandem`).
+pub mod nbd;
