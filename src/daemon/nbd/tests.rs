@@ -641,3 +641,56 @@ fn bench_vs_qemu_nbd() {
     }
     server.shutdown();
 }
+
+#[test]
+fn shutdown_during_pipelined_io_returns_and_closes() {
+    let mut f = Fixture::new();
+    let mut clients = Vec::new();
+    for c in 0..4u64 {
+        let mut s = raw_session(&f.sock);
+        let mut r = s.try_clone().unwrap();
+        // Keeps writing until the server hangs up.
+        let writer = thread::spawn(move || {
+            for i in 0..100_000u64 {
+                let off = ((c * 1000 + i) % 8000) * 4096;
+                let head = Request {
+                    flags: 0,
+                    kind: wire::CMD_WRITE,
+                    cookie: i,
+                    offset: off,
+                    len: 4096,
+                }
+                .encode();
+                if s.write_all(&head).is_err() || s.write_all(&[c as u8; 4096]).is_err() {
+                    return;
+                }
+            }
+        });
+        // Drains and counts replies so the server never blocks on us.
+        let answered = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&answered);
+        let reader = thread::spawn(move || {
+            let mut b = [0u8; 16];
+            while r.read_exact(&mut b).is_ok() {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        clients.push((writer, reader, answered));
+    }
+    // Wait until every client has had answers, then pull the export away.
+    let all_answered = || clients.iter().all(|c| c.2.load(Ordering::Relaxed) >= 10);
+    for _ in 0..6000 {
+        if all_answered() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(all_answered());
+    f.server.take().unwrap().shutdown();
+    assert!(!f.sock.exists());
+    for (w, r, _) in clients {
+        w.join().unwrap();
+        r.join().unwrap();
+    }
+    assert!(UnixStream::connect(&f.sock).is_err());
+}
