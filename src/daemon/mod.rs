@@ -2,6 +2,7 @@
 
 pub mod activemap;
 pub mod metadata;
+pub mod nbd;
 
 use std::path::PathBuf;
 
