@@ -1,0 +1,1080 @@
+//! The configuration file: TOML schema, defaults, validation and per-node resolution.
+//!
+//! One file, identical on both nodes (like `hast.conf`). Parsing rejects unknown keys; every
+//! error names the file, line and column. `load` returns the config as seen from this node:
+//! each resource carries this node's `local`/`remote` and the peer's name.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::exit::Usage;
+
+/// Default config path; the FreeBSD port installs under /usr/local/etc.
+pub const DEFAULT_PATH: &str = if cfg!(target_os = "freebsd") {
+    "/usr/local/etc/tandem.toml"
+} else {
+    "/etc/tandem.toml"
+};
+const DEFAULT_LOCK: &str = if cfg!(target_os = "freebsd") {
+    "/var/run/tandem.lock"
+} else {
+    "/run/tandem.lock"
+};
+const DEFAULT_CONTROL: &str = if cfg!(target_os = "freebsd") {
+    "/var/run/tandem/control.sock"
+} else {
+    "/run/tandem/control.sock"
+};
+const DEFAULT_RUN_DIR: &str = if cfg!(target_os = "freebsd") {
+    "/var/run/tandem"
+} else {
+    "/run/tandem"
+};
+pub const DEFAULT_PORT: u16 = 8457;
+pub const DEFAULT_EXTENT_SIZE: u64 = 2 * 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// The resolved configuration, as the rest of tandem sees it.
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Config {
+    pub file: PathBuf,
+    pub node: String,
+    pub log: LogConfig,
+    pub switch: SwitchConfig,
+    pub daemon: DaemonConfig,
+    pub services: Vec<Service>,
+    pub resources: Vec<Resource>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogConfig {
+    pub facility: String,
+    pub tag: String,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SwitchConfig {
+    pub lock: PathBuf,
+    #[serde(serialize_with = "ser_duration")]
+    pub delay: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub role_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub device_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub stop_timeout: Duration,
+    /// Bound for each external command (fsck excepted: it can take as long as it takes).
+    #[serde(serialize_with = "ser_duration")]
+    pub command_timeout: Duration,
+    pub on_promote_failure: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DaemonConfig {
+    pub listen: Vec<String>,
+    pub control: PathBuf,
+    pub secret: PathBuf,
+    pub exec: Option<String>,
+    /// A peer that sent nothing for this long is dead.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Manager {
+    Systemd,
+    Rc,
+    Command,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Service {
+    pub name: String,
+    pub manager: Manager,
+    pub unit: Option<String>,
+    pub start: Option<String>,
+    pub stop: Option<String>,
+    pub status: Option<String>,
+    /// Resources this service depends on; empty means all.
+    pub resources: Vec<String>,
+}
+
+impl Service {
+    /// Does this service depend on `resource`?
+    pub fn uses(&self, resource: &str) -> bool {
+        self.resources.is_empty() || self.resources.iter().any(|r| r == resource)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Tandem,
+    Hast,
+    Drbd,
+    None,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Tandem => "tandem",
+            BackendKind::Hast => "hast",
+            BackendKind::Drbd => "drbd",
+            BackendKind::None => "none",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ufs,
+    Ext2,
+    Ext3,
+    Ext4,
+    Xfs,
+    Btrfs,
+    Zfs,
+}
+
+impl fmt::Display for FsType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FsType::Ufs => "ufs",
+            FsType::Ext2 => "ext2",
+            FsType::Ext3 => "ext3",
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+            FsType::Btrfs => "btrfs",
+            FsType::Zfs => "zfs",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsckMode {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Replication {
+    Fullsync,
+    Memsync,
+    Async,
+}
+
+impl fmt::Display for Replication {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Replication::Fullsync => "fullsync",
+            Replication::Memsync => "memsync",
+            Replication::Async => "async",
+        })
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Resource {
+    pub name: String,
+    pub backend: BackendKind,
+    /// None for a resource that is replicated but never mounted by tandem.
+    pub mountpoint: Option<PathBuf>,
+    pub fstype: FsType,
+    pub fsck: FsckMode,
+    pub mount_options: String,
+    pub pool: Option<String>,
+    /// `VHID@IFACE`: only events for this CARP address switch the resource.
+    pub carp: Option<String>,
+    /// The block device on the primary (backend default resolved).
+    pub device: PathBuf,
+    pub attach: Option<String>,
+    pub detach: Option<String>,
+    pub replication: Replication,
+    pub extent_size: u64,
+    pub nbd: PathBuf,
+    pub nbd_tcp: Option<SocketAddr>,
+    /// This node's disk (backend `tandem`).
+    pub local: Option<PathBuf>,
+    /// The peer's replication address `host:port` (backend `tandem`).
+    pub remote: Option<String>,
+    /// The peer's node name, when the resource has exactly one other `on` section.
+    pub peer: Option<String>,
+    /// The address the peer expects this node to connect from (the peer's `remote`).
+    pub peer_remote: Option<String>,
+}
+
+impl Config {
+    pub fn resource(&self, name: &str) -> Option<&Resource> {
+        self.resources.iter().find(|r| r.name == name)
+    }
+
+    /// The resources named on the command line (all of them when `names` is empty or `all`).
+    /// An unknown name is a usage error.
+    pub fn select(&self, names: &[String]) -> anyhow::Result<Vec<&Resource>> {
+        if names.is_empty() || (names.len() == 1 && names[0] == "all") {
+            return Ok(self.resources.iter().collect());
+        }
+        let mut out = Vec::new();
+        for n in names {
+            match self.resource(n) {
+                Some(r) => {
+                    if !out.iter().any(|o: &&Resource| o.name == r.name) {
+                        out.push(r)
+                    }
+                }
+                None => {
+                    let known: Vec<&str> = self.resources.iter().map(|r| r.name.as_str()).collect();
+                    return Err(Usage(format!(
+                        "{}: no resource named {n:?} (known: {})",
+                        self.file.display(),
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ))
+                    .into());
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+/// `1500ms`, `20s`, `2m`: the shortest exact form.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 60_000 == 0 && ms >= 60_000 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// Parse `"500ms"`, `"20s"`, `"2m"`, `"1h"`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected a number and a unit such as \"500ms\", \"20s\", \"2m\""))?;
+    let mult = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" | "sec" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        u => {
+            return Err(format!(
+                "invalid duration {s:?}: unknown unit {u:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    let secs = value * mult;
+    if !secs.is_finite() || !(0.0..=86400.0 * 365.0).contains(&secs) {
+        return Err(format!("invalid duration {s:?}: out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parse `"2M"`, `"512K"`, `"1G"`, `"4096"` (bytes; binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: u64 = num.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number and an optional unit K, M, G or T")
+    })?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        u => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {u:?} (use K, M, G or T)"
+            ));
+        }
+    };
+    value
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written (serde schema).
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: Option<Spanned<String>>,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    switch: RawSwitch,
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    service: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    resource: BTreeMap<String, Spanned<RawResource>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    facility: Option<Spanned<String>>,
+    tag: Option<String>,
+    level: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSwitch {
+    lock: Option<PathBuf>,
+    delay: Option<Spanned<String>>,
+    role_timeout: Option<Spanned<String>>,
+    device_timeout: Option<Spanned<String>>,
+    stop_timeout: Option<Spanned<String>>,
+    command_timeout: Option<Spanned<String>>,
+    on_promote_failure: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    listen: Option<Vec<Spanned<String>>>,
+    control: Option<PathBuf>,
+    secret: Option<PathBuf>,
+    exec: Option<String>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    manager: Manager,
+    unit: Option<String>,
+    start: Option<String>,
+    stop: Option<String>,
+    status: Option<String>,
+    resources: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResource {
+    backend: Option<BackendKind>,
+    mountpoint: Option<PathBuf>,
+    fstype: Option<FsType>,
+    fsck: Option<FsckMode>,
+    mount_options: Option<String>,
+    pool: Option<String>,
+    carp: Option<Spanned<String>>,
+    device: Option<PathBuf>,
+    attach: Option<String>,
+    detach: Option<String>,
+    replication: Option<Replication>,
+    extent_size: Option<Spanned<String>>,
+    nbd: Option<PathBuf>,
+    nbd_tcp: Option<Spanned<String>>,
+    #[serde(default)]
+    on: BTreeMap<String, Spanned<RawOn>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOn {
+    local: Option<PathBuf>,
+    remote: Option<Spanned<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading and validation.
+
+/// Where in the file something is, for error messages.
+struct Source<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before
+            .rfind('\n')
+            .map_or(before.len(), |nl| before.len() - nl - 1)
+            + 1;
+        (line, col)
+    }
+
+    fn error(&self, span: std::ops::Range<usize>, msg: impl fmt::Display) -> anyhow::Error {
+        let (line, col) = self.position(span.start);
+        Usage(format!("{}:{line}:{col}: {msg}", self.file.display())).into()
+    }
+
+    fn duration(&self, v: &Option<Spanned<String>>, default: Duration) -> anyhow::Result<Duration> {
+        match v {
+            None => Ok(default),
+            Some(s) => parse_duration(s.get_ref()).map_err(|e| self.error(s.span(), e)),
+        }
+    }
+}
+
+/// The name this host answers to: `node` in the file, else the hostname.
+fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
+
+/// Does `candidate` (a name in the file) designate this host? The short name matches too.
+fn names_this_node(candidate: &str, node: &str) -> bool {
+    let short = |s: &str| s.split('.').next().unwrap_or(s).to_string();
+    candidate == node || short(candidate) == short(node)
+}
+
+/// Read and validate `path` for this node (`node_override`, else `node` in the file, else the
+/// hostname).
+pub fn load(path: &Path, node_override: Option<&str>) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Usage(format!(
+            "{}: cannot read the configuration: {e}",
+            path.display()
+        ))
+    })?;
+    parse(path, &text, node_override)
+}
+
+/// Parse `text` as if read from `path`.
+pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Result<Config> {
+    let src = Source { file: path, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| match e.span() {
+        Some(span) => src.error(span, e.message()),
+        None => Usage(format!("{}: {}", path.display(), e.message())).into(),
+    })?;
+
+    let node = match (node_override, &raw.node) {
+        (Some(n), _) => n.to_string(),
+        (None, Some(n)) => {
+            if n.get_ref().trim().is_empty() {
+                return Err(src.error(n.span(), "node must not be empty"));
+            }
+            n.get_ref().clone()
+        }
+        (None, None) => host_name(),
+    };
+
+    let log = LogConfig {
+        facility: match &raw.log.facility {
+            None => "local0".into(),
+            Some(f) => {
+                if crate::logging::parse_facility(f.get_ref()).is_none() {
+                    return Err(src.error(
+                        f.span(),
+                        format!(
+                            "unknown syslog facility {:?} (e.g. local0 … local7, daemon, user)",
+                            f.get_ref()
+                        ),
+                    ));
+                }
+                f.get_ref().clone()
+            }
+        },
+        tag: raw.log.tag.clone().unwrap_or_else(|| "tandem".into()),
+        level: match &raw.log.level {
+            None => "info".into(),
+            Some(l) => {
+                if l.get_ref().parse::<log::LevelFilter>().is_err() {
+                    return Err(src.error(
+                        l.span(),
+                        format!(
+                            "unknown log level {:?} (error, warn, info, debug, trace)",
+                            l.get_ref()
+                        ),
+                    ));
+                }
+                l.get_ref().clone()
+            }
+        },
+    };
+
+    let switch = SwitchConfig {
+        lock: raw
+            .switch
+            .lock
+            .clone()
+            .unwrap_or_else(|| DEFAULT_LOCK.into()),
+        delay: src.duration(&raw.switch.delay, Duration::ZERO)?,
+        role_timeout: src.duration(&raw.switch.role_timeout, Duration::from_secs(20))?,
+        device_timeout: src.duration(&raw.switch.device_timeout, Duration::from_secs(30))?,
+        stop_timeout: src.duration(&raw.switch.stop_timeout, Duration::from_secs(20))?,
+        command_timeout: src.duration(&raw.switch.command_timeout, Duration::from_secs(60))?,
+        on_promote_failure: raw
+            .switch
+            .on_promote_failure
+            .clone()
+            .filter(|s| !s.trim().is_empty()),
+    };
+
+    let mut listen = Vec::new();
+    for l in raw.daemon.listen.as_deref().unwrap_or_default() {
+        if l.get_ref().parse::<SocketAddr>().is_err() {
+            return Err(src.error(
+                l.span(),
+                format!(
+                    "listen address {:?} is not IP:PORT (e.g. \"0.0.0.0:8457\")",
+                    l.get_ref()
+                ),
+            ));
+        }
+        listen.push(l.get_ref().clone());
+    }
+    if raw.daemon.listen.is_none() {
+        listen.push(format!("0.0.0.0:{DEFAULT_PORT}"));
+    }
+    let daemon = DaemonConfig {
+        listen,
+        control: raw
+            .daemon
+            .control
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CONTROL.into()),
+        secret: raw.daemon.secret.clone().unwrap_or_else(|| {
+            if cfg!(target_os = "freebsd") {
+                "/usr/local/etc/tandem.key"
+            } else {
+                "/etc/tandem.key"
+            }
+            .into()
+        }),
+        exec: raw.daemon.exec.clone().filter(|s| !s.trim().is_empty()),
+        timeout: src.duration(&raw.daemon.timeout, Duration::from_secs(20))?,
+    };
+    if daemon.timeout < Duration::from_millis(100) {
+        let span = raw
+            .daemon
+            .timeout
+            .as_ref()
+            .map(|t| t.span())
+            .unwrap_or(0..0);
+        return Err(src.error(span, "daemon.timeout must be at least 100ms"));
+    }
+
+    let mut resources = Vec::new();
+    for (name, spanned) in &raw.resource {
+        resources.push(resolve_resource(&src, name, spanned, &node)?);
+    }
+
+    let mut services: Vec<Service> = Vec::new();
+    for s in &raw.service {
+        let span = s.span();
+        let s = s.get_ref();
+        let name = s.name.get_ref().clone();
+        if name.trim().is_empty() {
+            return Err(src.error(s.name.span(), "service name must not be empty"));
+        }
+        if services.iter().any(|o| o.name == name) {
+            return Err(src.error(s.name.span(), format!("service {name:?} is defined twice")));
+        }
+        match s.manager {
+            Manager::Systemd | Manager::Rc => {
+                if s.start.is_some() || s.stop.is_some() || s.status.is_some() {
+                    return Err(src.error(
+                        span,
+                        format!(
+                            "service {name:?}: start/stop/status are for manager = \"command\""
+                        ),
+                    ));
+                }
+            }
+            Manager::Command => {
+                if s.start.is_none() || s.stop.is_none() {
+                    return Err(src.error(
+                        span,
+                        format!(
+                            "service {name:?}: manager = \"command\" needs both start and stop"
+                        ),
+                    ));
+                }
+                if s.unit.is_some() {
+                    return Err(
+                        src.error(span, format!("service {name:?}: unit is for systemd or rc"))
+                    );
+                }
+            }
+        }
+        let mut uses = Vec::new();
+        for r in s.resources.as_deref().unwrap_or_default() {
+            if !raw.resource.contains_key(r.get_ref()) {
+                return Err(src.error(
+                    r.span(),
+                    format!("service {name:?}: no resource named {:?}", r.get_ref()),
+                ));
+            }
+            uses.push(r.get_ref().clone());
+        }
+        services.push(Service {
+            unit: s.unit.clone().or_else(|| match s.manager {
+                Manager::Systemd => Some(format!("{name}.service")),
+                Manager::Rc => Some(name.clone()),
+                Manager::Command => None,
+            }),
+            name,
+            manager: s.manager,
+            start: s.start.clone(),
+            stop: s.stop.clone(),
+            status: s.status.clone(),
+            resources: uses,
+        });
+    }
+
+    Ok(Config {
+        file: path.to_path_buf(),
+        node,
+        log,
+        switch,
+        daemon,
+        services,
+        resources,
+    })
+}
+
+fn resolve_resource(
+    src: &Source<'_>,
+    name: &str,
+    spanned: &Spanned<RawResource>,
+    node: &str,
+) -> anyhow::Result<Resource> {
+    let span = spanned.span();
+    let r = spanned.get_ref();
+    let err = |msg: String| src.error(span.clone(), format!("resource {name:?}: {msg}"));
+
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(err(
+            "the name must be 1-63 characters of A-Z a-z 0-9 - _ .".into()
+        ));
+    }
+    let backend = r.backend.unwrap_or(BackendKind::Tandem);
+    let fstype = r.fstype.unwrap_or(FsType::Ufs);
+    if fstype == FsType::Zfs && r.pool.is_none() {
+        return Err(err(
+            "fstype = \"zfs\" needs pool = \"NAME\" (tandem imports and exports the pool)".into(),
+        ));
+    }
+    if fstype != FsType::Zfs && r.pool.is_some() {
+        return Err(err("pool is only for fstype = \"zfs\"".into()));
+    }
+    if let Some(mp) = &r.mountpoint {
+        if !mp.is_absolute() {
+            return Err(err(format!(
+                "mountpoint {} must be an absolute path",
+                mp.display()
+            )));
+        }
+    }
+    if let Some(c) = &r.carp {
+        let ok = c
+            .get_ref()
+            .split_once('@')
+            .is_some_and(|(vhid, ifc)| vhid.parse::<u8>().is_ok_and(|v| v > 0) && !ifc.is_empty());
+        if !ok {
+            return Err(src.error(
+                c.span(),
+                format!(
+                    "resource {name:?}: carp = {:?} is not VHID@IFACE (e.g. \"1@em0\")",
+                    c.get_ref()
+                ),
+            ));
+        }
+    }
+    let extent_size = match &r.extent_size {
+        None => DEFAULT_EXTENT_SIZE,
+        Some(s) => {
+            let v = parse_size(s.get_ref()).map_err(|e| src.error(s.span(), e))?;
+            if !v.is_power_of_two() || !(64 * 1024..=1024 * 1024 * 1024).contains(&v) {
+                return Err(src.error(
+                    s.span(),
+                    format!(
+                        "resource {name:?}: extent_size must be a power of two between 64K and 1G"
+                    ),
+                ));
+            }
+            v
+        }
+    };
+    let nbd_tcp = match &r.nbd_tcp {
+        None => None,
+        Some(s) => Some(s.get_ref().parse::<SocketAddr>().map_err(|_| {
+            src.error(
+                s.span(),
+                format!(
+                    "resource {name:?}: nbd_tcp {:?} is not IP:PORT",
+                    s.get_ref()
+                ),
+            )
+        })?),
+    };
+    if backend != BackendKind::Tandem {
+        for (what, set) in [
+            ("replication", r.replication.is_some()),
+            ("extent_size", r.extent_size.is_some()),
+            ("nbd", r.nbd.is_some()),
+            ("nbd_tcp", r.nbd_tcp.is_some()),
+        ] {
+            if set {
+                return Err(err(format!("{what} is only for backend = \"tandem\"")));
+            }
+        }
+    }
+
+    // This node's section, and the peer's.
+    let mine: Vec<(&String, &Spanned<RawOn>)> =
+        r.on.iter()
+            .filter(|(n, _)| names_this_node(n, node))
+            .collect();
+    let others: Vec<(&String, &Spanned<RawOn>)> =
+        r.on.iter()
+            .filter(|(n, _)| !names_this_node(n, node))
+            .collect();
+    if mine.len() > 1 {
+        return Err(err(format!(
+            "more than one [resource.{name}.on.*] section matches this node {node:?}"
+        )));
+    }
+    let mine = mine.first().map(|(_, on)| *on);
+    let peer = if others.len() == 1 {
+        Some(others[0].0.clone())
+    } else {
+        None
+    };
+    let peer_remote = if others.len() == 1 {
+        others[0]
+            .1
+            .get_ref()
+            .remote
+            .as_ref()
+            .map(|s| s.get_ref().clone())
+    } else {
+        None
+    };
+    let (local, remote) = match mine {
+        Some(on) => (
+            on.get_ref().local.clone(),
+            on.get_ref().remote.as_ref().map(|s| s.get_ref().clone()),
+        ),
+        None => (None, None),
+    };
+
+    let mut remote_checked = remote.clone();
+    if backend == BackendKind::Tandem {
+        let known: Vec<&str> = r.on.keys().map(String::as_str).collect();
+        let Some(on) = mine else {
+            return Err(err(format!(
+                "no [resource.{name}.on.{node}] section for this node (sections: {}; set node = \"NAME\" or use --node)",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        };
+        let on_span = on.span();
+        if local.is_none() {
+            return Err(src.error(
+                on_span,
+                format!("resource {name:?} on {node:?}: local = \"/dev/…\" is required"),
+            ));
+        }
+        let Some(rem) = &on.get_ref().remote else {
+            return Err(src.error(
+                on_span,
+                format!("resource {name:?} on {node:?}: remote = \"HOST:PORT\" is required"),
+            ));
+        };
+        let with_port = normalize_remote(rem.get_ref()).ok_or_else(|| {
+            src.error(
+                rem.span(),
+                format!(
+                    "resource {name:?}: remote {:?} is not HOST[:PORT]",
+                    rem.get_ref()
+                ),
+            )
+        })?;
+        remote_checked = Some(with_port);
+        if others.len() != 1 {
+            return Err(err(format!(
+                "backend \"tandem\" needs exactly two [resource.{name}.on.NODE] sections (found {})",
+                r.on.len()
+            )));
+        }
+    }
+
+    let device = match &r.device {
+        Some(d) => d.clone(),
+        None => match backend {
+            BackendKind::Hast => PathBuf::from(format!("/dev/hast/{name}")),
+            // DRBD 9's udev rules create this link; set `device` for /dev/drbdN.
+            BackendKind::Drbd => PathBuf::from(format!("/dev/drbd/by-res/{name}/0")),
+            // Here the kernel has no nbd module: the attach hook produces the device.
+            BackendKind::Tandem => PathBuf::from("/dev/nbd0"),
+            BackendKind::None => {
+                return Err(err("backend = \"none\" needs device = \"/dev/…\"".into()));
+            }
+        },
+    };
+
+    Ok(Resource {
+        name: name.to_string(),
+        backend,
+        mountpoint: r.mountpoint.clone(),
+        fstype,
+        fsck: r.fsck.unwrap_or(FsckMode::Auto),
+        mount_options: r.mount_options.clone().unwrap_or_default(),
+        pool: r.pool.clone(),
+        carp: r.carp.as_ref().map(|c| c.get_ref().clone()),
+        device,
+        attach: r.attach.clone().filter(|s| !s.trim().is_empty()),
+        detach: r.detach.clone().filter(|s| !s.trim().is_empty()),
+        replication: r.replication.unwrap_or(Replication::Fullsync),
+        extent_size,
+        nbd: r
+            .nbd
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{DEFAULT_RUN_DIR}/{name}.nbd"))),
+        nbd_tcp,
+        local,
+        remote: remote_checked,
+        peer,
+        peer_remote: peer_remote.and_then(|p| normalize_remote(&p)),
+    })
+}
+
+/// `host`, `host:port`, `[v6]:port` → `host:port` with the default port filled in.
+fn normalize_remote(s: &str) -> Option<String> {
+    let s = s.trim();
+    if s.is_empty() || s.contains(char::is_whitespace) {
+        return None;
+    }
+    if s.parse::<SocketAddr>().is_ok() {
+        return Some(s.to_string());
+    }
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return Some(if s.contains(':') {
+            format!("[{s}]:{DEFAULT_PORT}")
+        } else {
+            format!("{s}:{DEFAULT_PORT}")
+        });
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Some(s.to_string())
+        }
+        Some(_) => None,
+        None => Some(format!("{s}:{DEFAULT_PORT}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+node = "s1"
+
+[switch]
+delay = "0s"
+role_timeout = "20s"
+
+[daemon]
+listen = ["0.0.0.0:8457"]
+
+[[service]]
+name = "samba"
+manager = "systemd"
+unit = "smbd.service"
+
+[resource.hast0]
+backend = "tandem"
+mountpoint = "/mnt/hast0"
+fstype = "ext4"
+mount_options = "noatime"
+carp = "1@em0"
+replication = "fullsync"
+extent_size = "2M"
+nbd = "/run/tandem/hast0.nbd"
+
+[resource.hast0.on.s1]
+local = "/dev/ada1"
+remote = "192.168.10.12:8457"
+[resource.hast0.on.s2]
+local = "/dev/ada1"
+remote = "192.168.10.11"
+"#;
+
+    fn p(text: &str) -> anyhow::Result<Config> {
+        parse(Path::new("/etc/tandem.toml"), text, None)
+    }
+
+    fn err(text: &str) -> String {
+        match p(text) {
+            Ok(_) => panic!("config was accepted:\n{text}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn example_resolves_for_this_node() {
+        let c = p(EXAMPLE).unwrap();
+        assert_eq!(c.node, "s1");
+        let r = c.resource("hast0").unwrap();
+        assert_eq!(r.local.as_deref(), Some(Path::new("/dev/ada1")));
+        assert_eq!(r.remote.as_deref(), Some("192.168.10.12:8457"));
+        assert_eq!(r.peer.as_deref(), Some("s2"));
+        assert_eq!(r.peer_remote.as_deref(), Some("192.168.10.11:8457"));
+        assert_eq!(r.extent_size, 2 << 20);
+        assert_eq!(c.switch.role_timeout, Duration::from_secs(20));
+        assert_eq!(c.switch.lock, PathBuf::from(DEFAULT_LOCK));
+        assert_eq!(c.services[0].unit.as_deref(), Some("smbd.service"));
+    }
+
+    #[test]
+    fn other_node_and_short_names() {
+        let c = parse(Path::new("x"), EXAMPLE, Some("s2.example.org")).unwrap();
+        let r = c.resource("hast0").unwrap();
+        assert_eq!(r.remote.as_deref(), Some("192.168.10.11:8457"));
+        assert_eq!(r.peer.as_deref(), Some("s1"));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let e = err("node = \"s1\"\n[switch]\nrole_timout = \"5s\"\n");
+        assert!(e.starts_with("/etc/tandem.toml:3:1: "), "{e}");
+        assert!(e.contains("role_timout"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_position() {
+        let e = err("[switch]\ndelay = \"3 parsecs\"\n");
+        assert!(
+            e.starts_with("/etc/tandem.toml:2:9: invalid duration"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn zfs_without_pool() {
+        let e = err("[resource.z]\nbackend = \"none\"\ndevice = \"/dev/da0\"\nfstype = \"zfs\"\n");
+        assert!(e.contains("needs pool"), "{e}");
+        assert!(e.starts_with("/etc/tandem.toml:"), "{e}");
+    }
+
+    #[test]
+    fn tandem_needs_local_and_remote_for_this_node() {
+        let e = err(
+            "node = \"a\"\n[resource.r]\nmountpoint = \"/mnt\"\n[resource.r.on.b]\nlocal = \"/x\"\nremote = \"1.2.3.4\"\n",
+        );
+        assert!(e.contains("no [resource.r.on.a] section"), "{e}");
+        let e = err(
+            "node = \"a\"\n[resource.r]\nmountpoint = \"/mnt\"\n[resource.r.on.a]\nremote = \"1.2.3.4\"\n[resource.r.on.b]\nlocal = \"/x\"\nremote = \"1.2.3.4\"\n",
+        );
+        assert!(e.contains("local = "), "{e}");
+        assert!(e.starts_with("/etc/tandem.toml:4:1:"), "{e}");
+    }
+
+    #[test]
+    fn bad_values() {
+        assert!(err("[resource.r]\nbackend = \"lvm\"\n").contains("lvm"));
+        assert!(err("[resource.r]\nbackend=\"none\"\ndevice=\"/dev/x\"\nmountpoint=\"/m\"\ncarp = \"em0\"\n").contains("VHID@IFACE"));
+        assert!(
+            err("[resource.r]\nbackend=\"none\"\ndevice=\"/dev/x\"\nmountpoint=\"rel\"\n")
+                .contains("absolute")
+        );
+        assert!(
+            err("[resource.r]\nbackend=\"none\"\nmountpoint=\"/m\"\n").contains("needs device")
+        );
+        assert!(
+            err("[resource.r]\nbackend=\"hast\"\nmountpoint=\"/m\"\nreplication=\"async\"\n")
+                .contains("only for backend")
+        );
+        assert!(err("[log]\nfacility = \"local9\"\n").contains("facility"));
+        assert!(err("[daemon]\nlisten = [\"nowhere\"]\n").contains("IP:PORT"));
+        assert!(
+            err("[[service]]\nname=\"x\"\nmanager=\"command\"\nstart=\"true\"\n")
+                .contains("needs both")
+        );
+        assert!(err("this is not toml").starts_with("/etc/tandem.toml:1:"));
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("20s").unwrap(), Duration::from_secs(20));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1y").is_err());
+        assert_eq!(parse_size("2M").unwrap(), 2 << 20);
+        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
+        assert!(parse_size("2X").is_err());
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(format_duration(Duration::from_secs(120)), "2m");
+    }
+
+    #[test]
+    fn remote_gets_default_port() {
+        assert_eq!(
+            normalize_remote("10.0.0.1").as_deref(),
+            Some("10.0.0.1:8457")
+        );
+        assert_eq!(normalize_remote("s2").as_deref(), Some("s2:8457"));
+        assert_eq!(normalize_remote("s2:99").as_deref(), Some("s2:99"));
+        assert_eq!(normalize_remote("::1").as_deref(), Some("[::1]:8457"));
+        assert_eq!(normalize_remote("s2:port"), None);
+    }
+
+    #[test]
+    fn select_resources() {
+        let c = p(EXAMPLE).unwrap();
+        assert_eq!(c.select(&[]).unwrap().len(), 1);
+        assert_eq!(c.select(&["all".into()]).unwrap().len(), 1);
+        let e = c.select(&["nope".into()]).unwrap_err();
+        assert!(e.downcast_ref::<Usage>().is_some());
+    }
+}
