@@ -101,6 +101,8 @@ pub struct ResourceStatus {
     /// complete | degraded | syncing | split-brain
     pub state: String,
     pub dirty_bytes: u64,
+    /// Size of the replicated data region (what the export serves).
+    pub data_size: u64,
     /// 0..1
     pub sync_progress: f64,
     pub sync_bytes_total: u64,

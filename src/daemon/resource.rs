@@ -293,6 +293,7 @@ impl Shared {
             .to_string(),
             state: state.to_string(),
             dirty_bytes: self.disk.activemap().dirty_bytes(),
+            data_size: self.disk.data_size(),
             sync_progress: if !syncing || total == 0 {
                 if state == "complete" { 1.0 } else { 0.0 }
             } else {
