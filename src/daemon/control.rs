@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 
 pub use super::Role;
 
+/// How long `wait_sync` lets a split-brain state stand before failing (the primary retries
+/// refused connections every 5 s).
+const SPLIT_BRAIN_GRACE: Duration = Duration::from_secs(12);
+
 /// A request to the daemon. An empty resource list (or `all`) means every resource.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
@@ -189,6 +193,10 @@ pub fn wait_sync(
     } else {
         None
     };
+    // Split-brain is final only if it persists: right after `resolve` on the peer it clears
+    // with the primary's next connection attempt.
+    let grace = SPLIT_BRAIN_GRACE.min(timeout);
+    let mut split_since: Option<Instant> = None;
     loop {
         let resp = request(
             socket,
@@ -198,7 +206,13 @@ pub fn wait_sync(
             Duration::from_secs(10),
         )?
         .into_result()?;
-        if let Some(sb) = resp.resources.iter().find(|r| r.state == "split-brain") {
+        let split = resp.resources.iter().find(|r| r.state == "split-brain");
+        if split.is_none() {
+            split_since = None;
+        }
+        if let Some(sb) = split
+            && split_since.get_or_insert_with(Instant::now).elapsed() >= grace
+        {
             return Err(ControlError {
                 kind: ErrorKind::SplitBrain,
                 message: format!(

@@ -207,6 +207,18 @@ impl Node {
         }
     }
 
+    /// Wait (bounded) until the daemon's log contains `text`.
+    pub fn log_contains(&self, text: &str, secs: u64) -> bool {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if self.log_text().contains(text) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
