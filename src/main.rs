@@ -1,14 +1,21 @@
 //! tandem: highly available storage for a pair of machines.
 //!
-//! Minimal command line for the replication daemon (branch `engine`); the lead's main.rs
-//! replaces it on merge.
+//! The command line: one function per subcommand; each loads the config it needs and hands
+//! over to the module that owns the job.
 
-#[allow(dead_code)]
+// Modules are being filled in by parallel work; remove once every module is wired.
+#![allow(dead_code)]
+
+mod backend;
 mod config;
 mod daemon;
-#[allow(dead_code)]
+mod demo;
 mod exit;
+mod host;
 mod logging;
+mod nbd_client;
+mod status;
+mod switch;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,53 +23,101 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use daemon::control::{self, Request};
+use crate::config::Config;
+use crate::exit::Usage;
 
 #[derive(Parser)]
 #[command(
     name = "tandem",
     version,
-    about = "Highly available storage for a pair of machines"
+    about = "Highly available storage for a pair of machines",
+    max_term_width = 100
 )]
 struct Cli {
-    #[arg(short, long, global = true, default_value = config::DEFAULT_PATH)]
+    /// Configuration file.
+    #[arg(short, long, global = true, env = "TANDEM_CONFIG", default_value = config::DEFAULT_PATH)]
     config: PathBuf,
-    #[arg(long, global = true)]
+    /// Act as this node instead of the `node` key or the hostname.
+    #[arg(long, global = true, env = "TANDEM_NODE")]
     node: Option<String>,
+    /// More output on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Only warnings and errors on stderr.
     #[arg(short, long, global = true)]
     quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(clap::Args, Clone, Copy, Default)]
+pub struct StepOpts {
+    /// Print every step that would run, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Promote even data known to be stale or in split-brain.
+    #[arg(long)]
+    pub force: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// devd/udev/keepalived/ucarp entry point: promote or demote on a state word.
+    Switch {
+        #[command(flatten)]
+        opts: StepOpts,
+        /// The caller's arguments; the first state word (master, BACKUP, LINK_UP, …) decides.
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true, value_name = "EVENT")]
+        event: Vec<String>,
+    },
+    /// Make this node primary: role, wait for device, fsck, mount, start services.
+    Promote {
+        #[command(flatten)]
+        opts: StepOpts,
+        resources: Vec<String>,
+    },
+    /// Stop services, unmount (killing holders if needed), role secondary.
+    Demote {
+        #[command(flatten)]
+        opts: StepOpts,
+        resources: Vec<String>,
+    },
+    /// Role, connection, sync state, device, mount and services.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        resources: Vec<String>,
+    },
+    /// Parse and validate the config; print the effective config for this node.
+    CheckConfig,
     /// Run the replication daemon in the foreground.
     Daemon,
     /// Write fresh replication metadata on the local disk of RES.
     Create {
         resource: String,
-        #[arg(long, value_parser = config::parse_size)]
+        /// Extent size of the dirty map (default 2M).
+        #[arg(long, value_parser = parse_size_arg)]
         extent_size: Option<u64>,
+        /// Overwrite existing metadata.
         #[arg(long)]
         force: bool,
     },
-    /// Change the replication role through the daemon.
+    /// Change the replication role through the daemon (like hastctl role).
     Role {
-        role: daemon::Role,
+        #[arg(value_parser = ["init", "primary", "secondary"])]
+        role: String,
         #[arg(required = true)]
         resources: Vec<String>,
+        /// Become primary even on stale or split-brain data.
         #[arg(long)]
         force: bool,
     },
-    /// Replication status as JSON.
-    Status { resources: Vec<String> },
     /// Wait until the resources are in sync.
     WaitSync {
         resources: Vec<String>,
-        #[arg(long, value_parser = config::parse_duration, default_value = "1h")]
+        /// Give up after this long (e.g. 10m).
+        #[arg(long, value_parser = parse_duration_arg, default_value = "1h")]
         timeout: Duration,
     },
     /// End a split-brain on this node: discard its data and resync from the peer.
@@ -71,84 +126,118 @@ enum Command {
         #[arg(long, required = true)]
         discard_local: bool,
     },
+    /// Watch rtnetlink for the VIP and run `switch` when it comes or goes (Linux).
+    Watch,
+    /// A complete two-node pair on loopback: sync, writes, failover, resync.
+    Demo,
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s)
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    config::parse_size(s)
+}
+
+fn load(cli: &Cli) -> Result<Config> {
+    config::load(&cli.config, cli.node.as_deref())
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let cfg = config::load(&cli.config, cli.node.as_deref())?;
+    match &cli.command {
+        Command::Demo => {
+            logging::init(None, cli.verbose, cli.quiet);
+            return demo::run();
+        }
+        Command::CheckConfig => {
+            let cfg = load(&cli)?;
+            let text = toml::to_string_pretty(&cfg)
+                .map_err(|e| anyhow::anyhow!("cannot print the configuration: {e}"))?;
+            println!(
+                "# {} as resolved for node {:?}",
+                cfg.file.display(),
+                cfg.node
+            );
+            print!("{text}");
+            return Ok(());
+        }
+        _ => {}
+    }
+    let cfg = load(&cli)?;
     logging::init(Some(&cfg.log), cli.verbose, cli.quiet);
-    let sock = cfg.daemon.control.clone();
-    let t = cfg.daemon.timeout.max(Duration::from_secs(30));
     match cli.command {
+        Command::Switch { opts, event } => switch::cmd_switch(&cfg, &event, opts),
+        Command::Promote { opts, resources } => switch::cmd_promote(&cfg, &resources, opts),
+        Command::Demote { opts, resources } => switch::cmd_demote(&cfg, &resources, opts),
+        Command::Status { json, resources } => status::cmd_status(&cfg, &resources, json),
         Command::Daemon => daemon::run(cfg, cli.config.clone()),
         Command::Create {
             resource,
             extent_size,
             force,
-        } => {
-            let res = cfg
-                .resource(&resource)
-                .ok_or_else(|| exit::Usage(format!("{resource}: no such resource")))?;
-            let local = res
-                .local
-                .clone()
-                .ok_or_else(|| exit::Usage(format!("{resource}: no local disk")))?;
-            daemon::metadata::create(
-                &local,
-                &resource,
-                extent_size.unwrap_or(res.extent_size),
-                force,
-            )?;
-            Ok(())
-        }
+        } => cmd_create(&cfg, &resource, extent_size, force),
         Command::Role {
             role,
             resources,
             force,
-        } => {
-            control::request(
-                &sock,
-                &Request::Role {
-                    role,
-                    resources,
-                    force,
-                },
-                t,
-            )?
-            .into_result()?;
-            Ok(())
-        }
-        Command::Status { resources } => {
-            let r = control::request(&sock, &Request::Status { resources }, t)?.into_result()?;
-            println!("{}", serde_json::to_string_pretty(&r)?);
-            Ok(())
-        }
+        } => daemon::control::cmd_role(&cfg, &role, &resources, force),
         Command::WaitSync { resources, timeout } => {
-            control::wait_sync(&sock, &resources, timeout, true)
+            daemon::control::cmd_wait_sync(&cfg, &resources, timeout)
         }
-        Command::Resolve {
-            resource,
-            discard_local: _,
-        } => {
-            control::request(&sock, &Request::Resolve { resource }, t)?.into_result()?;
-            Ok(())
-        }
+        Command::Resolve { resource, .. } => daemon::control::cmd_resolve(&cfg, &resource),
+        Command::Watch => Err(anyhow::anyhow!("watch: not implemented yet")),
+        Command::CheckConfig | Command::Demo => Err(Usage("unreachable".into()).into()),
     }
+}
+
+/// `tandem create`: fresh metadata on this node's disk of a `tandem` resource.
+fn cmd_create(cfg: &Config, name: &str, extent_size: Option<u64>, force: bool) -> Result<()> {
+    let res = cfg.select(&[name.to_string()])?[0];
+    if res.backend != config::BackendKind::Tandem {
+        return Err(Usage(format!(
+            "create {name}: the resource uses backend {:?}; create is for backend \"tandem\" (for hast use hastctl create)",
+            res.backend.to_string()
+        ))
+        .into());
+    }
+    let local = res.local.as_ref().ok_or_else(|| {
+        Usage(format!(
+            "create {name}: no local disk for node {:?}",
+            cfg.node
+        ))
+    })?;
+    let extent = extent_size.unwrap_or(res.extent_size);
+    let h = daemon::metadata::create(local, name, extent, force)?;
+    log::info!(
+        "create {name}: metadata written on {} (data {} bytes, extent {} bytes, {} extents)",
+        local.display(),
+        h.data_size,
+        h.extent_size,
+        h.data_size.div_ceil(h.extent_size)
+    );
+    Ok(())
 }
 
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::SUCCESS
+            };
             let _ = e.print();
-            std::process::exit(if e.use_stderr() { exit::USAGE } else { 0 });
+            std::process::exit(code);
         }
     };
-    if let Err(e) = run(cli) {
+    let (verbose, quiet) = (cli.verbose, cli.quiet);
+    // Before the config is read, errors still go to stderr.
+    let result = run(cli);
+    if let Err(e) = result {
+        logging::init(None, verbose, quiet);
         eprintln!("tandem: {e:#}");
-        let code = match e.downcast_ref::<control::ControlError>() {
-            Some(c) => c.exit_code(),
-            None => exit::code_for(&e),
-        };
-        std::process::exit(code);
+        std::process::exit(exit::code_for(&e));
     }
 }

@@ -142,6 +142,73 @@ impl Response {
     }
 }
 
+/// The error as the CLI reports it: refusals for safety exit 3, usage errors 2, the rest 1.
+pub fn exit_error(e: ControlError) -> anyhow::Error {
+    match e.kind {
+        ErrorKind::Stale | ErrorKind::PeerPrimary | ErrorKind::SplitBrain => {
+            crate::exit::Refused(e.message).into()
+        }
+        ErrorKind::Usage => crate::exit::Usage(e.message).into(),
+        ErrorKind::Failed => anyhow::anyhow!(e.message),
+    }
+}
+
+/// How long the CLI waits for the daemon to answer a role change (a demote waits for in-flight
+/// writes, a promote probes the peer).
+const CLI_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `tandem role ROLE RES…|all`.
+pub fn cmd_role(
+    cfg: &crate::config::Config,
+    role: &str,
+    resources: &[String],
+    force: bool,
+) -> Result<()> {
+    let role: Role = role.parse().map_err(crate::exit::Usage)?;
+    let req = Request::Role {
+        role,
+        resources: resources.to_vec(),
+        force,
+    };
+    let resp = request(&cfg.daemon.control, &req, CLI_TIMEOUT)?;
+    match resp.error {
+        Some(e) => Err(exit_error(e)),
+        None => Ok(()),
+    }
+}
+
+/// `tandem wait-sync [RES…] [--timeout D]`.
+pub fn cmd_wait_sync(
+    cfg: &crate::config::Config,
+    resources: &[String],
+    timeout: Duration,
+) -> Result<()> {
+    match wait_sync(&cfg.daemon.control, resources, timeout, true) {
+        Err(e) => match e.downcast::<ControlError>() {
+            Ok(c) => Err(exit_error(c)),
+            Err(e) => Err(e),
+        },
+        Ok(()) => Ok(()),
+    }
+}
+
+/// `tandem resolve RES --discard-local`.
+pub fn cmd_resolve(cfg: &crate::config::Config, resource: &str) -> Result<()> {
+    let req = Request::Resolve {
+        resource: resource.to_string(),
+    };
+    let resp = request(&cfg.daemon.control, &req, CLI_TIMEOUT)?;
+    match resp.error {
+        Some(e) => Err(exit_error(e)),
+        None => {
+            log::info!(
+                "{resource}: local data discarded; it is resynced from the peer on the next connection"
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Send one request and read the response, within `timeout`.
 pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Response> {
     let mut stream = UnixStream::connect(socket).with_context(|| {

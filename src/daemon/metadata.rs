@@ -373,6 +373,38 @@ fn full_bitmap(extents: u64, len: u64) -> Vec<u8> {
     v
 }
 
+/// Read and validate the header of `path` read-only, whatever resource it belongs to (for
+/// `status`/`dump` without taking the disk). Does not check the resource name.
+pub fn read_header(path: &Path) -> anyhow::Result<Header> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let (dev_size, _) = device_size(&file, path)?;
+    let p = path.display();
+    let header_offset = (dev_size / BLOCK * BLOCK)
+        .checked_sub(BLOCK)
+        .with_context(|| format!("no tandem metadata on {p}"))?;
+    let block = read_header_block(&file, header_offset)
+        .with_context(|| format!("cannot read the metadata header of {p}"))?;
+    decode_header(&block).map_err(|e| anyhow::anyhow!("{}", describe(&e, path, None)))
+}
+
+/// The message for a header that does not decode.
+fn describe(e: &DecodeError, path: &Path, resource: Option<&str>) -> String {
+    let p = path.display();
+    match e {
+        DecodeError::NoMagic => match resource {
+            Some(r) => format!("no tandem metadata on {p}: run `tandem create {r}`"),
+            None => format!("no tandem metadata on {p}"),
+        },
+        DecodeError::Version(v) => format!(
+            "unsupported tandem metadata format version {v} on {p} (this tandem reads version {FORMAT_VERSION})"
+        ),
+        DecodeError::Checksum { stored, computed } => format!(
+            "corrupt tandem metadata on {p}: header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+        ),
+        DecodeError::Corrupt(why) => format!("corrupt tandem metadata on {p}: {why}"),
+    }
+}
+
 /// The local disk of a resource: data I/O and metadata, opened read-write (O_RDWR; not O_DIRECT).
 pub struct Disk {
     file: File,
@@ -400,17 +432,8 @@ impl Disk {
             .with_context(no_meta)?;
         let block = read_header_block(&file, header_offset)
             .with_context(|| format!("cannot read the metadata header of {p}"))?;
-        let header = match decode_header(&block) {
-            Ok(h) => h,
-            Err(DecodeError::NoMagic) => bail!("{}", no_meta()),
-            Err(DecodeError::Version(v)) => bail!(
-                "unsupported tandem metadata format version {v} on {p} (this tandem reads version {FORMAT_VERSION})"
-            ),
-            Err(DecodeError::Checksum { stored, computed }) => bail!(
-                "corrupt tandem metadata on {p}: header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
-            ),
-            Err(DecodeError::Corrupt(why)) => bail!("corrupt tandem metadata on {p}: {why}"),
-        };
+        let header = decode_header(&block)
+            .map_err(|e| anyhow::anyhow!("{}", describe(&e, path, Some(resource))))?;
         if header.resource != resource {
             bail!(
                 "tandem metadata on {p} belongs to resource '{}', not '{resource}'",
@@ -979,6 +1002,90 @@ mod tests {
         map.flush_clean().unwrap();
         assert_eq!(map.dirty_count(), 0);
         assert!(map.memory_bytes() < 512 * 1024);
+    }
+
+    #[test]
+    fn disk_and_map_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Disk>();
+        check::<ActiveMap>();
+    }
+
+    #[test]
+    fn read_header_reads_any_resource() {
+        let (_d, path) = sparse(16 * MIB);
+        assert_eq!(
+            err_text(read_header(&path)),
+            format!("no tandem metadata on {}", path.display())
+        );
+        let created = create(&path, "r7", MIB, false).unwrap();
+        assert_eq!(read_header(&path).unwrap(), created);
+    }
+
+    /// A loop device over a file, detached on drop.
+    struct Loop(String);
+
+    impl Loop {
+        fn attach(file: &Path) -> Option<Loop> {
+            let out = std::process::Command::new("losetup")
+                .args(["-f", "--show"])
+                .arg(file)
+                .output()
+                .ok()?;
+            if !out.status.success() {
+                eprintln!(
+                    "skip: losetup failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                return None;
+            }
+            Some(Loop(
+                String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            ))
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+
+    #[test]
+    fn block_device_via_loop() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skip: block_device_via_loop needs root for losetup");
+            return;
+        }
+        let (_d, file) = sparse(32 * MIB + 512);
+        let Some(dev) = Loop::attach(&file) else {
+            return;
+        };
+        let dev_path = PathBuf::from(&dev.0);
+        create(&dev_path, "r0", MIB, false).unwrap();
+        let disk = Disk::open(&dev_path, "r0").unwrap();
+        // The loop device is 32 MiB + 512 bytes: the partial block is ignored.
+        assert_eq!(disk.data_size(), 32 * MIB - 8192);
+        disk.write_at(&vec![0xEE; 2 * MIB as usize], MIB).unwrap();
+        assert!(!disk.is_zero_extent(1).unwrap());
+        disk.punch(MIB, MIB).unwrap();
+        disk.write_zeroes(2 * MIB, 4096).unwrap();
+        disk.sync_data().unwrap();
+        assert!(disk.is_zero_extent(1).unwrap());
+        assert!(disk.is_zero_extent(0).unwrap());
+        let mut buf = vec![0u8; 8192];
+        disk.read_at(&mut buf, 2 * MIB).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0) && buf[4096..].iter().all(|&b| b == 0xEE));
+        drop(disk);
+        drop(dev);
+        // The same metadata is in the backing file, at the same place.
+        let back = Disk::open(&file, "r0").unwrap();
+        assert_eq!(back.data_size(), 32 * MIB - 8192);
+        let mut b = [0u8; 1];
+        back.read_at(&mut b, 3 * MIB - 1).unwrap();
+        assert_eq!(b[0], 0xEE);
     }
 
     /// The example in docs/on-disk-format.md is this test's output: if the format changes,

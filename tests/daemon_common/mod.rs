@@ -170,7 +170,7 @@ impl Node {
         self.child = Some(child);
         let end = Instant::now() + Duration::from_secs(20);
         while Instant::now() < end {
-            if tandem(self, &["status"]).status.success() {
+            if self.try_status().is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -239,15 +239,21 @@ impl Node {
         );
     }
 
+    /// The daemon's own status of r0, straight from the control socket (one JSON line each way).
     pub fn status(&self) -> serde_json::Value {
-        let out = tandem(self, &["status", "r0"]);
-        assert!(
-            out.status.success(),
-            "status: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["resources"][0].clone()
+        self.try_status()
+            .unwrap_or_else(|e| panic!("{}: status: {e}\nlog:\n{}", self.name, self.log_text()))
+    }
+
+    pub fn try_status(&self) -> std::io::Result<serde_json::Value> {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(self.sock())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.write_all(b"{\"cmd\":\"status\",\"resources\":[\"r0\"]}\n")?;
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line)?;
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(std::io::Error::other)?;
+        Ok(v["resources"][0].clone())
     }
 
     /// Poll status until `pred` holds; panics with the last status after `secs`.

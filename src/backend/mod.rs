@@ -1,0 +1,1 @@
+//! Replication backends behind one trait: tandem, hast, drbd, none.
