@@ -278,7 +278,8 @@ pub fn wait_sync(
             split_since = None;
         }
         if let Some(sb) = split
-            && split_since.get_or_insert_with(Instant::now).elapsed() >= grace
+            && (split_since.get_or_insert_with(Instant::now).elapsed() >= grace
+                || start.elapsed() >= timeout)
         {
             return Err(ControlError {
                 kind: ErrorKind::SplitBrain,

@@ -7,7 +7,7 @@
 //! (locally and on the peer). [`FileDevice`] is the plain local implementation.
 //!
 //! Protocol reference: <https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>.
-#![allow(dead_code, clippy::type_complexity)]
+#![allow(dead_code)]
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -1450,12 +1450,12 @@ mod unit {
         v
     }
 
+    /// (option, reply type, data)
+    type OptionReply = (u32, u32, Vec<u8>);
+
     /// Runs the handshake on `input` (after the client flags) and returns the result and the
     /// option replies the server sent, as (option, reply type, data).
-    fn run(
-        flags: u32,
-        input: &[u8],
-    ) -> (io::Result<Negotiated>, Vec<(u32, u32, Vec<u8>)>, Vec<u8>) {
+    fn run(flags: u32, input: &[u8]) -> (io::Result<Negotiated>, Vec<OptionReply>, Vec<u8>) {
         let mut inp = flags.to_be_bytes().to_vec();
         inp.extend_from_slice(input);
         let mut out = Vec::new();
