@@ -11,7 +11,7 @@ use daemon_common::*;
 
 #[test]
 fn notify_reload_and_clean_stop() {
-    let mut p = Pair::new("fullsync");
+    let p = Pair::new("fullsync");
     let notify = p.dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&notify).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
