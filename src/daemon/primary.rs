@@ -23,6 +23,8 @@ use crate::config::Replication;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Retry interval while the peer is in role init.
+const NOT_READY_RETRY: Duration = Duration::from_secs(1);
 /// Retry interval while the peer refuses us (stale, split-brain, peer primary).
 const REFUSED_RETRY: Duration = Duration::from_secs(5);
 
@@ -301,8 +303,9 @@ fn connect_once(s: &Arc<Shared>, stop: &AtomicBool) -> Result<Arc<Link>, Connect
                 }
                 _ => log::info!("{}: peer {to} refused: {reason}", s.name),
             }
+            // A peer in role init usually becomes secondary soon: ask again quickly.
             return Err(ConnectError::Refused(if code == GoodbyeCode::NotReady {
-                BACKOFF_MAX
+                NOT_READY_RETRY
             } else {
                 REFUSED_RETRY
             }));
