@@ -133,3 +133,28 @@ fn demote_removes_the_export_and_promote_on_the_peer_serves_the_same_data() {
     assert_eq!(st["role"], "secondary");
     assert_eq!(st["peer_role"], "primary");
 }
+
+#[test]
+fn async_mode_ships_writes_in_order_and_flush_waits_for_the_peer() {
+    if !have("qemu-io") {
+        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+        return;
+    }
+    let p = synced_pair("async");
+    let size = u(&p.a.status(), &["data_size"]);
+    // Overwrites of the same range: the secondary must end with the last one.
+    p.a.qemu_io_ok(&[
+        "write -P 1 0 2M",
+        "write -P 2 1M 2M",
+        "write -P 3 1536k 64k",
+        "aio_write -P 4 10M 1M",
+        "aio_write -P 5 11M 1M",
+        "aio_flush",
+        "flush",
+    ]);
+    assert!(
+        same_data(&p.a.img, &p.b.img, size),
+        "data regions differ after flush in async mode"
+    );
+    p.b.wait_for(10, "b complete", |s| s["state"] == "complete");
+}

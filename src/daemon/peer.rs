@@ -253,6 +253,11 @@ impl Link {
         self.peer
     }
 
+    /// Requests sent and not yet acknowledged as written.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().map(|p| p.map.len()).unwrap_or(0)
+    }
+
     pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
     }

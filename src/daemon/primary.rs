@@ -23,6 +23,8 @@ use crate::config::Replication;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Requests an async primary lets queue up for the peer before writers wait.
+const ASYNC_BACKLOG: usize = 4096;
 /// Retry interval while the peer is in role init.
 const NOT_READY_RETRY: Duration = Duration::from_secs(1);
 /// Retry interval while the peer refuses us (stale, split-brain, peer primary).
@@ -87,6 +89,14 @@ impl Replicated {
             return s.note_degraded_write();
         }
         if mode == Replication::Memsync && !c.wait(Outcome::Received) {
+            guard.done(false);
+            return s.note_degraded_write();
+        }
+        // Async: bounded backlog; past it the writer waits like fullsync (backpressure).
+        if mode == Replication::Async
+            && s.link().map(|l| l.pending()).unwrap_or(0) > ASYNC_BACKLOG
+            && !c.wait(Outcome::Written)
+        {
             guard.done(false);
             return s.note_degraded_write();
         }

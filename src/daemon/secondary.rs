@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -29,6 +29,10 @@ use super::resource::{Connection, Shared};
 
 /// A peer must complete hello and authentication within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections between accept and the end of the handshake, at most; more are dropped, so a
+/// flood of strangers cannot exhaust threads.
+const MAX_HANDSHAKES: usize = 32;
 
 /// Resources by name, as the listener looks them up.
 pub type Registry = Arc<Mutex<HashMap<String, Arc<Shared>>>>;
@@ -63,13 +67,22 @@ pub fn listen(addr: &str, registry: Registry, stop: Arc<AtomicBool>) -> Result<J
     let t = thread::Builder::new()
         .name("listen".into())
         .spawn(move || {
+            let handshakes = Arc::new(AtomicUsize::new(0));
             while !stop.load(Ordering::Acquire) {
                 match listener.accept() {
                     Ok((stream, from)) => {
+                        if handshakes.load(Ordering::Acquire) >= MAX_HANDSHAKES {
+                            log::warn!("peer connection from {from} dropped: too many handshakes in progress");
+                            continue;
+                        }
+                        handshakes.fetch_add(1, Ordering::AcqRel);
                         let reg = Arc::clone(&registry);
+                        let hs = Arc::clone(&handshakes);
                         let spawned =
                             thread::Builder::new().name("accept".into()).spawn(move || {
-                                if let Err(e) = accept(stream, from, &reg) {
+                                let r = accept(stream, from, &reg);
+                                hs.fetch_sub(1, Ordering::AcqRel);
+                                if let Err(e) = r {
                                     log::warn!("peer connection from {from} refused: {e:#}");
                                 }
                             });
