@@ -67,7 +67,7 @@ enum Command {
         #[command(flatten)]
         opts: StepOpts,
         /// The caller's arguments; the first state word (master, BACKUP, LINK_UP, …) decides.
-        #[arg(required = true, num_args = 1.., allow_hyphen_values = true, value_name = "EVENT")]
+        #[arg(required = true, num_args = 1.., value_name = "EVENT")]
         event: Vec<String>,
     },
     /// Make this node primary: role, wait for device, fsck, mount, start services.
