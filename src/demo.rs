@@ -226,7 +226,10 @@ remote = "{ip}:{port}"
         self.nodes[node].daemon = Some(child);
         // The socket file of a killed daemon may still be there: wait for an answer.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.status_json(node).is_err() {
+        while !self
+            .status_json(node)
+            .is_ok_and(|s| s.get("error").is_none())
+        {
             if let Some(c) = self.nodes[node].daemon.as_mut() {
                 if let Some(st) = c.try_wait()? {
                     bail!(
