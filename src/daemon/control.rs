@@ -121,6 +121,9 @@ pub struct ResourceStatus {
     pub peer_gen: u64,
     pub inconsistent: bool,
     pub counters: Counters,
+    /// Why the resource is not running (its disk could not be opened), if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

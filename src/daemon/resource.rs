@@ -312,6 +312,7 @@ impl Shared {
             local_gen: h.local_gen,
             peer_gen: h.peer_gen,
             inconsistent: h.inconsistent,
+            error: None,
             counters: CounterValues {
                 reads: cn.reads.load(Ordering::Relaxed),
                 writes: cn.writes.load(Ordering::Relaxed),
