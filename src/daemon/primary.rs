@@ -16,7 +16,7 @@ use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::nbd::BlockDevice;
 use super::peer::{self, Completion, HandshakeError, Link, Outcome};
-use super::protocol::{GoodbyeCode, Message, Purpose};
+use super::protocol::{self, GoodbyeCode, Message, Purpose};
 use super::resource::{Connection, Shared};
 use super::{Role, sync};
 use crate::config::Replication;
@@ -56,7 +56,7 @@ impl Replicated {
         len: u64,
         fua: bool,
         local: impl FnOnce() -> io::Result<()>,
-        remote: impl FnOnce(u64) -> Message,
+        remote: impl FnOnce(u64) -> Vec<u8>,
     ) -> io::Result<()> {
         let s = &self.s;
         let am = s.disk.activemap();
@@ -70,7 +70,7 @@ impl Replicated {
             if fua {
                 s.disk.sync_data()?;
             }
-            s.link().map(|l| l.submit(remote))
+            s.link().map(|l| l.submit_frame(remote))
         };
         let Some(c) = completion else {
             guard.done(false);
@@ -152,12 +152,7 @@ impl BlockDevice for Replicated {
             data.len() as u64,
             fua,
             || disk.write_at(data, offset),
-            |seq| Message::Write {
-                seq,
-                offset,
-                fua,
-                data: data.to_vec(),
-            },
+            |seq| protocol::encode_write(seq, offset, fua, data),
         )
     }
 
@@ -185,11 +180,14 @@ impl BlockDevice for Replicated {
             len,
             fua,
             || disk.punch(offset, len),
-            |seq| Message::Trim {
-                seq,
-                offset,
-                len,
-                fua,
+            |seq| {
+                Message::Trim {
+                    seq,
+                    offset,
+                    len,
+                    fua,
+                }
+                .encode()
             },
         )
     }
@@ -204,11 +202,14 @@ impl BlockDevice for Replicated {
                 disk.punch(offset, len)
             }
         };
-        self.modify(offset, len, fua, local, |seq| Message::WriteZeroes {
-            seq,
-            offset,
-            len,
-            fua,
+        self.modify(offset, len, fua, local, |seq| {
+            Message::WriteZeroes {
+                seq,
+                offset,
+                len,
+                fua,
+            }
+            .encode()
         })
     }
 }
