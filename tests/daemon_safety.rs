@@ -86,9 +86,24 @@ fn garbage_and_strangers_do_not_disturb_the_daemon() {
         "b log:\n{}",
         p.b.log_text()
     );
+    // Garbage to the primary's NBD socket.
+    for junk in [
+        vec![0u8; 300],
+        (0..=255u8).cycle().take(5000).collect::<Vec<u8>>(),
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(&p.a.nbd).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let _ = s.write_all(&junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
     // Still replicating.
     assert_eq!(p.b.status()["state"], "complete");
     assert_eq!(p.a.status()["connection"], "connected");
+    if have("qemu-io") {
+        p.a.qemu_io_ok(&["write -P 9 0 64k", "flush", "read -P 9 0 64k"]);
+    }
 }
 
 /// A well-formed Hello (protocol version 1) for `resource`.
