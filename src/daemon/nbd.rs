@@ -685,8 +685,17 @@ impl Conn {
                 .spawn(move || conn.work_loop());
             match spawned {
                 Ok(_) => st.workers += 1,
-                // Existing workers still drain the queue; with none, the request waits for one.
-                Err(e) => warn!("nbd: cannot start a worker thread: {e}"),
+                Err(e) => {
+                    warn!("nbd: cannot start a worker thread: {e}");
+                    // Existing workers drain the queue; with none, the reader runs the request.
+                    if st.workers == 0
+                        && let Some(job) = st.jobs.pop_back()
+                    {
+                        drop(st);
+                        self.run(job);
+                        return;
+                    }
+                }
             }
         }
         drop(st);
@@ -1274,7 +1283,7 @@ impl FileDevice {
         let actual = if ft.is_file() {
             meta.len()
         } else if ft.is_block_device() || ft.is_char_device() {
-            file.seek(SeekFrom::End(0))?
+            device_size(&mut file)?
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -1345,6 +1354,24 @@ impl FileDevice {
     fn sync_if(&self, fua: bool) -> io::Result<()> {
         if fua { self.file.sync_data() } else { Ok(()) }
     }
+}
+
+/// The size of a disk device.
+#[cfg(not(target_os = "freebsd"))]
+fn device_size(file: &mut File) -> io::Result<u64> {
+    file.seek(SeekFrom::End(0))
+}
+
+/// The size of a disk device: FreeBSD reports 0 for st_size and SEEK_END on disks.
+#[cfg(target_os = "freebsd")]
+fn device_size(file: &mut File) -> io::Result<u64> {
+    const DIOCGMEDIASIZE: libc::c_ulong = 0x4008_6481; // _IOR('d', 129, off_t)
+    let mut size: libc::off_t = 0;
+    // SAFETY: DIOCGMEDIASIZE writes one off_t through the pointer.
+    if unsafe { libc::ioctl(file.as_raw_fd(), DIOCGMEDIASIZE, &mut size) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 #[cfg(target_os = "linux")]
