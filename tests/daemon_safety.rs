@@ -26,7 +26,11 @@ fn wrong_secret_is_rejected_and_logged() {
     p.a.start();
     p.b.start();
     p.b.ok(&["role", "secondary", "r0"]);
-    p.a.ok(&["role", "primary", "r0"]);
+    // The probe before promotion cannot authenticate: refused unless forced.
+    let out = p.a.run(&["role", "primary", "r0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the peer refused us"));
+    p.a.ok(&["role", "primary", "r0", "--force"]);
     std::thread::sleep(Duration::from_secs(2));
     let st = p.a.status();
     assert_ne!(st["connection"], "connected", "{st}");
@@ -40,6 +44,11 @@ fn wrong_secret_is_rejected_and_logged() {
         "the log names the peer address"
     );
     assert_eq!(p.b.status()["connection"], "disconnected");
+    // A promote that cannot authenticate with the peer is refused, not taken as "peer down".
+    let out = p.b.run(&["role", "primary", "r0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the peer refused us"), "{err}");
 }
 
 #[test]

@@ -514,9 +514,23 @@ impl Owner {
             ));
         }
         let peer = match probe(&self.shared, remote, cfg.peer_remote.as_deref()) {
-            Ok(p) => p,
-            Err(e) => {
-                log::info!("{name}: peer unreachable ({e}); becoming primary without it");
+            Probe::State(p) => p,
+            Probe::Unreachable(e) => {
+                log::info!("{name}: peer unreachable ({e:#}); becoming primary without it");
+                return Ok(());
+            }
+            Probe::Refused(why) if !force => {
+                // The peer answered but will not talk to us (wrong secret, other protocol
+                // version): a configuration error, not an absent peer.
+                return Err(RoleError::new(
+                    ErrorKind::Failed,
+                    format!(
+                        "{name}: the peer refused us ({why}); fix the configuration or use --force"
+                    ),
+                ));
+            }
+            Probe::Refused(why) => {
+                log::warn!("{name}: the peer refused us ({why}); promoting anyway (--force)");
                 return Ok(());
             }
         };
@@ -612,8 +626,36 @@ impl Owner {
     }
 }
 
+/// What a probe of the peer found.
+pub enum Probe {
+    State(NodeState),
+    /// No answer (connection refused, timed out, closed): the peer may be down.
+    Unreachable(anyhow::Error),
+    /// The peer answered and refused (authentication, version).
+    Refused(String),
+}
+
 /// Ask the peer for its role and state (bounded by PROBE_TIMEOUT).
-pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeState> {
+pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Probe {
+    match probe_inner(shared, remote, from) {
+        Ok(s) => Probe::State(s),
+        Err(ProbeError::Refused(code, why)) => Probe::Refused(format!("{code:?}: {why}")),
+        Err(ProbeError::Other(e)) => Probe::Unreachable(e),
+    }
+}
+
+enum ProbeError {
+    Refused(GoodbyeCode, String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ProbeError {
+    fn from(e: anyhow::Error) -> Self {
+        ProbeError::Other(e)
+    }
+}
+
+fn probe_inner(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeState, ProbeError> {
     let to = peer::resolve(remote)?;
     let from_ip = from.and_then(|f| peer::resolve(f).ok()).map(|a| a.ip());
     let mut stream = peer::connect_from(to, from_ip, PROBE_TIMEOUT)?;
@@ -635,9 +677,10 @@ pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeSt
     );
     match r {
         Ok(s) => Ok(s),
-        Err(HandshakeError::Refused(GoodbyeCode::AuthFailed, m)) => {
-            anyhow::bail!("authentication failed: {m}")
-        }
-        Err(e) => anyhow::bail!("{e}"),
+        Err(HandshakeError::Refused(
+            code @ (GoodbyeCode::AuthFailed | GoodbyeCode::Mismatch),
+            m,
+        )) => Err(ProbeError::Refused(code, m)),
+        Err(e) => Err(ProbeError::Other(anyhow::anyhow!("{e}"))),
     }
 }
