@@ -160,6 +160,73 @@ pub fn exit_error(e: ControlError) -> anyhow::Error {
 /// writes, a promote probes the peer).
 const CLI_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The daemon's status of one resource.
+pub fn status_of(socket: &Path, resource: &str, timeout: Duration) -> Result<ResourceStatus> {
+    let req = Request::Status {
+        resources: vec![resource.to_string()],
+    };
+    let resp = request(socket, &req, timeout)?;
+    if let Some(e) = resp.error {
+        return Err(exit_error(e));
+    }
+    resp.resources
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{resource}: the daemon does not know this resource"))
+}
+
+/// Make `resource` primary, as the switch's promote needs it: while the peer is still primary,
+/// retry until `role_timeout`, then refuse (exit 3); stale data and split-brain are refused at
+/// once unless `force`. Each request is bounded by `request_timeout`.
+pub fn promote(
+    socket: &Path,
+    resource: &str,
+    force: bool,
+    role_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<()> {
+    let start = Instant::now();
+    let req = Request::Role {
+        role: Role::Primary,
+        resources: vec![resource.to_string()],
+        force,
+    };
+    loop {
+        let resp = request(socket, &req, request_timeout)?;
+        match resp.error {
+            None => return Ok(()),
+            Some(e) if e.kind == ErrorKind::PeerPrimary && start.elapsed() < role_timeout => {
+                log::info!("{resource}: the peer is still primary; waiting for it to step down");
+                thread::sleep(Duration::from_millis(500));
+            }
+            Some(e) if e.kind == ErrorKind::PeerPrimary => {
+                return Err(exit_error(ControlError {
+                    kind: e.kind,
+                    message: format!(
+                        "{} (still after {:?}; demote it there first)",
+                        e.message, role_timeout
+                    ),
+                }));
+            }
+            Some(e) => return Err(exit_error(e)),
+        }
+    }
+}
+
+/// Make `resource` secondary (the export disappears first; in-flight writes finish and are
+/// flushed on both nodes).
+pub fn demote(socket: &Path, resource: &str, request_timeout: Duration) -> Result<()> {
+    let req = Request::Role {
+        role: Role::Secondary,
+        resources: vec![resource.to_string()],
+        force: false,
+    };
+    match request(socket, &req, request_timeout)?.error {
+        None => Ok(()),
+        Some(e) => Err(exit_error(e)),
+    }
+}
+
 /// `tandem role ROLE RES…|all`.
 pub fn cmd_role(
     cfg: &crate::config::Config,
