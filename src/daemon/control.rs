@@ -504,6 +504,55 @@ impl TakeLimited for UnixStream {
 mod tests {
     use super::*;
 
+    struct Fake;
+    impl Handler for Fake {
+        fn handle(&self, req: Request) -> Response {
+            match req {
+                Request::Role { .. } => Response {
+                    node: "n".into(),
+                    error: Some(ControlError {
+                        kind: ErrorKind::Stale,
+                        message: "r0: stale".into(),
+                    }),
+                    ..Default::default()
+                },
+                _ => Response {
+                    node: "n".into(),
+                    resources: vec![ResourceStatus {
+                        name: "r0".into(),
+                        state: "complete".into(),
+                        ..Default::default()
+                    }],
+                    error: None,
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn socket_is_private_and_answers_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/control.sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = serve(&path, Arc::new(Fake), Arc::clone(&stop)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let st = status_of(&path, "r0", Duration::from_secs(5)).unwrap();
+        assert_eq!(st.state, "complete");
+        wait_sync(&path, &[], Duration::from_secs(5), false).unwrap();
+        let err = promote(&path, "r0", false, Duration::ZERO, Duration::from_secs(5)).unwrap_err();
+        assert_eq!(crate::exit::code_for(&err), crate::exit::REFUSED);
+        // Garbage gets a usage error, not a hang or a crash.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"{not json\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        assert!(line.contains("\"usage\""), "{line}");
+        stop.store(true, Ordering::Release);
+        t.join().unwrap();
+        assert!(!path.exists());
+    }
+
     #[test]
     fn requests_are_one_json_line() {
         let r = Request::Role {
