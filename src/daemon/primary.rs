@@ -219,12 +219,14 @@ impl BlockDevice for Replicated {
 pub fn connector(s: Arc<Shared>, stop: Arc<AtomicBool>) {
     let mut backoff = BACKOFF_MIN;
     let mut was_connected = false;
+    let mut last_refusal = None;
     while !stop.load(Ordering::Acquire) {
         s.set_conn(|c| c.connection = Connection::Connecting);
-        match connect_once(&s, &stop) {
+        match connect_once(&s, &stop, &mut last_refusal) {
             Ok(link) => {
                 backoff = BACKOFF_MIN;
                 was_connected = true;
+                last_refusal = None;
                 while !stop.load(Ordering::Acquire) && !link.wait_dead(Duration::from_millis(200)) {
                 }
                 let why = link.last_error().unwrap_or_default();
@@ -280,7 +282,11 @@ impl From<anyhow::Error> for ConnectError {
     }
 }
 
-fn connect_once(s: &Arc<Shared>, stop: &AtomicBool) -> Result<Arc<Link>, ConnectError> {
+fn connect_once(
+    s: &Arc<Shared>,
+    stop: &AtomicBool,
+    last_refusal: &mut Option<GoodbyeCode>,
+) -> Result<Arc<Link>, ConnectError> {
     let cfg = s.cfg();
     let Some(remote) = cfg.remote.as_deref() else {
         return Err(ConnectError::Refused(REFUSED_RETRY));
@@ -304,9 +310,19 @@ fn connect_once(s: &Arc<Shared>, stop: &AtomicBool) -> Result<Arc<Link>, Connect
     let theirs = match peer::handshake_connect(&mut stream, &hello, s.timeout) {
         Ok(t) => t,
         Err(HandshakeError::Refused(code, reason)) => {
+            s.set_conn(|c| {
+                c.peer_role = if code == GoodbyeCode::PeerPrimary {
+                    Some(Role::Primary)
+                } else {
+                    None
+                }
+            });
+            // Said once per change, not every retry.
+            let repeated = *last_refusal == Some(code);
+            *last_refusal = Some(code);
             match code {
+                _ if repeated => log::debug!("{}: peer {to} still refuses: {reason}", s.name),
                 GoodbyeCode::PeerPrimary => {
-                    s.set_conn(|c| c.peer_role = Some(Role::Primary));
                     log::warn!("{}: the peer is primary too: {reason}", s.name);
                 }
                 GoodbyeCode::AuthFailed => {
