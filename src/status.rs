@@ -34,6 +34,9 @@ pub struct ResourceStatus {
     pub device_present: bool,
     pub mountpoint: Option<String>,
     pub mounted: bool,
+    /// Backend-specific detail (tandem: counters, sync rate, generations, stale).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
     /// Why the backend could not be asked (omitted when it could).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -101,6 +104,7 @@ fn resource_status(cfg: &Config, r: &Resource) -> ResourceStatus {
         device_present: r.device.exists(),
         mountpoint: r.mountpoint.as_ref().map(|m| m.display().to_string()),
         mounted,
+        extra: st.extra,
         error,
     }
 }
