@@ -405,6 +405,13 @@ fn connect_once(
         Ok(()) => {
             s.set_conn(|c| c.in_sync = true);
             *s.gen_bumped.lock().unwrap_or_else(|p| p.into_inner()) = false;
+            // A write that failed on a link dying right at the end of the sync may have found
+            // the flag still set and skipped its bump: bump now to be safe.
+            if link.is_dead()
+                && let Err(e) = s.note_degraded_write()
+            {
+                log::error!("{}: bumping the generation: {e}", s.name);
+            }
         }
         Err(e) => {
             log::warn!("{}: sync interrupted: {e:#}", s.name);
