@@ -49,6 +49,16 @@ fn wrong_secret_is_rejected_and_logged() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the peer refused us"), "{err}");
+    // Fix b's configuration and reload it: the pair connects and syncs.
+    std::fs::write(&p.b.conf, text).unwrap();
+    let pid = p.b.child.as_ref().unwrap().id().to_string();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    p.a.wait_for(30, "connected after the secret was fixed", |s| {
+        s["state"] == "complete"
+    });
 }
 
 #[test]

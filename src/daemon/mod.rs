@@ -29,7 +29,7 @@ use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, BackendKind, Config, Resource};
-use auth::Secret;
+use auth::{Secret, SharedSecret};
 use control::{ControlError, ErrorKind, Request, Response};
 use hooks::Hooks;
 use resource::{Handle, Msg};
@@ -67,7 +67,7 @@ impl std::str::FromStr for Role {
 
 struct Daemon {
     node: String,
-    secret: Arc<Secret>,
+    secret: SharedSecret,
     timeout: std::time::Duration,
     hooks: Hooks,
     handles: Mutex<HashMap<String, Handle>>,
@@ -81,7 +81,7 @@ impl Daemon {
         match resource::start(
             res,
             &self.node,
-            Arc::clone(&self.secret),
+            self.secret.clone(),
             self.timeout,
             self.hooks.clone(),
         ) {
@@ -287,7 +287,7 @@ fn tandem_resources(cfg: &Config) -> Vec<Resource> {
 
 /// `tandem daemon`: run in the foreground until SIGTERM or SIGINT.
 pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
-    let secret = Arc::new(Secret::load(&cfg.daemon.secret)?);
+    let secret = SharedSecret::new(Secret::load(&cfg.daemon.secret)?);
     // Signals are taken synchronously by this thread; every thread started below inherits
     // the blocked mask, so none of them is interrupted.
     let mut signals = SigSet::empty();
@@ -344,6 +344,10 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
                     }
                 };
                 daemon.hooks.set(new.daemon.exec.clone());
+                match Secret::load(&new.daemon.secret) {
+                    Ok(sec) => daemon.secret.set(sec),
+                    Err(e) => log::error!("keeping the old secret: {e:#}"),
+                }
                 if new.daemon.listen != listen {
                     log::warn!("daemon.listen changed; restart the daemon to apply it");
                     listen = new.daemon.listen.clone();

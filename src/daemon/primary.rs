@@ -299,12 +299,13 @@ fn connect_once(
         .map(|a| a.ip());
     let mut stream = peer::connect_from(to, from, Duration::from_secs(2).min(s.timeout))?;
     let me = s.node_state();
+    let secret = s.secret.get();
     let hello = peer::Hello {
         resource: &s.name,
         node: &s.node,
         purpose: Purpose::Replicate,
         mode: Replicated::mode_code(cfg.replication),
-        secret: &s.secret,
+        secret: &secret,
         state: me.clone(),
     };
     let theirs = match peer::handshake_connect(&mut stream, &hello, s.timeout) {

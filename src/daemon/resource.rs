@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::Role;
-use super::auth::Secret;
+use super::auth::SharedSecret;
 use super::control::{Counters as CounterValues, ErrorKind, ResourceStatus};
 use super::generation::{self, Decision};
 use super::hooks::{Event, Hooks};
@@ -175,7 +175,7 @@ pub struct Shared {
     pub node: String,
     pub cfg: RwLock<Resource>,
     pub disk: Arc<Disk>,
-    pub secret: Arc<Secret>,
+    pub secret: SharedSecret,
     pub timeout: Duration,
     pub hooks: Hooks,
     pub role: RwLock<Role>,
@@ -348,7 +348,7 @@ impl Handle {
 pub fn start(
     res: &Resource,
     node: &str,
-    secret: Arc<Secret>,
+    secret: SharedSecret,
     timeout: Duration,
     hooks: Hooks,
 ) -> Result<Handle> {
@@ -664,7 +664,7 @@ fn probe_inner(shared: &Shared, remote: &str, from: Option<&str>) -> Result<Node
         node: &shared.node,
         purpose: Purpose::Probe,
         mode: 0,
-        secret: &shared.secret,
+        secret: &shared.secret.get(),
         state: shared.node_state(),
     };
     let r = peer::handshake_connect(&mut stream, &hello, PROBE_TIMEOUT);
