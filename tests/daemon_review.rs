@@ -90,3 +90,43 @@ fn two_nodes_written_alone_before_their_first_sync_are_split_brain() {
     let size = u(&p.a.status(), &["data_size"]);
     assert!(same_data(&p.a.img, &p.b.img, size));
 }
+
+/// A node that was written degraded as primary, then became a sync target (here after a
+/// split-brain resolved in the peer's favour), must still record its next degraded writes in
+/// its generation: otherwise the peer is later promoted as "equal" and its resync overwrites
+/// them.
+#[test]
+fn sync_target_still_records_its_later_degraded_writes() {
+    if !have("qemu-io") {
+        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+        return;
+    }
+    let mut p = synced_pair("fullsync");
+    // a writes without b (generation bump on a), then steps down.
+    p.b.stop();
+    p.a.qemu_io_ok(&["write -P 0x11 0 64k", "flush"]);
+    p.a.ok(&["role", "secondary", "r0"]);
+    // b is forced up over it and written too: split-brain, resolved in b's favour.
+    p.b.start();
+    p.b.ok(&["role", "primary", "r0", "--force"]);
+    p.b.qemu_io_ok(&["write -P 0x22 1M 64k", "flush"]);
+    p.a.ok(&["resolve", "r0", "--discard-local"]);
+    p.b.ok(&["wait-sync", "r0", "--timeout", "60s"]);
+    p.a.wait_for(30, "a complete", |s| s["state"] == "complete");
+    // b goes away; a (its daemon still running) is promoted alone and written: b is stale
+    // from now on.
+    p.b.stop();
+    p.a.ok(&["role", "primary", "r0"]);
+    p.a.qemu_io_ok(&["write -P 0x33 2M 64k", "flush"]);
+    p.a.ok(&["role", "secondary", "r0"]);
+    p.b.start();
+    let out = p.b.run(&["role", "primary", "r0"]);
+    assert_eq!(
+        code(&out),
+        Some(3),
+        "b lacks a's last writes and must not be promoted: {}\na log:\n{}",
+        stderr(&out),
+        p.a.log_text()
+    );
+    assert!(region_is(&p.a.img, 2 << 20, 64 << 10, 0x33));
+}

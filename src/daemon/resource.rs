@@ -649,6 +649,12 @@ impl Owner {
         })
         .map_err(|e| RoleError::new(ErrorKind::Failed, format!("{name}: writing metadata: {e}")))?;
         self.shared.set_conn(|c| c.stale = false);
+        // Whatever this node writes from now on (if it is forced up) is new to the peer.
+        *self
+            .shared
+            .gen_bumped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = false;
         log::warn!("{name}: local data will be discarded and fully resynced from the peer");
         Ok(())
     }

@@ -406,6 +406,12 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
                     })
                 })();
                 let ok = res.is_ok();
+                if ok {
+                    // This disk is now a copy of the primary's, whose generation the primary
+                    // records as ours: the next write this node makes alone as primary must
+                    // bump local_gen again, even if an earlier outage already bumped it.
+                    *s.gen_bumped.lock().unwrap_or_else(|p| p.into_inner()) = false;
+                }
                 ack(&mut w, seq, AckKind::Written, res)?;
                 if ok {
                     let was = s.sync.active.swap(false, Ordering::AcqRel);
