@@ -105,10 +105,15 @@ pub fn run(
             }
             let start = e * es;
             let len = ext_len(e);
-            let zero = disk.is_zero_extent(e)?;
             let mut comps = Vec::new();
-            {
+            #[cfg(test)]
+            tests::before_lock(e);
+            let zero = {
                 let _x = s.locks.exclusive(e);
+                // Decided under the lock: an application write that lands before we hold it
+                // is already queued to the peer, and must not be followed by a SyncZero that
+                // wipes it there.
+                let zero = disk.is_zero_extent(e)?;
                 if zero {
                     comps.push(link.submit(|seq| Message::SyncZero {
                         seq,
@@ -129,7 +134,8 @@ pub fn run(
                         off += n as u64;
                     }
                 }
-            }
+                zero
+            };
             window.push_back((e, len, zero, comps));
             in_flight += if zero { 0 } else { len };
             while in_flight > WINDOW || window.len() > 64 {
@@ -168,7 +174,131 @@ pub fn run(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::cell::RefCell;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use crate::daemon::auth::{Secret, SharedSecret};
+    use crate::daemon::generation::Decision;
+    use crate::daemon::hooks::Hooks;
+    use crate::daemon::peer::Link;
+    use crate::daemon::protocol::{self, AckKind, MAX_FRAME, Message, NodeState};
+
+    type Hook = Box<dyn FnMut(u64)>;
+
+    thread_local! {
+        static BEFORE_LOCK: RefCell<Option<Hook>> = RefCell::new(None);
+    }
+
+    /// Called by `run` just before it takes an extent's stripe lock (tests only).
+    pub(crate) fn before_lock(e: u64) {
+        BEFORE_LOCK.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f(e)
+            }
+        });
+    }
+
+    /// An application write that lands on a zero extent just before the sync locks it must
+    /// not be followed by a SyncZero for that extent (the secondary, which already received
+    /// the write, would zero it; the extent would then be marked in sync).
+    #[test]
+    fn write_racing_the_zero_check_is_sent_as_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        crate::daemon::metadata::create(&img, "r0", 1 << 20, false).unwrap();
+        let text = format!(
+            "node = \"a\"\n[daemon]\nlisten = [\"127.0.0.1:1\"]\n\
+             [resource.r0]\nbackend = \"tandem\"\nextent_size = \"1M\"\n\
+             nbd = \"{nbd}\"\n\
+             [resource.r0.on.a]\nlocal = \"{img}\"\nremote = \"127.0.0.1:1\"\n\
+             [resource.r0.on.b]\nlocal = \"{img}\"\nremote = \"127.0.0.1:2\"\n",
+            nbd = dir.path().join("a.nbd").display(),
+            img = img.display()
+        );
+        let cfg = crate::config::parse(&dir.path().join("t.toml"), &text, Some("a")).unwrap();
+        let res = cfg.resource("r0").unwrap().clone();
+        let handle = crate::daemon::resource::start(
+            &res,
+            "a",
+            SharedSecret::new(Secret::from_bytes(b"k")),
+            Duration::from_secs(10),
+            Hooks::new(None),
+        )
+        .unwrap();
+        let s = Arc::clone(&handle.shared);
+        // A fake secondary that acknowledges everything and records what it was sent.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let fake = std::thread::spawn(move || {
+            let mut w = server.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(server);
+            let mut seen = Vec::new();
+            while let Ok(m) = protocol::read_message(&mut r, MAX_FRAME) {
+                let seq = match &m {
+                    Message::SyncZero { seq, offset, .. } => {
+                        seen.push(("zero", *offset));
+                        *seq
+                    }
+                    Message::SyncChunk { seq, offset, .. } => {
+                        seen.push(("data", *offset));
+                        *seq
+                    }
+                    Message::SyncDone { seq, .. } => *seq,
+                    _ => continue,
+                };
+                let ack = Message::Ack {
+                    seq,
+                    kind: AckKind::Written,
+                    status: 0,
+                };
+                if w.write_all(&ack.encode()).is_err() {
+                    break;
+                }
+            }
+            seen
+        });
+        let link = Link::start(client, Duration::from_secs(10)).unwrap();
+        let disk = Arc::clone(&s.disk);
+        BEFORE_LOCK.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |e| {
+                if e == 3 {
+                    disk.write_at(&[0x5a; 4096], 3 << 20).unwrap();
+                }
+            }))
+        });
+        let stop = AtomicBool::new(false);
+        super::run(
+            &s,
+            &link,
+            Decision::FullSync { skip_zero: false },
+            &NodeState::default(),
+            &stop,
+        )
+        .unwrap();
+        BEFORE_LOCK.with(|h| *h.borrow_mut() = None);
+        link.kill("test done");
+        let seen = fake.join().unwrap();
+        handle.stop();
+        assert!(
+            seen.contains(&("data", 3 << 20)) && !seen.contains(&("zero", 3 << 20)),
+            "extent 3 was written before the sync locked it, yet was sent as: {:?}",
+            seen.iter().filter(|x| x.1 == 3 << 20).collect::<Vec<_>>()
+        );
+    }
+
     #[test]
     fn bitmap_to_extents() {
         assert_eq!(
