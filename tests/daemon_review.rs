@@ -130,3 +130,26 @@ fn sync_target_still_records_its_later_degraded_writes() {
     );
     assert!(region_is(&p.a.img, 2 << 20, 64 << 10, 0x33));
 }
+
+/// Two disks created with different extent sizes can have the same data size; their
+/// dirty-extent maps number different ranges, so a resync driven by the peer's map would copy
+/// the wrong ranges. Such a pair must be refused, not reported in sync.
+#[test]
+fn different_extent_sizes_are_refused() {
+    let mut p = Pair::new("fullsync");
+    let out = p.b.run(&["create", "r0", "--extent-size", "2M", "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    p.a.start();
+    p.b.start();
+    p.b.ok(&["role", "secondary", "r0"]);
+    p.a.ok(&["role", "primary", "r0"]);
+    assert!(
+        p.a.log_contains("extent size differs", 20),
+        "a log:\n{}\nb status: {}",
+        p.a.log_text(),
+        p.b.status()
+    );
+    let st = p.a.status();
+    assert_ne!(st["state"], "complete", "{st}");
+    assert_ne!(p.b.status()["connection"], "connected");
+}

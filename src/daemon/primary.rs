@@ -339,10 +339,12 @@ fn connect_once(
         }
         Err(HandshakeError::Other(e)) => return Err(ConnectError::Failed(e)),
     };
-    if theirs.data_size != me.data_size {
+    if theirs.data_size != me.data_size || theirs.extent_size != me.extent_size {
+        // The peer's dirty-extent map is read in our extent numbering: different extent sizes
+        // would resync the wrong ranges.
         let reason = format!(
-            "data size differs: here {}, peer {}",
-            me.data_size, theirs.data_size
+            "data size or extent size differs: here {}/{}, peer {}/{} (recreate the metadata with the same --extent-size)",
+            me.data_size, me.extent_size, theirs.data_size, theirs.extent_size
         );
         refuse(&mut stream, GoodbyeCode::Mismatch, &reason);
         log::error!("{}: {reason}", s.name);

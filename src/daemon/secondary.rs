@@ -218,6 +218,21 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
             return Ok(());
         }
     }
+    let me = s.node_state();
+    if their_state.data_size != me.data_size || their_state.extent_size != me.extent_size {
+        goodbye(
+            &mut stream,
+            GoodbyeCode::Mismatch,
+            "data size or extent size differs",
+        );
+        bail!(
+            "{resource}: data size or extent size differs: here {}/{}, primary {}/{}",
+            me.data_size,
+            me.extent_size,
+            their_state.data_size,
+            their_state.extent_size
+        );
+    }
     // One session at a time: a new connection from the primary replaces a stale one.
     end_session(&s);
     let me = s.node_state();
