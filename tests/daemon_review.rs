@@ -153,3 +153,50 @@ fn different_extent_sizes_are_refused() {
     assert_ne!(st["state"], "complete", "{st}");
     assert_ne!(p.b.status()["connection"], "connected");
 }
+
+/// One control-socket request on an already open connection (so two requests can follow each
+/// other within microseconds).
+fn control(sock: &std::os::unix::net::UnixStream, line: &str) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let mut w = sock.try_clone().unwrap();
+    w.write_all(line.as_bytes()).unwrap();
+    w.write_all(b"\n").unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(sock.try_clone().unwrap())
+        .read_line(&mut answer)
+        .unwrap();
+    serde_json::from_str(&answer).unwrap()
+}
+
+/// Demoting right after a promote, while the new primary's connector is still connecting,
+/// must not leave a replication link behind: the secondary would keep seeing a live primary
+/// and refuse every later promotion with "the peer is primary".
+#[test]
+fn demote_during_connect_leaves_no_link_behind() {
+    let mut p = synced_pair("fullsync");
+    p.a.ok(&["role", "secondary", "r0"]);
+    p.b.wait_for(30, "b disconnected", |s| s["connection"] == "disconnected");
+    for i in 0..15 {
+        let promote = std::os::unix::net::UnixStream::connect(p.a.sock()).unwrap();
+        let demote = std::os::unix::net::UnixStream::connect(p.a.sock()).unwrap();
+        for s in [&promote, &demote] {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+                .unwrap();
+        }
+        let r = control(
+            &promote,
+            r#"{"cmd":"role","role":"primary","resources":["r0"]}"#,
+        );
+        assert!(r["error"].is_null(), "promote {i}: {r}");
+        let r = control(
+            &demote,
+            r#"{"cmd":"role","role":"secondary","resources":["r0"]}"#,
+        );
+        assert!(r["error"].is_null(), "demote {i}: {r}");
+        p.b.wait_for(20, "b sees the primary gone", |s| {
+            s["connection"] == "disconnected"
+        });
+    }
+    p.a.ok(&["role", "secondary", "r0"]);
+    p.b.ok(&["role", "primary", "r0"]);
+}

@@ -228,6 +228,11 @@ pub fn connector(s: Arc<Shared>, stop: Arc<AtomicBool>) {
                 last_refusal = None;
                 while !stop.load(Ordering::Acquire) && !link.wait_dead(Duration::from_millis(200)) {
                 }
+                if stop.load(Ordering::Acquire) {
+                    // A role change may have found no link to close while this one was still
+                    // being set up: close it here, or its pings would keep it alive forever.
+                    link.close("role change");
+                }
                 let why = link.last_error().unwrap_or_default();
                 *s.link.write().unwrap_or_else(|p| p.into_inner()) = None;
                 s.set_conn(|c| {
