@@ -457,7 +457,21 @@ impl Owner {
         // Leave the current role.
         match current {
             Role::Primary => self.stop_primary(),
-            Role::Secondary => super::secondary::end_session(&self.shared),
+            Role::Secondary => {
+                // The listener installs a session only while it sees role secondary under the
+                // session lock: change the role under that lock first, then end whatever
+                // session got in before, so none can start after (which would apply the old
+                // primary's writes while this node serves its own export).
+                {
+                    let _slot = self
+                        .shared
+                        .session
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    *self.shared.role.write().unwrap_or_else(|p| p.into_inner()) = role;
+                }
+                super::secondary::end_session(&self.shared)
+            }
             Role::Init => {}
         }
         *self.shared.role.write().unwrap_or_else(|p| p.into_inner()) = role;
