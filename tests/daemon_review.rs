@@ -173,7 +173,7 @@ fn control(sock: &std::os::unix::net::UnixStream, line: &str) -> serde_json::Val
 /// and refuse every later promotion with "the peer is primary".
 #[test]
 fn demote_during_connect_leaves_no_link_behind() {
-    let mut p = synced_pair("fullsync");
+    let p = synced_pair("fullsync");
     p.a.ok(&["role", "secondary", "r0"]);
     p.b.wait_for(30, "b disconnected", |s| s["connection"] == "disconnected");
     for i in 0..15 {
