@@ -200,3 +200,44 @@ fn demote_during_connect_leaves_no_link_behind() {
     p.a.ok(&["role", "secondary", "r0"]);
     p.b.ok(&["role", "primary", "r0"]);
 }
+
+/// SIGHUP with a changed `local` disk must not pull the export from under a primary that is
+/// in use (its filesystem would see I/O errors and the role silently fall back to init).
+#[test]
+fn reload_does_not_swap_the_disk_under_a_live_primary() {
+    if !have("qemu-io") {
+        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+        return;
+    }
+    let mut p = Pair::new("fullsync");
+    p.a.start();
+    p.a.ok(&["role", "primary", "r0"]);
+    p.a.qemu_io_ok(&["write -P 0x77 0 64k", "flush"]);
+    // A second disk for a, and a configuration that points at it.
+    let other = p.dir.path().join("a2.img");
+    std::fs::File::create(&other)
+        .unwrap()
+        .set_len(IMG_SIZE)
+        .unwrap();
+    let text = std::fs::read_to_string(&p.a.conf).unwrap();
+    let changed = text.replace(
+        &format!("local = \"{}\"", p.a.img.display()),
+        &format!("local = \"{}\"", other.display()),
+    );
+    assert_ne!(text, changed);
+    std::fs::write(&p.a.conf, changed).unwrap();
+    assert!(p.a.run(&["create", "r0"]).status.success());
+    let pid = p.a.child.as_ref().unwrap().id().to_string();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(
+        p.a.log_contains("local disk changed", 20),
+        "{}",
+        p.a.log_text()
+    );
+    let st = p.a.status();
+    assert_eq!(st["role"], "primary", "{st}\n{}", p.a.log_text());
+    p.a.qemu_io_ok(&["read -P 0x77 0 64k"]);
+}
