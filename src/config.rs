@@ -594,7 +594,17 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
 
     let mut resources = Vec::new();
     for (name, spanned) in &raw.resource {
-        resources.push(resolve_resource(&src, name, spanned, &node)?);
+        let r = resolve_resource(&src, name, spanned, &node)?;
+        if let Some((what, other)) = shared_path(&resources, &r) {
+            return Err(src.error(
+                spanned.span(),
+                format!(
+                    "resources {:?} and {:?} both use {what}: each resource needs its own",
+                    other, r.name
+                ),
+            ));
+        }
+        resources.push(r);
     }
 
     let mut services: Vec<Service> = Vec::new();
@@ -891,6 +901,37 @@ fn resolve_resource(
     })
 }
 
+/// A path that `r` would share with an earlier resource: two resources on one device, disk,
+/// socket or mountpoint would overwrite each other.
+fn shared_path(earlier: &[Resource], r: &Resource) -> Option<(String, String)> {
+    for o in earlier {
+        let same = |a: &Option<PathBuf>, b: &Option<PathBuf>| a.is_some() && a == b;
+        if o.device == r.device && o.pool.is_none() {
+            let hint = if r.backend == BackendKind::Tandem {
+                " (the default for backend \"tandem\" is /dev/nbd0: set device for each)"
+            } else {
+                ""
+            };
+            return Some((
+                format!("device {}{hint}", r.device.display()),
+                o.name.clone(),
+            ));
+        }
+        if same(&o.mountpoint, &r.mountpoint) {
+            let mp = r.mountpoint.as_deref().unwrap_or(Path::new(""));
+            return Some((format!("mountpoint {}", mp.display()), o.name.clone()));
+        }
+        if same(&o.local, &r.local) {
+            let l = r.local.as_deref().unwrap_or(Path::new(""));
+            return Some((format!("local disk {}", l.display()), o.name.clone()));
+        }
+        if r.backend == BackendKind::Tandem && o.backend == BackendKind::Tandem && o.nbd == r.nbd {
+            return Some((format!("nbd socket {}", r.nbd.display()), o.name.clone()));
+        }
+    }
+    None
+}
+
 /// `host`, `host:port`, `[v6]:port` → `host:port` with the default port filled in.
 fn normalize_remote(s: &str) -> Option<String> {
     let s = s.trim();
@@ -1045,6 +1086,25 @@ remote = "192.168.10.11"
                 .contains("needs both")
         );
         assert!(err("this is not toml").starts_with("/etc/tandem.toml:1:"));
+    }
+
+    #[test]
+    fn resources_do_not_share_devices_or_mountpoints() {
+        let two = |a: &str, b: &str| {
+            format!("[resource.r1]\nbackend=\"none\"\n{a}\n[resource.r2]\nbackend=\"none\"\n{b}\n")
+        };
+        let e = err(&two("device=\"/dev/x\"", "device=\"/dev/x\""));
+        assert!(
+            e.contains("\"r1\" and \"r2\" both use device /dev/x"),
+            "{e}"
+        );
+        assert!(e.starts_with("/etc/tandem.toml:4:1:"), "{e}");
+        let e = err(&two(
+            "device=\"/dev/x\"\nmountpoint=\"/m\"",
+            "device=\"/dev/y\"\nmountpoint=\"/m\"",
+        ));
+        assert!(e.contains("mountpoint /m"), "{e}");
+        p(&two("device=\"/dev/x\"", "device=\"/dev/y\"")).unwrap();
     }
 
     #[test]

@@ -43,8 +43,9 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> io::Result<()>;
 }
 
-/// Wire constants, in the spec's names without the `NBD_` prefix.
-mod wire {
+/// Wire constants, in the spec's names without the `NBD_` prefix (also used by the small
+/// client in src/nbd_client.rs).
+pub mod wire {
     pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
     pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
     pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
@@ -223,13 +224,13 @@ pub const TRANSMISSION_FLAGS: u16 = wire::FLAG_HAS_FLAGS
     | wire::FLAG_SEND_WRITE_ZEROES
     | wire::FLAG_CAN_MULTI_CONN;
 
-fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+pub(crate) fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;
     Ok(u32::from_be_bytes(b))
 }
 
-fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+pub(crate) fn read_u64(r: &mut impl Read) -> io::Result<u64> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b)?;
     Ok(u64::from_be_bytes(b))
