@@ -241,3 +241,49 @@ fn reload_does_not_swap_the_disk_under_a_live_primary() {
     assert_eq!(st["role"], "primary", "{st}\n{}", p.a.log_text());
     p.a.qemu_io_ok(&["read -P 0x77 0 64k"]);
 }
+
+/// Strangers (any address but the configured remote) that open connections to the
+/// replication port and trickle bytes must not occupy the handshake slots the real primary
+/// needs: the pair still connects while they are there.
+#[test]
+fn strangers_cannot_lock_the_primary_out() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let mut p = Pair::new("fullsync");
+    p.a.start();
+    p.b.start();
+    p.b.ok(&["role", "secondary", "r0"]);
+    // 40 connections from 127.0.0.1 (the configured remote is 127.0.0.2), each sending a
+    // frame header and then one byte every 3 s, for at most 40 s.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = p.b.port;
+    let st = std::sync::Arc::clone(&stop);
+    let trickler = std::thread::spawn(move || {
+        let mut conns: Vec<_> = (0..40)
+            .filter_map(|_| std::net::TcpStream::connect(("127.0.0.3", port)).ok())
+            .collect();
+        // A plausible frame length first, then the body one byte at a time.
+        conns.retain_mut(|c| c.write_all(&[200, 0, 0, 0]).is_ok());
+        let end = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < end && !st.load(std::sync::atomic::Ordering::Acquire) {
+            conns.retain_mut(|c| c.write_all(&[0]).is_ok());
+            for _ in 0..30 {
+                if st.load(std::sync::atomic::Ordering::Acquire) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    p.a.ok(&["role", "primary", "r0"]);
+    let connected = p.a.log_contains("connected to", 20);
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    trickler.join().unwrap();
+    assert!(
+        connected,
+        "the primary could not connect while strangers held the port\na log:\n{}\nb log:\n{}",
+        p.a.log_text(),
+        p.b.log_text()
+    );
+}

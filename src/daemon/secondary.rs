@@ -71,6 +71,12 @@ pub fn listen(addr: &str, registry: Registry, stop: Arc<AtomicBool>) -> Result<J
             while !stop.load(Ordering::Acquire) {
                 match listener.accept() {
                     Ok((stream, from)) => {
+                        if !may_be_a_peer(&registry, from.ip()) {
+                            log::warn!(
+                                "peer connection from {from} refused: not the configured remote of any resource"
+                            );
+                            continue;
+                        }
                         if handshakes.load(Ordering::Acquire) >= MAX_HANDSHAKES {
                             log::warn!("peer connection from {from} dropped: too many handshakes in progress");
                             continue;
@@ -102,6 +108,26 @@ pub fn listen(addr: &str, registry: Registry, stop: Arc<AtomicBool>) -> Result<J
         })
         .context("starting the listener thread")?;
     Ok(t)
+}
+
+/// Whether `ip` may be the remote of some resource, decided without DNS so the listener never
+/// blocks: strangers are dropped before they can hold one of the MAX_HANDSHAKES slots (which
+/// would lock the real primary out). Remotes given as host names are checked per connection
+/// in `accept`, so any address may be one of them.
+fn may_be_a_peer(registry: &Registry, ip: std::net::IpAddr) -> bool {
+    let shared: Vec<Arc<Shared>> = registry
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    shared.iter().any(|s| match s.cfg().remote {
+        Some(r) => r
+            .parse::<SocketAddr>()
+            .map(|a| a.ip() == ip)
+            .unwrap_or(true),
+        None => false,
+    })
 }
 
 fn goodbye(stream: &mut TcpStream, code: GoodbyeCode, reason: &str) {
