@@ -204,6 +204,7 @@ pub struct Resource {
     pub attach: Option<String>,
     pub detach: Option<String>,
     pub replication: Replication,
+    #[serde(serialize_with = "ser_size")]
     pub extent_size: u64,
     pub nbd: PathBuf,
     pub nbd_tcp: Option<SocketAddr>,
@@ -253,6 +254,61 @@ impl Config {
         }
         Ok(out)
     }
+}
+
+/// The resolved configuration in the shape of the file (`[resource.NAME]`, `[[service]]`),
+/// every default filled in, each resource with this node's `local` and `remote`.
+pub fn to_toml(cfg: &Config) -> Result<String, toml::ser::Error> {
+    let mut top = toml::Table::try_from(cfg)?;
+    top.remove("file");
+    if let Some(toml::Value::Array(services)) = top.remove("services") {
+        top.insert("service".into(), toml::Value::Array(services));
+    }
+    if let Some(toml::Value::Array(resources)) = top.remove("resources") {
+        let mut by_name = toml::Table::new();
+        for r in resources {
+            if let toml::Value::Table(mut t) = r {
+                // This node's `local`/`remote` and the peer's address go back into their `on`
+                // sections (the peer's disk is its own business).
+                let mut on = toml::Table::new();
+                let mut mine = toml::Table::new();
+                for k in ["local", "remote"] {
+                    if let Some(v) = t.remove(k) {
+                        mine.insert(k.into(), v);
+                    }
+                }
+                if !mine.is_empty() {
+                    on.insert(cfg.node.clone(), toml::Value::Table(mine));
+                }
+                let peer_remote = t.remove("peer_remote");
+                if let Some(toml::Value::String(peer)) = t.remove("peer") {
+                    let mut theirs = toml::Table::new();
+                    if let Some(v) = peer_remote {
+                        theirs.insert("remote".into(), v);
+                    }
+                    on.insert(peer, toml::Value::Table(theirs));
+                }
+                if !on.is_empty() {
+                    t.insert("on".into(), toml::Value::Table(on));
+                }
+                if let Some(toml::Value::String(name)) = t.remove("name") {
+                    by_name.insert(name, toml::Value::Table(t));
+                }
+            }
+        }
+        top.insert("resource".into(), toml::Value::Table(by_name));
+    }
+    toml::to_string_pretty(&top)
+}
+
+fn ser_size<S: serde::Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+    let text = match *n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}G", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}M", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}K", n >> 10),
+        n => n.to_string(),
+    };
+    s.serialize_str(&text)
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -1105,6 +1161,20 @@ remote = "192.168.10.11"
         ));
         assert!(e.contains("mountpoint /m"), "{e}");
         p(&two("device=\"/dev/x\"", "device=\"/dev/y\"")).unwrap();
+    }
+
+    #[test]
+    fn resolved_config_prints_in_the_file_shape() {
+        let c = p(EXAMPLE).unwrap();
+        let text = to_toml(&c).unwrap();
+        assert!(text.contains("[resource.hast0]"), "{text}");
+        assert!(text.contains("[[service]]"), "{text}");
+        assert!(text.contains("remote = \"192.168.10.12:8457\""), "{text}");
+        assert!(text.contains("role_timeout = \"20s\""), "{text}");
+        // What it prints is itself a valid configuration with the same meaning.
+        let again = parse(Path::new("again"), &text, Some("s1")).unwrap();
+        assert_eq!(again.resources[0].remote, c.resources[0].remote);
+        assert_eq!(again.switch.role_timeout, c.switch.role_timeout);
     }
 
     #[test]
