@@ -624,7 +624,16 @@ impl Owner {
             log::error!("{}: {e:#}", self.shared.name);
         }
         if let Some(server) = self.nbd.take() {
-            server.shutdown();
+            // A replicated write waits for the peer at most the dead-peer timeout: wait for
+            // that, so no request of the old role is still running when the role changes.
+            let wait = self.shared.timeout + Duration::from_secs(10);
+            if !server.shutdown_within(wait) {
+                log::error!(
+                    "{}: requests of the export still running {}s after demote began (local disk hung?)",
+                    self.shared.name,
+                    wait.as_secs()
+                );
+            }
         }
         let dev = Replicated::new(Arc::clone(&self.shared));
         if let Err(e) = super::nbd::BlockDevice::flush(&dev) {
