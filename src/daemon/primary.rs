@@ -10,7 +10,7 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::generation::{self, Decision};
 use super::hooks::Event;
@@ -27,6 +27,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const ASYNC_BACKLOG: usize = 4096;
 /// Retry interval while the peer is in role init.
 const NOT_READY_RETRY: Duration = Duration::from_secs(1);
+/// How often extents left alone since the previous tick are cleaned in the on-disk dirty map.
+const IDLE_CLEAN_EVERY: Duration = Duration::from_secs(2);
 /// Retry interval while the peer refuses us (stale, split-brain, peer primary).
 const REFUSED_RETRY: Duration = Duration::from_secs(5);
 
@@ -224,7 +226,14 @@ pub fn connector(s: Arc<Shared>, stop: Arc<AtomicBool>) {
             Ok(link) => {
                 backoff = BACKOFF_MIN;
                 was_connected = true;
+                let mut last_idle = Instant::now();
                 while !stop.load(Ordering::Acquire) && !link.wait_dead(Duration::from_millis(200)) {
+                    if last_idle.elapsed() >= IDLE_CLEAN_EVERY {
+                        last_idle = Instant::now();
+                        if let Err(e) = s.disk.activemap().flush_idle() {
+                            log::warn!("{}: writing the dirty map: {e}", s.name);
+                        }
+                    }
                 }
                 let why = link.last_error().unwrap_or_default();
                 *s.link.write().unwrap_or_else(|p| p.into_inner()) = None;
