@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::Role;
-use super::auth::Secret;
+use super::auth::SharedSecret;
 use super::control::{Counters as CounterValues, ErrorKind, ResourceStatus};
 use super::generation::{self, Decision};
 use super::hooks::{Event, Hooks};
@@ -175,7 +175,7 @@ pub struct Shared {
     pub node: String,
     pub cfg: RwLock<Resource>,
     pub disk: Arc<Disk>,
-    pub secret: Arc<Secret>,
+    pub secret: SharedSecret,
     pub timeout: Duration,
     pub hooks: Hooks,
     pub role: RwLock<Role>,
@@ -312,6 +312,7 @@ impl Shared {
             local_gen: h.local_gen,
             peer_gen: h.peer_gen,
             inconsistent: h.inconsistent,
+            error: None,
             counters: CounterValues {
                 reads: cn.reads.load(Ordering::Relaxed),
                 writes: cn.writes.load(Ordering::Relaxed),
@@ -347,7 +348,7 @@ impl Handle {
 pub fn start(
     res: &Resource,
     node: &str,
-    secret: Arc<Secret>,
+    secret: SharedSecret,
     timeout: Duration,
     hooks: Hooks,
 ) -> Result<Handle> {
@@ -513,9 +514,23 @@ impl Owner {
             ));
         }
         let peer = match probe(&self.shared, remote, cfg.peer_remote.as_deref()) {
-            Ok(p) => p,
-            Err(e) => {
-                log::info!("{name}: peer unreachable ({e}); becoming primary without it");
+            Probe::State(p) => p,
+            Probe::Unreachable(e) => {
+                log::info!("{name}: peer unreachable ({e:#}); becoming primary without it");
+                return Ok(());
+            }
+            Probe::Refused(why) if !force => {
+                // The peer answered but will not talk to us (wrong secret, other protocol
+                // version): a configuration error, not an absent peer.
+                return Err(RoleError::new(
+                    ErrorKind::Failed,
+                    format!(
+                        "{name}: the peer refused us ({why}); fix the configuration or use --force"
+                    ),
+                ));
+            }
+            Probe::Refused(why) => {
+                log::warn!("{name}: the peer refused us ({why}); promoting anyway (--force)");
                 return Ok(());
             }
         };
@@ -611,8 +626,36 @@ impl Owner {
     }
 }
 
+/// What a probe of the peer found.
+pub enum Probe {
+    State(NodeState),
+    /// No answer (connection refused, timed out, closed): the peer may be down.
+    Unreachable(anyhow::Error),
+    /// The peer answered and refused (authentication, version).
+    Refused(String),
+}
+
 /// Ask the peer for its role and state (bounded by PROBE_TIMEOUT).
-pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeState> {
+pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Probe {
+    match probe_inner(shared, remote, from) {
+        Ok(s) => Probe::State(s),
+        Err(ProbeError::Refused(code, why)) => Probe::Refused(format!("{code:?}: {why}")),
+        Err(ProbeError::Other(e)) => Probe::Unreachable(e),
+    }
+}
+
+enum ProbeError {
+    Refused(GoodbyeCode, String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ProbeError {
+    fn from(e: anyhow::Error) -> Self {
+        ProbeError::Other(e)
+    }
+}
+
+fn probe_inner(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeState, ProbeError> {
     let to = peer::resolve(remote)?;
     let from_ip = from.and_then(|f| peer::resolve(f).ok()).map(|a| a.ip());
     let mut stream = peer::connect_from(to, from_ip, PROBE_TIMEOUT)?;
@@ -621,7 +664,7 @@ pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeSt
         node: &shared.node,
         purpose: Purpose::Probe,
         mode: 0,
-        secret: &shared.secret,
+        secret: &shared.secret.get(),
         state: shared.node_state(),
     };
     let r = peer::handshake_connect(&mut stream, &hello, PROBE_TIMEOUT);
@@ -634,9 +677,10 @@ pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeSt
     );
     match r {
         Ok(s) => Ok(s),
-        Err(HandshakeError::Refused(GoodbyeCode::AuthFailed, m)) => {
-            anyhow::bail!("authentication failed: {m}")
-        }
-        Err(e) => anyhow::bail!("{e}"),
+        Err(HandshakeError::Refused(
+            code @ (GoodbyeCode::AuthFailed | GoodbyeCode::Mismatch),
+            m,
+        )) => Err(ProbeError::Refused(code, m)),
+        Err(e) => Err(ProbeError::Other(anyhow::anyhow!("{e}"))),
     }
 }
