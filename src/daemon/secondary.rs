@@ -22,8 +22,8 @@ use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::peer;
 use super::protocol::{
-    self, AckKind, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message, PROTOCOL_VERSION,
-    Purpose,
+    self, AckKind, DataFrame, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message,
+    PROTOCOL_VERSION, Purpose,
 };
 use super::resource::{Connection, Shared};
 
@@ -327,24 +327,40 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
     let durable = |fua: bool, res: io::Result<()>| {
         res.and_then(|()| if fua { disk.sync_data() } else { Ok(()) })
     };
+    // Frames are read into one reused buffer; data frames are applied from it in place.
+    let mut frame = Vec::new();
     loop {
         if !holds_frame(r.buffer()) {
             w.flush()?;
         }
-        let msg = match protocol::read_message(&mut r, MAX_FRAME) {
-            Ok(m) => m,
+        let body = match protocol::read_frame(&mut r, MAX_FRAME, &mut frame) {
+            Ok(b) => b,
             Err(protocol::ProtocolError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 return Ok(());
             }
             Err(e) => bail!("{e}"),
         };
-        match msg {
-            Message::Write {
+        let msg = match protocol::decode_data(body) {
+            None => match Message::decode(body) {
+                Ok(m) => m,
+                Err(e) => bail!("{e}"),
+            },
+            Some(Err(e)) => bail!("{e}"),
+            Some(Ok(DataFrame::SyncChunk { seq, offset, data })) => {
+                let res = disk.write_at(data, offset);
+                s.sync.done.fetch_add(data.len() as u64, Ordering::Relaxed);
+                s.counters
+                    .bytes_resynced
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                ack(&mut w, seq, AckKind::Written, res)?;
+                continue;
+            }
+            Some(Ok(DataFrame::Write {
                 seq,
                 offset,
                 fua,
                 data,
-            } => {
+            })) => {
                 if memsync {
                     ack(&mut w, seq, AckKind::Received, Ok(()))?;
                     if data.len() >= EARLY_RECEIVED_ACK {
@@ -354,8 +370,14 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
                 if fua {
                     w.flush()?;
                 }
-                let res = durable(fua, disk.write_at(&data, offset));
+                let res = durable(fua, disk.write_at(data, offset));
                 ack(&mut w, seq, AckKind::Written, res)?;
+                continue;
+            }
+        };
+        match msg {
+            Message::Write { .. } | Message::SyncChunk { .. } => {
+                bail!("internal: data frame not decoded in place")
             }
             Message::Trim {
                 seq,
@@ -403,14 +425,6 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
                     );
                     s.hooks.fire(Event::SyncStart, &s.name, &[]);
                 }
-            }
-            Message::SyncChunk { seq, offset, data } => {
-                let res = disk.write_at(&data, offset);
-                s.sync.done.fetch_add(data.len() as u64, Ordering::Relaxed);
-                s.counters
-                    .bytes_resynced
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                ack(&mut w, seq, AckKind::Written, res)?;
             }
             Message::SyncZero { seq, offset, len } => {
                 let es = disk.extent_size();
