@@ -10,6 +10,7 @@ pub mod auth;
 pub mod control;
 pub mod generation;
 pub mod hooks;
+pub mod kernel_nbd;
 pub mod metadata;
 pub mod nbd;
 pub mod peer;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::activemap::Pending;
 use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::nbd::BlockDevice;
@@ -107,24 +108,22 @@ impl Replicated {
             guard.done(false);
             return s.note_degraded_write();
         }
-        // memsync (received) or async (queued): the extents are released now; if the peer never
-        // writes the data, they are marked for resync when the request fails.
-        guard.done(true);
-        self.after_written(c, first, last, len);
+        // memsync (received) or async (queued): the writer is answered now, but the extents stay
+        // in flight (dirty, also on disk) until the peer has written the data, so a crash of
+        // this node before that still resyncs them.
+        self.after_written(c, guard.defer(), len);
         Ok(())
     }
 
-    fn after_written(&self, c: Arc<Completion>, first: u64, last: u64, len: u64) {
+    fn after_written(&self, c: Arc<Completion>, pending: Pending, len: u64) {
         let s = Arc::clone(&self.s);
         c.on_final(move |ok| {
+            s.disk.activemap().complete_pending(pending, ok);
             if ok {
                 s.counters
                     .bytes_replicated
                     .fetch_add(len, Ordering::Relaxed);
                 return;
-            }
-            for e in first..=last {
-                s.disk.activemap().set_needs_sync(e);
             }
             if let Err(e) = s.note_degraded_write() {
                 log::error!("{}: bumping the generation: {e}", s.name);

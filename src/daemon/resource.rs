@@ -387,6 +387,7 @@ pub fn start(
             Owner {
                 shared: s,
                 nbd: None,
+                kernel: None,
                 connector: None,
             }
             .run(rx)
@@ -409,6 +410,8 @@ struct Connector {
 struct Owner {
     shared: Arc<Shared>,
     nbd: Option<NbdServer>,
+    /// The export attached to the kernel's `/dev/nbdN`, when the daemon does that itself.
+    kernel: Option<super::kernel_nbd::KernelAttach>,
     connector: Option<Connector>,
 }
 
@@ -565,6 +568,28 @@ impl Owner {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let server = NbdServer::start(Some(&cfg.nbd), cfg.nbd_tcp, &cfg.name, dev)?;
+        // `device = "/dev/nbdN"` without an attach hook: the daemon attaches the export to the
+        // kernel itself. Without the nbd module the export stays on its socket only.
+        if cfg.attach.is_none() && cfg.device.to_string_lossy().starts_with("/dev/nbd") {
+            use super::kernel_nbd::{KernelAttach, available};
+            let (d, size) = (&cfg.device, self.shared.disk.data_size());
+            match available(d).and_then(|()| {
+                let flags = super::nbd::TRANSMISSION_FLAGS;
+                KernelAttach::attach(d, size, 4096, flags, |s| server.serve_kernel(s))
+                    .map_err(|e| format!("{e:#}"))
+            }) {
+                Ok(k) => {
+                    log::info!("{}: export attached to {}", cfg.name, d.display());
+                    self.kernel = Some(k);
+                }
+                Err(why) => log::warn!(
+                    "{}: {} not attached, the export is only on {}: {why}",
+                    cfg.name,
+                    d.display(),
+                    cfg.nbd.display()
+                ),
+            }
+        }
         self.nbd = Some(server);
         if cfg.remote.is_some() {
             let stop = Arc::new(AtomicBool::new(false));
@@ -581,6 +606,9 @@ impl Owner {
     /// Remove the export (waiting for in-flight requests), make everything durable locally and
     /// on the peer, then close the link.
     fn stop_primary(&mut self) {
+        if let Some(Err(e)) = self.kernel.take().map(|k| k.detach()) {
+            log::error!("{}: {e:#}", self.shared.name);
+        }
         if let Some(server) = self.nbd.take() {
             server.shutdown();
         }
