@@ -73,10 +73,12 @@ impl Replicated {
         let completion = {
             let _locks = s.locks.shared(first, last);
             local()?;
+            // Queued before the local fdatasync of a FUA write, so both run at the same time.
+            let c = s.link().map(|l| l.submit_frame(remote));
             if fua {
                 s.disk.sync_data()?;
             }
-            s.link().map(|l| l.submit_frame(remote))
+            c
         };
         let Some(c) = completion else {
             guard.done(false);
@@ -164,16 +166,20 @@ impl BlockDevice for Replicated {
 
     fn flush(&self) -> io::Result<()> {
         self.s.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        // The peer processes in order: its flush ack covers every write queued before. It is
+        // queued before the local fdatasync so that the two run at the same time.
+        let remote = self
+            .s
+            .link()
+            .map(|l| l.submit(|seq| Message::Flush { seq }));
         self.s.disk.sync_data()?;
-        if let Some(link) = self.s.link() {
-            // The peer processes in order: its flush ack covers every write queued before.
-            let c = link.submit(|seq| Message::Flush { seq });
-            if !c.wait(Outcome::Written) {
-                log::warn!(
-                    "{}: flush did not reach the peer; continuing degraded",
-                    self.s.name
-                );
-            }
+        if let Some(c) = remote
+            && !c.wait(Outcome::Written)
+        {
+            log::warn!(
+                "{}: flush did not reach the peer; continuing degraded",
+                self.s.name
+            );
         }
         Ok(())
     }
