@@ -288,6 +288,13 @@ fn tandem_resources(cfg: &Config) -> Vec<Resource> {
 
 /// `tandem daemon`: run in the foreground until SIGTERM or SIGINT.
 pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
+    // glibc gives threads their own malloc arenas (up to 8 per core), each keeping the 1 MiB
+    // payload buffers freed in it: VmHWM 62 MiB instead of 39 MiB after 1 MiB writes at qd16.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let secret = SharedSecret::new(Secret::load(&cfg.daemon.secret)?);
     // Signals are taken synchronously by this thread; every thread started below inherits
     // the blocked mask, so none of them is interrupted.
