@@ -233,10 +233,10 @@ impl ActiveMap {
     /// Write the given bitmap pages with the new dirty bits added (clears are left for
     /// `flush_clean`/`flush_idle`) and fdatasync.
     fn persist_pages(&self, inner: &mut Inner, pages: &mut Vec<usize>) -> io::Result<()> {
-        self.write_pages(inner, pages, |dirty, ondisk, _| dirty | ondisk)
+        self.write_pages(inner, pages, |_, dirty, ondisk, _| dirty | ondisk)
     }
 
-    /// Write the given bitmap pages, byte i becoming `target(dirty[i], ondisk[i], recent[i])`
+    /// Write the given bitmap pages, byte i becoming `target(i, dirty[i], ondisk[i], recent[i])`
     /// (always a superset of `dirty`), and fdatasync. On failure the "on disk" copy keeps
     /// only the bits that are set both before and after, so nothing is believed persisted
     /// that may not be.
@@ -244,7 +244,7 @@ impl ActiveMap {
         &self,
         inner: &mut Inner,
         pages: &mut Vec<usize>,
-        target: impl Fn(u8, u8, u8) -> u8,
+        target: impl Fn(usize, u8, u8, u8) -> u8,
     ) -> io::Result<()> {
         pages.sort_unstable();
         pages.dedup();
@@ -260,7 +260,7 @@ impl ActiveMap {
                 ..
             } = &mut *inner;
             for i in r {
-                ondisk[i] = target(dirty[i], ondisk[i], recent[i]);
+                ondisk[i] = target(i, dirty[i], ondisk[i], recent[i]);
             }
         }
         let result = pages
@@ -371,6 +371,28 @@ impl ActiveMap {
         }
     }
 
+    /// The link to the peer died: writes it acknowledged but had not yet made durable may be
+    /// lost with it (a crash of the peer's machine). The on-disk map still covers every such
+    /// extent (`flush_idle` clears only after a peer flush), so every extent dirty on disk
+    /// now needs a sync, as after a crash of this node.
+    pub fn resync_unflushed(&self) {
+        let mut inner = self.lock();
+        let Inner {
+            dirty,
+            ondisk,
+            needs_sync,
+            ..
+        } = &mut *inner;
+        for ((d, n), o) in dirty
+            .iter_mut()
+            .zip(needs_sync.iter_mut())
+            .zip(ondisk.iter())
+        {
+            *d |= o;
+            *n |= o;
+        }
+    }
+
     /// Every extent dirty and needing a sync, persisted.
     pub fn mark_all_dirty(&self) -> io::Result<()> {
         let mut inner = self.lock();
@@ -408,7 +430,7 @@ impl ActiveMap {
         if pages.is_empty() {
             return Ok(());
         }
-        self.write_pages(&mut inner, &mut pages, |dirty, _, _| dirty)
+        self.write_pages(&mut inner, &mut pages, |_, dirty, _, _| dirty)
     }
 
     /// Persist the clears of extents that were not written since the previous call (call it
@@ -416,24 +438,43 @@ impl ActiveMap {
     /// even when it drops out of the `keepdirty` window, so it costs no metadata write when
     /// written again; one left alone is clean on disk two periods later. No I/O when nothing
     /// changed.
-    pub fn flush_idle(&self) -> io::Result<()> {
+    ///
+    /// A clear bit claims that both nodes hold the extent durably, while a completed write
+    /// may still sit in a page cache, here or on the peer. So when there is something to
+    /// clear, `barrier` runs first, without the map's lock: it must make every write completed
+    /// so far durable on both nodes (local fdatasync, peer flush) and say whether it did. Only
+    /// extents that were already candidates before it, and were not written since, are
+    /// cleared; if the barrier fails, nothing is.
+    pub fn flush_idle(&self, barrier: impl FnOnce() -> bool) -> io::Result<()> {
+        // Candidates: dirty on disk, clean in memory (no write in flight, out of keepdirty),
+        // not written during the last period. Their writes completed before this point.
+        let candidates: Vec<u8> = {
+            let mut inner = self.lock();
+            let c: Vec<u8> = (0..inner.dirty.len())
+                .map(|i| inner.ondisk[i] & !inner.dirty[i] & !inner.recent[i])
+                .collect();
+            inner.recent.iter_mut().for_each(|b| *b = 0);
+            c
+        };
+        if candidates.iter().all(|&b| b == 0) || !barrier() {
+            return Ok(());
+        }
         let mut inner = self.lock();
         let len = inner.dirty.len();
-        let target = |dirty: u8, ondisk: u8, recent: u8| dirty | (ondisk & recent);
+        let target = |i: usize, dirty: u8, ondisk: u8, recent: u8| {
+            ondisk & !(candidates[i] & !dirty & !recent)
+        };
         let mut pages: Vec<usize> = (0..len.div_ceil(PAGE))
             .filter(|&p| {
                 page_range(len, p).any(|i| {
-                    target(inner.dirty[i], inner.ondisk[i], inner.recent[i]) != inner.ondisk[i]
+                    target(i, inner.dirty[i], inner.ondisk[i], inner.recent[i]) != inner.ondisk[i]
                 })
             })
             .collect();
-        let result = if pages.is_empty() {
-            Ok(())
-        } else {
-            self.write_pages(&mut inner, &mut pages, target)
-        };
-        inner.recent.iter_mut().for_each(|b| *b = 0);
-        result
+        if pages.is_empty() {
+            return Ok(());
+        }
+        self.write_pages(&mut inner, &mut pages, target)
     }
 
     /// The dirty extents, sorted.
@@ -644,15 +685,66 @@ mod tests {
         // Extent 0 is written again: no longer in the window, but still dirty on disk.
         map.begin_write(0, 1).unwrap().done(true);
         // The first flush_idle keeps everything written since the start.
-        map.flush_idle().unwrap();
+        map.flush_idle(|| true).unwrap();
         assert_eq!(dirty_on_disk(&path), vec![0, 1, 2, 3, 100]);
         // Only 0 is written in the next period: the idle clean extents become clean on disk.
         map.begin_write(0, 1).unwrap().done(true);
-        map.flush_idle().unwrap();
+        map.flush_idle(|| true).unwrap();
         assert_eq!(map.dirty_extents(), vec![0, 100]);
         assert_eq!(dirty_on_disk(&path), vec![0, 100]);
-        map.flush_idle().unwrap();
+        map.flush_idle(|| true).unwrap();
         assert_eq!(dirty_on_disk(&path), vec![0, 100]);
+    }
+
+    #[test]
+    fn a_lost_peer_resyncs_what_it_may_not_have_made_durable() {
+        let (_d, path, disk) = clean_disk(256 * MIB);
+        let map = disk.activemap();
+        map.set_keepdirty(1);
+        for e in 0..4 {
+            map.begin_write(e * MIB, 1).unwrap().done(true);
+        }
+        // Acknowledged by the peer, out of keepdirty: clean in memory, still dirty on disk.
+        assert_eq!(map.dirty_extents(), vec![3]);
+        map.resync_unflushed();
+        assert_eq!(map.dirty_extents(), vec![0, 1, 2, 3]);
+        // They stay dirty until a resync, whatever the idle cleaner does.
+        map.flush_idle(|| true).unwrap();
+        map.flush_idle(|| true).unwrap();
+        assert_eq!(dirty_on_disk(&path), vec![0, 1, 2, 3]);
+        map.mark_synced(1).unwrap();
+        map.flush_clean().unwrap();
+        assert_eq!(dirty_on_disk(&path), vec![0, 2, 3]);
+    }
+
+    #[test]
+    fn idle_clears_wait_for_the_durability_barrier() {
+        let (_d, path, disk) = clean_disk(256 * MIB);
+        let map = disk.activemap();
+        map.set_keepdirty(1);
+        for e in 0..3 {
+            map.begin_write(e * MIB, 1).unwrap().done(true);
+        }
+        map.flush_idle(|| true).unwrap(); // the period in which they were written
+        // A failed barrier (peer flush not acknowledged) clears nothing.
+        map.flush_idle(|| false).unwrap();
+        assert_eq!(dirty_on_disk(&path), vec![0, 1, 2]);
+        // An extent written while the barrier runs is not a candidate any more.
+        map.flush_idle(|| {
+            map.begin_write(0, 1).unwrap().done(true);
+            true
+        })
+        .unwrap();
+        assert_eq!(dirty_on_disk(&path), vec![0, 2]);
+        // Without candidates the barrier is not even run.
+        let mut ran = false;
+        map.begin_write(2 * MIB, 1).unwrap().done(true);
+        map.flush_idle(|| {
+            ran = true;
+            true
+        })
+        .unwrap();
+        assert!(!ran);
     }
 
     #[test]

@@ -243,7 +243,20 @@ pub fn connector(s: Arc<Shared>, stop: Arc<AtomicBool>) {
                 while !stop.load(Ordering::Acquire) && !link.wait_dead(Duration::from_millis(200)) {
                     if last_idle.elapsed() >= IDLE_CLEAN_EVERY {
                         last_idle = Instant::now();
-                        if let Err(e) = s.disk.activemap().flush_idle() {
+                        // Clear bits only for data durable on both nodes.
+                        let barrier = || match s.disk.sync_data() {
+                            Ok(()) => link
+                                .submit(|seq| Message::Flush { seq })
+                                .wait(Outcome::Written),
+                            Err(e) => {
+                                log::warn!(
+                                    "{}: fdatasync before cleaning the dirty map: {e}",
+                                    s.name
+                                );
+                                false
+                            }
+                        };
+                        if let Err(e) = s.disk.activemap().flush_idle(barrier) {
                             log::warn!("{}: writing the dirty map: {e}", s.name);
                         }
                     }
@@ -252,6 +265,9 @@ pub fn connector(s: Arc<Shared>, stop: Arc<AtomicBool>) {
                     // A role change may have found no link to close while this one was still
                     // being set up: close it here, or its pings would keep it alive forever.
                     link.close("role change");
+                } else {
+                    // The peer went away: what it had not flushed may be gone with it.
+                    s.disk.activemap().resync_unflushed();
                 }
                 let why = link.last_error().unwrap_or_default();
                 *s.link.write().unwrap_or_else(|p| p.into_inner()) = None;

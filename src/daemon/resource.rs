@@ -635,9 +635,17 @@ impl Owner {
                 );
             }
         }
-        let dev = Replicated::new(Arc::clone(&self.shared));
-        if let Err(e) = super::nbd::BlockDevice::flush(&dev) {
-            log::error!("{}: flush on demote: {e}", self.shared.name);
+        // Everything acknowledged so far durable here and on the peer; if the peer cannot
+        // confirm that, the extents it may lack stay dirty.
+        if let Err(e) = self.shared.disk.sync_data() {
+            log::error!("{}: fdatasync on demote: {e}", self.shared.name);
+        }
+        let peer_flushed = self.shared.link().is_some_and(|l| {
+            l.submit(|seq| super::protocol::Message::Flush { seq })
+                .wait(super::peer::Outcome::Written)
+        });
+        if !peer_flushed {
+            self.shared.disk.activemap().resync_unflushed();
         }
         if let Some(c) = self.connector.take() {
             c.stop.store(true, Ordering::Release);
