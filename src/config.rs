@@ -732,7 +732,12 @@ fn resolve_resource(
         ));
     }
     let backend = r.backend.unwrap_or(BackendKind::Tandem);
-    let fstype = r.fstype.unwrap_or(FsType::Ufs);
+    // The native filesystem of the platform when the file does not say.
+    let fstype = r.fstype.unwrap_or(if cfg!(target_os = "freebsd") {
+        FsType::Ufs
+    } else {
+        FsType::Ext4
+    });
     if fstype == FsType::Zfs && r.pool.is_none() {
         return Err(err(
             "fstype = \"zfs\" needs pool = \"NAME\" (tandem imports and exports the pool)".into(),
@@ -748,11 +753,6 @@ fn resolve_resource(
                 mp.display()
             )));
         }
-    }
-    if fstype != FsType::Zfs && r.mountpoint.is_none() {
-        return Err(err(
-            "mountpoint is required (where the filesystem is mounted on the primary)".into(),
-        ));
     }
     if let Some(c) = &r.carp {
         let ok = c

@@ -9,9 +9,11 @@
 mod backend;
 mod config;
 mod daemon;
+mod demo;
 mod exit;
 mod host;
 mod logging;
+mod nbd_client;
 mod status;
 mod switch;
 #[cfg(target_os = "linux")]
@@ -67,7 +69,7 @@ enum Command {
         #[command(flatten)]
         opts: StepOpts,
         /// The caller's arguments; the first state word (master, BACKUP, LINK_UP, …) decides.
-        #[arg(required = true, num_args = 1.., allow_hyphen_values = true, value_name = "EVENT")]
+        #[arg(required = true, num_args = 1.., value_name = "EVENT")]
         event: Vec<String>,
     },
     /// Make this node primary: role, wait for device, fsck, mount, start services.
@@ -150,7 +152,10 @@ fn load(cli: &Cli) -> Result<Config> {
 
 fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Demo => return Err(anyhow::anyhow!("demo: not implemented yet")),
+        Command::Demo => {
+            logging::init(None, cli.verbose, cli.quiet);
+            return demo::run();
+        }
         Command::CheckConfig => {
             let cfg = load(&cli)?;
             let text = toml::to_string_pretty(&cfg)
@@ -173,10 +178,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demote { opts, resources } => switch::cmd_demote(&cfg, &resources, opts),
         Command::Status { json, resources } => status::cmd_status(&cfg, &resources, json),
         Command::Daemon => daemon::run(cfg, cli.config.clone()),
-        Command::Create { .. }
-        | Command::Role { .. }
-        | Command::WaitSync { .. }
-        | Command::Resolve { .. } => Err(anyhow::anyhow!("not implemented yet")),
+        Command::Create {
+            resource,
+            extent_size,
+            force,
+        } => cmd_create(&cfg, &resource, extent_size, force),
+        Command::Role { .. } | Command::WaitSync { .. } | Command::Resolve { .. } => {
+            Err(anyhow::anyhow!("not implemented yet"))
+        }
         #[cfg(target_os = "linux")]
         Command::Watch { carrier } => watch::cmd_watch(&cfg, carrier.as_deref()),
         #[cfg(not(target_os = "linux"))]
@@ -186,6 +195,34 @@ fn run(cli: Cli) -> Result<()> {
         .into()),
         Command::CheckConfig | Command::Demo => Err(Usage("unreachable".into()).into()),
     }
+}
+
+/// `tandem create`: fresh metadata on this node's disk of a `tandem` resource.
+fn cmd_create(cfg: &Config, name: &str, extent_size: Option<u64>, force: bool) -> Result<()> {
+    let res = cfg.select(&[name.to_string()])?[0];
+    if res.backend != config::BackendKind::Tandem {
+        return Err(Usage(format!(
+            "create {name}: the resource uses backend {:?}; create is for backend \"tandem\" (for hast use hastctl create)",
+            res.backend.to_string()
+        ))
+        .into());
+    }
+    let local = res.local.as_ref().ok_or_else(|| {
+        Usage(format!(
+            "create {name}: no local disk for node {:?}",
+            cfg.node
+        ))
+    })?;
+    let extent = extent_size.unwrap_or(res.extent_size);
+    let h = daemon::metadata::create(local, name, extent, force)?;
+    log::info!(
+        "create {name}: metadata written on {} (data {} bytes, extent {} bytes, {} extents)",
+        local.display(),
+        h.data_size,
+        h.extent_size,
+        h.data_size.div_ceil(h.extent_size)
+    );
+    Ok(())
 }
 
 fn main() {

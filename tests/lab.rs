@@ -87,7 +87,7 @@ fn tandem_backend_works() -> bool {
     let disk = dir.path().join("disk");
     let conf = dir.path().join("t.toml");
     let text = format!(
-        "node = \"a\"\n[daemon]\ncontrol = \"{d}/c.sock\"\nsecret = \"{d}/key\"\n\
+        "node = \"a\"\n[daemon]\nlisten = [\"127.0.0.1:0\"]\ncontrol = \"{d}/c.sock\"\nsecret = \"{d}/key\"\n\
          [resource.r]\nmountpoint = \"/mnt/r\"\nfstype = \"ext4\"\nnbd = \"{d}/r.nbd\"\n\
          [resource.r.on.a]\nlocal = \"{disk}\"\nremote = \"127.0.0.1:1\"\n\
          [resource.r.on.b]\nlocal = \"{disk}\"\nremote = \"127.0.0.1:2\"\n",
@@ -100,14 +100,33 @@ fn tandem_backend_works() -> bool {
     {
         return false;
     }
-    Command::new(tandem_bin())
+    let created = Command::new(tandem_bin())
         .arg("-c")
         .arg(&conf)
         .args(["create", "r"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    if !created {
+        return false;
+    }
+    // A daemon that is still running after a second works (it is killed right away).
+    let Ok(mut daemon) = Command::new(tandem_bin())
+        .arg("-c")
+        .arg(&conf)
+        .arg("daemon")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let running = matches!(daemon.try_wait(), Ok(None));
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    running
 }
 
 fn backend() -> String {

@@ -1,5 +1,8 @@
 //! The replication daemon (backend `tandem`).
 
+pub mod activemap;
+pub mod metadata;
+
 use std::path::PathBuf;
 
 use crate::config::Config;

@@ -1,0 +1,1143 @@
+//! On-disk metadata of a tandem resource and the local disk that holds it.
+//!
+//! Owns the layout described in `docs/on-disk-format.md`: the data region `[0, data_size)`
+//! followed by the dirty-extent bitmap and the 4096-byte header block, which is the last
+//! 4096-byte block of the (4096-rounded-down) device. Keeping the header last means it can be
+//! found without knowing the extent size, and the data regions of the two nodes can be
+//! compared with `cmp -n data_size`.
+//!
+//! [`Disk`] is the daemon's only handle on the local disk: positional data I/O bounded by
+//! `data_size`, the header (generations, flags, previous role) and the [`ActiveMap`].
+//! It does not decide anything about roles or sync direction; the engine does.
+#![allow(dead_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, bail};
+
+use super::activemap::ActiveMap;
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const DEFAULT_EXTENT_SIZE: u64 = 2 * 1024 * 1024;
+
+/// Magic at offset 0 of the header block.
+pub const MAGIC: &[u8; 8] = b"TANDEMM1";
+/// Size of the header block, and the alignment of every metadata region.
+pub const BLOCK: u64 = 4096;
+/// Longest resource name the header can hold.
+pub const MAX_NAME: usize = 64;
+
+// Header field offsets (see docs/on-disk-format.md).
+const OFF_VERSION: usize = 8;
+const OFF_CHECKSUM: usize = 12;
+const OFF_NAME: usize = 16;
+const OFF_UUID: usize = 80;
+const OFF_DATA_SIZE: usize = 96;
+const OFF_EXTENT_SIZE: usize = 104;
+const OFF_LOCAL_GEN: usize = 108;
+const OFF_PEER_GEN: usize = 116;
+const OFF_FLAGS: usize = 124;
+const OFF_PREV_ROLE: usize = 128;
+
+const FLAG_EVER_SYNCED: u32 = 1 << 0;
+const FLAG_INCONSISTENT: u32 = 1 << 1;
+const FLAG_DISCARD_LOCAL: u32 = 1 << 2;
+const FLAG_SPLIT_BRAIN: u32 = 1 << 3;
+const KNOWN_FLAGS: u32 =
+    FLAG_EVER_SYNCED | FLAG_INCONSISTENT | FLAG_DISCARD_LOCAL | FLAG_SPLIT_BRAIN;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum PrevRole {
+    Init,
+    Primary,
+    Secondary,
+}
+
+impl PrevRole {
+    fn to_byte(self) -> u8 {
+        match self {
+            PrevRole::Init => 0,
+            PrevRole::Primary => 1,
+            PrevRole::Secondary => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<PrevRole> {
+        match b {
+            0 => Some(PrevRole::Init),
+            1 => Some(PrevRole::Primary),
+            2 => Some(PrevRole::Secondary),
+            _ => None,
+        }
+    }
+}
+
+/// The decoded header block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub resource: String,
+    pub uuid: [u8; 16],
+    pub data_size: u64,
+    pub extent_size: u64,
+    pub local_gen: u64,
+    pub peer_gen: u64,
+    pub ever_synced: bool,
+    pub inconsistent: bool,
+    pub discard_local: bool,
+    pub split_brain: bool,
+    pub prev_role: PrevRole,
+}
+
+/// Where the regions of a device of a given size lie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub data_size: u64,
+    pub bitmap_offset: u64,
+    pub bitmap_len: u64,
+    pub header_offset: u64,
+}
+
+impl Layout {
+    /// The layout of a device of `dev_size` bytes with extents of `extent_size` bytes.
+    /// The bitmap has one bit per extent of the whole (4096-rounded-down) device, rounded up to
+    /// 4096 bytes, so it only depends on the device size and the extent size.
+    pub fn compute(dev_size: u64, extent_size: u64) -> Option<Layout> {
+        let dev = dev_size / BLOCK * BLOCK;
+        let bits = dev.div_ceil(extent_size);
+        let bitmap_len = bits.div_ceil(8).div_ceil(BLOCK) * BLOCK;
+        let header_offset = dev.checked_sub(BLOCK)?;
+        let bitmap_offset = header_offset.checked_sub(bitmap_len)?;
+        Some(Layout {
+            data_size: bitmap_offset,
+            bitmap_offset,
+            bitmap_len,
+            header_offset,
+        })
+    }
+
+    /// Total size of the metadata (bitmap and header).
+    pub fn meta_size(&self) -> u64 {
+        self.bitmap_len + BLOCK
+    }
+}
+
+fn valid_extent_size(extent_size: u64) -> bool {
+    extent_size >= BLOCK && extent_size % BLOCK == 0 && extent_size <= u64::from(u32::MAX)
+}
+
+/// Encode a header into its 4096-byte block, checksum included.
+pub fn encode_header(h: &Header) -> [u8; BLOCK as usize] {
+    let mut b = [0u8; BLOCK as usize];
+    b[0..8].copy_from_slice(MAGIC);
+    b[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let name = h.resource.as_bytes();
+    let n = name.len().min(MAX_NAME);
+    b[OFF_NAME..OFF_NAME + n].copy_from_slice(&name[..n]);
+    b[OFF_UUID..OFF_UUID + 16].copy_from_slice(&h.uuid);
+    b[OFF_DATA_SIZE..OFF_DATA_SIZE + 8].copy_from_slice(&h.data_size.to_le_bytes());
+    // extent_size is validated to fit in a u32 before any header is written.
+    let ext = u32::try_from(h.extent_size).unwrap_or(0);
+    b[OFF_EXTENT_SIZE..OFF_EXTENT_SIZE + 4].copy_from_slice(&ext.to_le_bytes());
+    b[OFF_LOCAL_GEN..OFF_LOCAL_GEN + 8].copy_from_slice(&h.local_gen.to_le_bytes());
+    b[OFF_PEER_GEN..OFF_PEER_GEN + 8].copy_from_slice(&h.peer_gen.to_le_bytes());
+    let mut flags = 0;
+    for (set, bit) in [
+        (h.ever_synced, FLAG_EVER_SYNCED),
+        (h.inconsistent, FLAG_INCONSISTENT),
+        (h.discard_local, FLAG_DISCARD_LOCAL),
+        (h.split_brain, FLAG_SPLIT_BRAIN),
+    ] {
+        if set {
+            flags |= bit;
+        }
+    }
+    b[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&flags.to_le_bytes());
+    b[OFF_PREV_ROLE] = h.prev_role.to_byte();
+    let sum = crc32c(&b);
+    b[OFF_CHECKSUM..OFF_CHECKSUM + 4].copy_from_slice(&sum.to_le_bytes());
+    b
+}
+
+/// Why a block is not a valid header.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    NoMagic,
+    Version(u32),
+    Checksum { stored: u32, computed: u32 },
+    Corrupt(String),
+}
+
+fn le32(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[off..off + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn le64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Decode and verify a header block.
+pub fn decode_header(b: &[u8; BLOCK as usize]) -> Result<Header, DecodeError> {
+    if &b[0..8] != MAGIC {
+        return Err(DecodeError::NoMagic);
+    }
+    let version = le32(b, OFF_VERSION);
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let stored = le32(b, OFF_CHECKSUM);
+    let mut copy = *b;
+    copy[OFF_CHECKSUM..OFF_CHECKSUM + 4].fill(0);
+    let computed = crc32c(&copy);
+    if stored != computed {
+        return Err(DecodeError::Checksum { stored, computed });
+    }
+    let raw_name = &b[OFF_NAME..OFF_NAME + MAX_NAME];
+    let len = raw_name.iter().position(|&c| c == 0).unwrap_or(MAX_NAME);
+    let resource = std::str::from_utf8(&raw_name[..len])
+        .map_err(|_| DecodeError::Corrupt("resource name is not UTF-8".into()))?
+        .to_string();
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&b[OFF_UUID..OFF_UUID + 16]);
+    let flags = le32(b, OFF_FLAGS);
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(DecodeError::Corrupt(format!("unknown flags {flags:#x}")));
+    }
+    let prev_role = PrevRole::from_byte(b[OFF_PREV_ROLE])
+        .ok_or_else(|| DecodeError::Corrupt(format!("bad previous role {}", b[OFF_PREV_ROLE])))?;
+    Ok(Header {
+        resource,
+        uuid,
+        data_size: le64(b, OFF_DATA_SIZE),
+        extent_size: u64::from(le32(b, OFF_EXTENT_SIZE)),
+        local_gen: le64(b, OFF_LOCAL_GEN),
+        peer_gen: le64(b, OFF_PEER_GEN),
+        ever_synced: flags & FLAG_EVER_SYNCED != 0,
+        inconsistent: flags & FLAG_INCONSISTENT != 0,
+        discard_local: flags & FLAG_DISCARD_LOCAL != 0,
+        split_brain: flags & FLAG_SPLIT_BRAIN != 0,
+        prev_role,
+    })
+}
+
+/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78, init and final xor 0xFFFFFFFF).
+pub fn crc32c(data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+    let mut crc = !0u32;
+    for &byte in data {
+        crc = TABLE[((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+
+/// Size in bytes of a block device or regular file.
+fn device_size(file: &File, path: &Path) -> anyhow::Result<(u64, bool)> {
+    let md = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?;
+    if md.file_type().is_block_device() {
+        let mut size = 0u64;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
+        unsafe { blkgetsize64(std::os::fd::AsRawFd::as_raw_fd(file), &mut size) }
+            .with_context(|| format!("cannot get the size of block device {}", path.display()))?;
+        Ok((size, true))
+    } else if md.is_file() {
+        Ok((md.len(), false))
+    } else {
+        bail!(
+            "{} is neither a block device nor a regular file",
+            path.display()
+        )
+    }
+}
+
+fn open_rw(path: &Path) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {} read-write", path.display()))
+}
+
+fn read_header_block(file: &File, offset: u64) -> io::Result<[u8; BLOCK as usize]> {
+    let mut b = [0u8; BLOCK as usize];
+    file.read_exact_at(&mut b, offset)?;
+    Ok(b)
+}
+
+fn check_name(resource: &str) -> anyhow::Result<()> {
+    if resource.is_empty() || resource.len() > MAX_NAME || resource.contains('\0') {
+        bail!("invalid resource name {resource:?}: 1 to {MAX_NAME} bytes, no NUL");
+    }
+    Ok(())
+}
+
+/// Write fresh metadata (all extents dirty, gens 0, flags clear). Refuses if valid tandem
+/// metadata for any resource is already there unless force. Errors name the path.
+pub fn create(
+    path: &Path,
+    resource: &str,
+    extent_size: u64,
+    force: bool,
+) -> anyhow::Result<Header> {
+    check_name(resource)?;
+    if !valid_extent_size(extent_size) {
+        bail!(
+            "invalid extent size {extent_size}: must be a multiple of 4096 between 4096 and {}",
+            u32::MAX / 4096 * 4096
+        );
+    }
+    let file = open_rw(path)?;
+    let (dev_size, _) = device_size(&file, path)?;
+    let layout = Layout::compute(dev_size, extent_size)
+        .filter(|l| l.data_size >= extent_size)
+        .with_context(|| {
+            format!(
+                "{} is too small: {dev_size} bytes, need at least one extent ({extent_size} bytes) plus metadata",
+                path.display()
+            )
+        })?;
+    if let Ok(block) = read_header_block(&file, layout.header_offset)
+        && let Ok(old) = decode_header(&block)
+        && !force
+    {
+        bail!(
+            "{} already holds tandem metadata for resource '{}': refusing to overwrite it without --force",
+            path.display(),
+            old.resource
+        );
+    }
+    let mut uuid = [0u8; 16];
+    getrandom::fill(&mut uuid)
+        .map_err(|e| anyhow::anyhow!("cannot get random bytes for the uuid: {e}"))?;
+    let header = Header {
+        resource: resource.to_string(),
+        uuid,
+        data_size: layout.data_size,
+        extent_size,
+        local_gen: 0,
+        peer_gen: 0,
+        ever_synced: false,
+        inconsistent: false,
+        discard_local: false,
+        split_brain: false,
+        prev_role: PrevRole::Init,
+    };
+    let extents = layout.data_size.div_ceil(extent_size);
+    let bitmap = full_bitmap(extents, layout.bitmap_len);
+    let werr = |e: io::Error| anyhow::anyhow!("cannot write metadata to {}: {e}", path.display());
+    file.write_all_at(&bitmap, layout.bitmap_offset)
+        .map_err(werr)?;
+    file.write_all_at(&encode_header(&header), layout.header_offset)
+        .map_err(werr)?;
+    file.sync_all().map_err(werr)?;
+    Ok(header)
+}
+
+/// A bitmap region of `len` bytes with the first `extents` bits set.
+fn full_bitmap(extents: u64, len: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len as usize];
+    let full = (extents / 8) as usize;
+    v[..full].fill(0xff);
+    let rest = extents % 8;
+    if rest != 0 {
+        v[full] = (1u8 << rest) - 1;
+    }
+    v
+}
+
+/// Read and validate the header of `path` read-only, whatever resource it belongs to (for
+/// `status`/`dump` without taking the disk). Does not check the resource name.
+pub fn read_header(path: &Path) -> anyhow::Result<Header> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let (dev_size, _) = device_size(&file, path)?;
+    let p = path.display();
+    let header_offset = (dev_size / BLOCK * BLOCK)
+        .checked_sub(BLOCK)
+        .with_context(|| format!("no tandem metadata on {p}"))?;
+    let block = read_header_block(&file, header_offset)
+        .with_context(|| format!("cannot read the metadata header of {p}"))?;
+    decode_header(&block).map_err(|e| anyhow::anyhow!("{}", describe(&e, path, None)))
+}
+
+/// The message for a header that does not decode.
+fn describe(e: &DecodeError, path: &Path, resource: Option<&str>) -> String {
+    let p = path.display();
+    match e {
+        DecodeError::NoMagic => match resource {
+            Some(r) => format!("no tandem metadata on {p}: run `tandem create {r}`"),
+            None => format!("no tandem metadata on {p}"),
+        },
+        DecodeError::Version(v) => format!(
+            "unsupported tandem metadata format version {v} on {p} (this tandem reads version {FORMAT_VERSION})"
+        ),
+        DecodeError::Checksum { stored, computed } => format!(
+            "corrupt tandem metadata on {p}: header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+        ),
+        DecodeError::Corrupt(why) => format!("corrupt tandem metadata on {p}: {why}"),
+    }
+}
+
+/// The local disk of a resource: data I/O and metadata, opened read-write (O_RDWR; not O_DIRECT).
+pub struct Disk {
+    file: File,
+    path: PathBuf,
+    is_block: bool,
+    layout: Layout,
+    extent_size: u64,
+    header: Mutex<Header>,
+    activemap: ActiveMap,
+}
+
+fn einval(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+impl Disk {
+    /// Open the local disk of `resource` and validate its metadata.
+    pub fn open(path: &Path, resource: &str) -> anyhow::Result<Disk> {
+        let file = open_rw(path)?;
+        let (dev_size, is_block) = device_size(&file, path)?;
+        let p = path.display();
+        let no_meta = || format!("no tandem metadata on {p}: run `tandem create {resource}`");
+        let header_offset = (dev_size / BLOCK * BLOCK)
+            .checked_sub(BLOCK)
+            .with_context(no_meta)?;
+        let block = read_header_block(&file, header_offset)
+            .with_context(|| format!("cannot read the metadata header of {p}"))?;
+        let header = decode_header(&block)
+            .map_err(|e| anyhow::anyhow!("{}", describe(&e, path, Some(resource))))?;
+        if header.resource != resource {
+            bail!(
+                "tandem metadata on {p} belongs to resource '{}', not '{resource}'",
+                header.resource
+            );
+        }
+        if !valid_extent_size(header.extent_size) {
+            bail!(
+                "corrupt tandem metadata on {p}: invalid extent size {}",
+                header.extent_size
+            );
+        }
+        let layout = Layout::compute(dev_size, header.extent_size)
+            .filter(|l| l.data_size == header.data_size && l.data_size >= header.extent_size)
+            .with_context(|| {
+                format!(
+                    "tandem metadata on {p} does not match the device size: header says data size {}, device is {dev_size} bytes",
+                    header.data_size
+                )
+            })?;
+        let map_file = file
+            .try_clone()
+            .with_context(|| format!("cannot duplicate the descriptor of {p}"))?;
+        let activemap = ActiveMap::load(
+            map_file,
+            layout.bitmap_offset,
+            header.extent_size,
+            layout.data_size,
+        )
+        .with_context(|| format!("cannot read the dirty-extent map of {p}"))?;
+        Ok(Disk {
+            file,
+            path: path.to_path_buf(),
+            is_block,
+            layout,
+            extent_size: header.extent_size,
+            header: Mutex::new(header),
+            activemap,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    pub fn header(&self) -> Header {
+        match self.header.lock() {
+            Ok(h) => h.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Change the header and write it (header block + fdatasync) before returning. The
+    /// immutable fields (resource, uuid, data_size, extent_size) must not be changed.
+    /// On error the in-memory header is left as it was.
+    pub fn update_header(&self, f: impl FnOnce(&mut Header)) -> io::Result<()> {
+        let mut guard = match self.header.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut new = guard.clone();
+        f(&mut new);
+        if new.resource != guard.resource
+            || new.uuid != guard.uuid
+            || new.data_size != guard.data_size
+            || new.extent_size != guard.extent_size
+        {
+            return Err(einval(
+                "update_header: resource, uuid, data_size and extent_size cannot change".into(),
+            ));
+        }
+        self.file
+            .write_all_at(&encode_header(&new), self.layout.header_offset)?;
+        self.file.sync_data()?;
+        *guard = new;
+        Ok(())
+    }
+
+    pub fn data_size(&self) -> u64 {
+        self.layout.data_size
+    }
+
+    pub fn extent_size(&self) -> u64 {
+        self.extent_size
+    }
+
+    pub fn extent_count(&self) -> u64 {
+        self.layout.data_size.div_ceil(self.extent_size)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.layout.data_size => Ok(()),
+            _ => Err(einval(format!(
+                "I/O of {len} bytes at offset {offset} is beyond the data size {} of {}",
+                self.layout.data_size,
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset`; the range must lie within the data region.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Write `data` at `offset`; the range must lie within the data region. Does not touch
+    /// the activemap: call `activemap().begin_write` first.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        self.file.write_all_at(data, offset)
+    }
+
+    /// fdatasync: every completed write is durable.
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Discard a range. Afterwards the range reads as zeroes on every kind of disk, so the
+    /// two nodes stay byte-identical: fallocate(PUNCH_HOLE|KEEP_SIZE) (on block devices this
+    /// is a discard that guarantees zeroes), else zeroes are written. BLKDISCARD is not
+    /// used because it may leave the old data readable.
+    pub fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let flags = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match nix::fcntl::fallocate(&self.file, flags, offset as i64, len as i64) {
+            Ok(()) => Ok(()),
+            Err(_) => self.write_zeroes_slow(offset, len),
+        }
+    }
+
+    /// Make a range read as zeroes: fallocate(ZERO_RANGE|KEEP_SIZE), else write zeroes.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let flags = nix::fcntl::FallocateFlags::FALLOC_FL_ZERO_RANGE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match nix::fcntl::fallocate(&self.file, flags, offset as i64, len as i64) {
+            Ok(()) => Ok(()),
+            Err(_) => self.write_zeroes_slow(offset, len),
+        }
+    }
+
+    fn write_zeroes_slow(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1024 * 1024;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = CHUNK.min(end - pos) as usize;
+            self.file.write_all_at(&zeroes[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Whether an extent reads as all zeroes (the initial sync skips those). Holes found with
+    /// SEEK_DATA/SEEK_HOLE are zero without reading; only data segments are read.
+    pub fn is_zero_extent(&self, extent: u64) -> io::Result<bool> {
+        if extent >= self.extent_count() {
+            return Err(einval(format!(
+                "extent {extent} is beyond the last extent {} of {}",
+                self.extent_count().saturating_sub(1),
+                self.path.display()
+            )));
+        }
+        let start = extent * self.extent_size;
+        let end = (start + self.extent_size).min(self.layout.data_size);
+        if self.is_block {
+            return self.range_is_zero(start, end);
+        }
+        let mut pos = start;
+        while pos < end {
+            let data =
+                match nix::unistd::lseek(&self.file, pos as i64, nix::unistd::Whence::SeekData) {
+                    Ok(d) => d as u64,
+                    Err(nix::errno::Errno::ENXIO) => return Ok(true),
+                    Err(_) => return self.range_is_zero(pos, end),
+                };
+            if data >= end {
+                return Ok(true);
+            }
+            let hole =
+                match nix::unistd::lseek(&self.file, data as i64, nix::unistd::Whence::SeekHole) {
+                    Ok(h) => (h as u64).min(end),
+                    Err(_) => end,
+                };
+            if !self.range_is_zero(data, hole)? {
+                return Ok(false);
+            }
+            // A hole at or before `data` would not advance: guard against a confused filesystem.
+            pos = hole.max(data + 1);
+        }
+        Ok(true)
+    }
+
+    fn range_is_zero(&self, start: u64, end: u64) -> io::Result<bool> {
+        const CHUNK: u64 = 1024 * 1024;
+        let mut buf = vec![0u8; CHUNK.min(end.saturating_sub(start)) as usize];
+        let mut pos = start;
+        while pos < end {
+            let n = CHUNK.min(end - pos) as usize;
+            self.file.read_exact_at(&mut buf[..n], pos)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            pos += n as u64;
+        }
+        Ok(true)
+    }
+
+    pub fn activemap(&self) -> &ActiveMap {
+        &self.activemap
+    }
+}
+
+/// `hexdump -C`-style dump, with `*` for repeated lines, of `data` placed at `base`.
+pub fn hexdump(data: &[u8], base: u64) -> String {
+    let mut out = String::new();
+    let mut prev: Option<&[u8]> = None;
+    let mut starred = false;
+    for (i, line) in data.chunks(16).enumerate() {
+        if prev == Some(line) && line.len() == 16 {
+            if !starred {
+                out.push_str("*\n");
+                starred = true;
+            }
+            continue;
+        }
+        starred = false;
+        prev = Some(line);
+        out.push_str(&format!("{:08x} ", base + (i as u64) * 16));
+        for j in 0..16 {
+            if j == 8 {
+                out.push(' ');
+            }
+            match line.get(j) {
+                Some(b) => out.push_str(&format!(" {b:02x}")),
+                None => out.push_str("   "),
+            }
+        }
+        out.push_str("  |");
+        for &b in line {
+            out.push(if (0x20..0x7f).contains(&b) {
+                b as char
+            } else {
+                '.'
+            });
+        }
+        out.push_str("|\n");
+    }
+    out.push_str(&format!("{:08x}\n", base + data.len() as u64));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    /// A sparse file of `size` bytes in a fresh temporary directory.
+    fn sparse(size: u64) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        File::create(&path).unwrap().set_len(size).unwrap();
+        (dir, path)
+    }
+
+    fn err_text<T>(r: anyhow::Result<T>) -> String {
+        match r {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn crc32c_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(b""), 0);
+    }
+
+    #[test]
+    fn create_open_round_trip() {
+        let (_d, path) = sparse(64 * MIB);
+        let created = create(&path, "r0", DEFAULT_EXTENT_SIZE, false).unwrap();
+        let disk = Disk::open(&path, "r0").unwrap();
+        assert_eq!(disk.header(), created);
+        // 64 MiB device: 32 extents -> bitmap rounded up to one 4096-byte page, then the header.
+        assert_eq!(disk.data_size(), 64 * MIB - 8192);
+        assert_eq!(created.data_size, 64 * MIB - 8192);
+        assert_eq!(disk.extent_size(), DEFAULT_EXTENT_SIZE);
+        assert_eq!(disk.extent_count(), 32);
+        let h = disk.header();
+        assert_eq!(
+            (h.local_gen, h.peer_gen, h.prev_role),
+            (0, 0, PrevRole::Init)
+        );
+        assert!(!h.ever_synced && !h.inconsistent && !h.discard_local && !h.split_brain);
+        assert_ne!(h.uuid, [0u8; 16]);
+        assert_eq!(disk.activemap().dirty_count(), 32);
+        assert_eq!(disk.activemap().dirty_bytes(), disk.data_size());
+        // The header is the last block of the file and starts with the magic.
+        let mut magic = [0u8; 8];
+        File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut magic, 64 * MIB - 4096)
+            .unwrap();
+        assert_eq!(&magic, MAGIC);
+    }
+
+    #[test]
+    fn create_keeps_the_data_region() {
+        let (_d, path) = sparse(16 * MIB + 1000);
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&pattern, 0).unwrap();
+        f.write_all_at(&pattern, 12 * MIB).unwrap();
+        let h = create(&path, "r0", MIB, false).unwrap();
+        // Device size is rounded down to 4096: 16 MiB, 16 extents, 1 bitmap page, header.
+        assert_eq!(h.data_size, 16 * MIB - 8192);
+        let disk = Disk::open(&path, "r0").unwrap();
+        let mut buf = vec![0u8; 4096];
+        disk.read_at(&mut buf, 12 * MIB).unwrap();
+        assert_eq!(buf, pattern);
+    }
+
+    #[test]
+    fn update_header_persists() {
+        let (_d, path) = sparse(16 * MIB);
+        create(&path, "r0", MIB, false).unwrap();
+        let disk = Disk::open(&path, "r0").unwrap();
+        disk.update_header(|h| {
+            h.local_gen = 7;
+            h.peer_gen = 5;
+            h.ever_synced = true;
+            h.split_brain = true;
+            h.prev_role = PrevRole::Secondary;
+        })
+        .unwrap();
+        let err = disk
+            .update_header(|h| h.resource = "other".into())
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let want = disk.header();
+        drop(disk);
+        let again = Disk::open(&path, "r0").unwrap().header();
+        assert_eq!(again, want);
+        assert_eq!((again.local_gen, again.peer_gen), (7, 5));
+        assert!(again.ever_synced && again.split_brain && !again.inconsistent);
+        assert_eq!(again.prev_role, PrevRole::Secondary);
+    }
+
+    #[test]
+    fn create_refuses_to_overwrite_without_force() {
+        let (_d, path) = sparse(16 * MIB);
+        let first = create(&path, "r0", MIB, false).unwrap();
+        let msg = err_text(create(&path, "r1", MIB, false));
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("'r0'") && msg.contains("--force"), "{msg}");
+        let second = create(&path, "r1", 2 * MIB, true).unwrap();
+        assert_ne!(first.uuid, second.uuid);
+        assert_eq!(Disk::open(&path, "r1").unwrap().extent_size(), 2 * MIB);
+    }
+
+    #[test]
+    fn open_without_metadata_says_what_to_do() {
+        let (_d, path) = sparse(16 * MIB);
+        let msg = err_text(Disk::open(&path, "r0"));
+        assert_eq!(
+            msg,
+            format!(
+                "no tandem metadata on {}: run `tandem create r0`",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn corrupted_header_is_rejected() {
+        let (_d, path) = sparse(16 * MIB);
+        create(&path, "r0", MIB, false).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let at = 16 * MIB - 4096 + OFF_LOCAL_GEN as u64;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+        let msg = err_text(Disk::open(&path, "r0"));
+        assert!(
+            msg.starts_with(&format!("corrupt tandem metadata on {}", path.display())),
+            "{msg}"
+        );
+        assert!(msg.contains("checksum mismatch"), "{msg}");
+    }
+
+    #[test]
+    fn newer_version_is_rejected() {
+        let (_d, path) = sparse(16 * MIB);
+        create(&path, "r0", MIB, false).unwrap();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&2u32.to_le_bytes(), 16 * MIB - 4096 + 8)
+            .unwrap();
+        let msg = err_text(Disk::open(&path, "r0"));
+        assert!(
+            msg.contains("unsupported tandem metadata format version 2"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_resource_is_rejected() {
+        let (_d, path) = sparse(16 * MIB);
+        create(&path, "r0", MIB, false).unwrap();
+        let msg = err_text(Disk::open(&path, "data"));
+        assert_eq!(
+            msg,
+            format!(
+                "tandem metadata on {} belongs to resource 'r0', not 'data'",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn resized_device_is_rejected() {
+        let (_d, path) = sparse(16 * MIB);
+        create(&path, "r0", MIB, false).unwrap();
+        // Growing moves the end of the device away from the header.
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(32 * MIB)
+            .unwrap();
+        let msg = err_text(Disk::open(&path, "r0"));
+        assert!(msg.starts_with("no tandem metadata on"), "{msg}");
+    }
+
+    #[test]
+    fn too_small_device_is_rejected() {
+        let (_d, path) = sparse(MIB);
+        let msg = err_text(create(&path, "r0", DEFAULT_EXTENT_SIZE, false));
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains("too small"),
+            "{msg}"
+        );
+        let (_d2, tiny) = sparse(100);
+        let msg = err_text(create(&tiny, "r0", 4096, false));
+        assert!(msg.contains("too small"), "{msg}");
+        let msg = err_text(Disk::open(&tiny, "r0"));
+        assert!(msg.starts_with("no tandem metadata on"), "{msg}");
+    }
+
+    #[test]
+    fn bad_arguments_are_rejected() {
+        let (_d, path) = sparse(16 * MIB);
+        assert!(err_text(create(&path, "", MIB, false)).contains("invalid resource name"));
+        assert!(
+            err_text(create(&path, &"x".repeat(65), MIB, false)).contains("invalid resource name")
+        );
+        assert!(err_text(create(&path, "r0", 1000, false)).contains("invalid extent size"));
+        let missing = path.with_file_name("missing.img");
+        let msg = err_text(create(&missing, "r0", MIB, false));
+        assert!(msg.contains("missing.img"), "{msg}");
+        // A 64-byte name fills the field exactly, without a NUL.
+        let long = "n".repeat(64);
+        create(&path, &long, MIB, false).unwrap();
+        assert_eq!(Disk::open(&path, &long).unwrap().header().resource, long);
+    }
+
+    #[test]
+    fn data_io_is_bounded_by_data_size() {
+        let (_d, path) = sparse(16 * MIB);
+        create(&path, "r0", MIB, false).unwrap();
+        let disk = Disk::open(&path, "r0").unwrap();
+        let end = disk.data_size();
+        disk.write_at(&[0xAB; 4096], end - 4096).unwrap();
+        let mut buf = [0u8; 4096];
+        disk.read_at(&mut buf, end - 4096).unwrap();
+        assert_eq!(buf, [0xAB; 4096]);
+        for r in [
+            disk.write_at(&[1, 2], end - 1),
+            disk.read_at(&mut buf, end - 4095),
+            disk.read_at(&mut buf, u64::MAX - 10),
+            disk.punch(end, 1),
+            disk.write_zeroes(end - 4096, 8192),
+        ] {
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        }
+        disk.read_at(&mut [], end).unwrap();
+        drop(disk);
+        // The metadata behind the data region is intact.
+        Disk::open(&path, "r0").unwrap();
+    }
+
+    #[test]
+    fn punch_and_write_zeroes_read_back_zero() {
+        let (_d, path) = sparse(16 * MIB);
+        create(&path, "r0", MIB, false).unwrap();
+        let disk = Disk::open(&path, "r0").unwrap();
+        disk.write_at(&vec![0x5A; 3 * MIB as usize], 0).unwrap();
+        disk.punch(4096, MIB).unwrap();
+        disk.write_zeroes(2 * MIB, 8192).unwrap();
+        let mut buf = vec![0u8; 3 * MIB as usize];
+        disk.read_at(&mut buf, 0).unwrap();
+        for (i, &b) in buf.iter().enumerate() {
+            let i = i as u64;
+            let zero = (4096..4096 + MIB).contains(&i) || (2 * MIB..2 * MIB + 8192).contains(&i);
+            assert_eq!(b, if zero { 0 } else { 0x5A }, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn zero_extents_on_a_sparse_file() {
+        let (_d, path) = sparse(16 * MIB + 12288);
+        create(&path, "r0", MIB, false).unwrap();
+        let disk = Disk::open(&path, "r0").unwrap();
+        disk.write_at(&[7], MIB + 4095).unwrap();
+        disk.write_at(&vec![0; 65536], 2 * MIB + 8192).unwrap();
+        disk.write_at(&[0, 0, 9], 3 * MIB + MIB - 3).unwrap();
+        assert!(disk.is_zero_extent(0).unwrap());
+        assert!(!disk.is_zero_extent(1).unwrap());
+        assert!(disk.is_zero_extent(2).unwrap(), "written zeroes are zero");
+        assert!(!disk.is_zero_extent(3).unwrap());
+        // The last extent is partial and lies right before the metadata.
+        let last = disk.extent_count() - 1;
+        assert!(disk.is_zero_extent(last).unwrap());
+        assert_eq!(
+            disk.is_zero_extent(disk.extent_count()).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        disk.write_at(&[1], disk.data_size() - 1).unwrap();
+        assert!(!disk.is_zero_extent(last).unwrap());
+    }
+
+    #[test]
+    fn one_tib_sparse_file_opens_with_a_small_map() {
+        let (_d, path) = sparse(1 << 40);
+        create(&path, "big", DEFAULT_EXTENT_SIZE, false).unwrap();
+        let disk = Disk::open(&path, "big").unwrap();
+        // 524288 bits = 64 KiB of bitmap, then the header.
+        assert_eq!(disk.data_size(), (1 << 40) - 65536 - 4096);
+        assert_eq!(disk.extent_count(), 524288);
+        assert_eq!(disk.activemap().dirty_count(), 524288);
+        let mem = disk.activemap().memory_bytes();
+        assert!(mem < 512 * 1024, "activemap uses {mem} bytes");
+        let map = disk.activemap();
+        for e in 0..524288 {
+            map.mark_synced(e).unwrap();
+        }
+        map.flush_clean().unwrap();
+        assert_eq!(map.dirty_count(), 0);
+        assert!(map.memory_bytes() < 512 * 1024);
+    }
+
+    #[test]
+    fn disk_and_map_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Disk>();
+        check::<ActiveMap>();
+    }
+
+    #[test]
+    fn read_header_reads_any_resource() {
+        let (_d, path) = sparse(16 * MIB);
+        assert_eq!(
+            err_text(read_header(&path)),
+            format!("no tandem metadata on {}", path.display())
+        );
+        let created = create(&path, "r7", MIB, false).unwrap();
+        assert_eq!(read_header(&path).unwrap(), created);
+    }
+
+    /// A loop device over a file, detached on drop.
+    struct Loop(String);
+
+    impl Loop {
+        fn attach(file: &Path) -> Option<Loop> {
+            let out = std::process::Command::new("losetup")
+                .args(["-f", "--show"])
+                .arg(file)
+                .output()
+                .ok()?;
+            if !out.status.success() {
+                eprintln!(
+                    "skip: losetup failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                return None;
+            }
+            Some(Loop(
+                String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            ))
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+
+    #[test]
+    fn block_device_via_loop() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skip: block_device_via_loop needs root for losetup");
+            return;
+        }
+        let (_d, file) = sparse(32 * MIB + 512);
+        let Some(dev) = Loop::attach(&file) else {
+            return;
+        };
+        let dev_path = PathBuf::from(&dev.0);
+        create(&dev_path, "r0", MIB, false).unwrap();
+        let disk = Disk::open(&dev_path, "r0").unwrap();
+        // The loop device is 32 MiB + 512 bytes: the partial block is ignored.
+        assert_eq!(disk.data_size(), 32 * MIB - 8192);
+        disk.write_at(&vec![0xEE; 2 * MIB as usize], MIB).unwrap();
+        assert!(!disk.is_zero_extent(1).unwrap());
+        disk.punch(MIB, MIB).unwrap();
+        disk.write_zeroes(2 * MIB, 4096).unwrap();
+        disk.sync_data().unwrap();
+        assert!(disk.is_zero_extent(1).unwrap());
+        assert!(disk.is_zero_extent(0).unwrap());
+        let mut buf = vec![0u8; 8192];
+        disk.read_at(&mut buf, 2 * MIB).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0) && buf[4096..].iter().all(|&b| b == 0xEE));
+        drop(disk);
+        drop(dev);
+        // The same metadata is in the backing file, at the same place.
+        let back = Disk::open(&file, "r0").unwrap();
+        assert_eq!(back.data_size(), 32 * MIB - 8192);
+        let mut b = [0u8; 1];
+        back.read_at(&mut b, 3 * MIB - 1).unwrap();
+        assert_eq!(b[0], 0xEE);
+    }
+
+    /// The example in docs/on-disk-format.md is this test's output: if the format changes,
+    /// the test fails and prints the new dump to paste into the document.
+    #[test]
+    fn hexdump_example_matches_the_documentation() {
+        let (_d, path) = sparse(64 * MIB);
+        create(&path, "r0", DEFAULT_EXTENT_SIZE, false).unwrap();
+        let header = Header {
+            resource: "r0".into(),
+            uuid: *b"\x6f\x1c\x2a\x9e\x53\x04\x4b\x7d\x8a\x10\xc3\x5e\x22\x91\xe7\x3b",
+            data_size: 64 * MIB - 8192,
+            extent_size: DEFAULT_EXTENT_SIZE,
+            local_gen: 3,
+            peer_gen: 2,
+            ever_synced: true,
+            inconsistent: false,
+            discard_local: false,
+            split_brain: false,
+            prev_role: PrevRole::Primary,
+        };
+        {
+            let disk = Disk::open(&path, "r0").unwrap();
+            let map = disk.activemap();
+            for e in 0..disk.extent_count() {
+                map.mark_synced(e).unwrap();
+            }
+            map.merge(&[0, 9, 31]).unwrap();
+            map.flush_clean().unwrap();
+            let layout = disk.layout();
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&encode_header(&header), layout.header_offset)
+                .unwrap();
+        }
+        let disk = Disk::open(&path, "r0").unwrap();
+        assert_eq!(disk.header(), header);
+        assert_eq!(disk.activemap().dirty_extents(), vec![0, 9, 31]);
+        let layout = disk.layout();
+        let mut tail = vec![0u8; layout.meta_size() as usize];
+        File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut tail, layout.bitmap_offset)
+            .unwrap();
+        let dump = hexdump(&tail, layout.bitmap_offset);
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/on-disk-format.md"
+        ))
+        .unwrap_or_default();
+        assert!(
+            doc.contains(&dump),
+            "docs/on-disk-format.md must contain this hexdump of a 64 MiB disk:\n{dump}"
+        );
+    }
+}

@@ -1,0 +1,312 @@
+//! The executor: runs a plan step by step, skips what is already done, logs one line per
+//! step with its duration, and stops (promote) or carries on with the other resources
+//! (demote) on failure.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use log::{debug, error, info};
+
+use super::plan::{Step, hook_cmd, is_up, mount_cmd};
+use crate::backend::{self, Backend, Role, RoleCtx, wait_until};
+use crate::config::{Config, Resource};
+use crate::host::{fs, service, zfs};
+
+pub struct Runner<'a> {
+    cfg: &'a Config,
+    role: RoleCtx,
+    /// "promote", "demote" or "rollback": the first word of every log line.
+    verb: &'static str,
+    backends: BTreeMap<String, Box<dyn Backend>>,
+    /// Resources that were primary before this run.
+    already_primary: RefCell<BTreeSet<String>>,
+    /// Resources that were mounted when the demote started.
+    was_up: RefCell<BTreeSet<String>>,
+}
+
+/// `12ms`, `1.52s`.
+pub fn took(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.2}s", d.as_secs_f64())
+    }
+}
+
+impl<'a> Runner<'a> {
+    pub fn new(cfg: &'a Config, role: RoleCtx, verb: &'static str) -> Runner<'a> {
+        let backends = cfg
+            .resources
+            .iter()
+            .map(|r| (r.name.clone(), backend::for_resource(cfg, r)))
+            .collect();
+        Runner {
+            cfg,
+            role,
+            verb,
+            backends,
+            already_primary: RefCell::default(),
+            was_up: RefCell::default(),
+        }
+    }
+
+    fn backend(&self, r: &Resource) -> Result<&dyn Backend> {
+        self.backends
+            .get(&r.name)
+            .map(|b| b.as_ref())
+            .with_context(|| format!("no backend for {}", r.name))
+    }
+
+    fn prefix(&self, step: &Step) -> String {
+        match step.resource() {
+            Some(r) => format!("{} {}", self.verb, r.name),
+            None => self.verb.to_string(),
+        }
+    }
+
+    /// Run every step; stop at the first failure.
+    pub fn promote(&self, steps: &[Step<'a>]) -> Result<()> {
+        for step in steps {
+            self.one(step)?;
+        }
+        Ok(())
+    }
+
+    /// Run every step; a failing resource skips its remaining steps (never role secondary
+    /// while still mounted), the others go on. All failures are reported.
+    pub fn demote(&self, steps: &[Step<'a>]) -> Result<()> {
+        let mut failed: BTreeSet<String> = BTreeSet::new();
+        let mut errors: Vec<anyhow::Error> = Vec::new();
+        for step in steps {
+            if let Some(r) = step.resource() {
+                if failed.contains(&r.name) {
+                    info!(
+                        "{}: {} not done: an earlier step failed",
+                        self.prefix(step),
+                        step.label()
+                    );
+                    continue;
+                }
+            }
+            if let Err(e) = self.one(step) {
+                error!("{e:#}");
+                if let Some(r) = step.resource() {
+                    failed.insert(r.name.clone());
+                }
+                errors.push(e);
+            }
+        }
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            n => {
+                let first = errors.remove(0);
+                Err(first.context(format!("{n} steps failed; the first")))
+            }
+        }
+    }
+
+    /// One step: skip it if its effect is already there, else run it, logging the outcome.
+    fn one(&self, step: &Step<'a>) -> Result<()> {
+        let prefix = self.prefix(step);
+        let label = step.label();
+        match self.skip_reason(step) {
+            Ok(Some((reason, quiet))) => {
+                if quiet {
+                    debug!("{prefix}: {label} skipped: {reason}");
+                } else {
+                    info!("{prefix}: {label} skipped: {reason}");
+                }
+                return Ok(());
+            }
+            Ok(None) => {}
+            Err(e) => debug!("{prefix}: {label}: cannot tell whether it is done ({e:#})"),
+        }
+        let start = Instant::now();
+        match self.run(step) {
+            Ok(()) => {
+                info!("{prefix}: {label} ok in {}", took(start.elapsed()));
+                Ok(())
+            }
+            Err(e) => Err(e.context(format!(
+                "{prefix}: {label} failed after {}",
+                took(start.elapsed())
+            ))),
+        }
+    }
+
+    /// Why this step need not run (and whether that is worth an info line).
+    fn skip_reason(&self, step: &Step<'a>) -> Result<Option<(String, bool)>> {
+        let t = self.cfg.switch.command_timeout;
+        Ok(match *step {
+            Step::Role(r, primary) => {
+                let b = self.backend(r)?;
+                if !b.has_roles() {
+                    return Ok(Some((format!("backend {} has no role", r.backend), true)));
+                }
+                let role = b.status()?.role;
+                match (primary, role) {
+                    (true, Role::Primary) => {
+                        self.already_primary.borrow_mut().insert(r.name.clone());
+                        Some(("already primary".into(), false))
+                    }
+                    (false, Role::Secondary) => Some(("already secondary".into(), false)),
+                    _ => None,
+                }
+            }
+            Step::Attach(r) => match &r.attach {
+                None => Some(("no attach hook".into(), true)),
+                Some(_) => {
+                    let primary_before = !self.backend(r)?.has_roles()
+                        || self.already_primary.borrow().contains(&r.name);
+                    (primary_before && is_up(r))
+                        .then(|| ("already attached and mounted".into(), false))
+                }
+            },
+            Step::Detach(r) => match &r.detach {
+                None => Some(("no detach hook".into(), true)),
+                Some(_) => {
+                    let b = self.backend(r)?;
+                    let done = if b.has_roles() {
+                        b.status()?.role == Role::Secondary
+                    } else {
+                        !self.was_up.borrow().contains(&r.name)
+                    };
+                    done.then(|| ("already detached".into(), false))
+                }
+            },
+            Step::WaitDevice(_) => None,
+            Step::Fsck(r) => {
+                if fs::fsck_for(r.fsck, r.fstype, &r.device).is_none() {
+                    Some((
+                        format!("no fsck for {} with fsck = {:?}", r.fstype, r.fsck).to_lowercase(),
+                        true,
+                    ))
+                } else if is_up(r) {
+                    Some(("already mounted".into(), false))
+                } else {
+                    None
+                }
+            }
+            Step::Mkdir(r) => match (&r.pool, &r.mountpoint) {
+                (None, Some(m)) if !m.is_dir() => None,
+                (None, Some(_)) => Some(("exists".into(), true)),
+                _ => Some(("zfs mounts its datasets itself".into(), true)),
+            },
+            Step::Mount(r) => is_up(r).then(|| {
+                (
+                    if r.pool.is_some() {
+                        "already imported"
+                    } else {
+                        "already mounted"
+                    }
+                    .into(),
+                    false,
+                )
+            }),
+            Step::Unmount(r) => {
+                if is_up(r) {
+                    self.was_up.borrow_mut().insert(r.name.clone());
+                    None
+                } else {
+                    Some((
+                        if r.pool.is_some() {
+                            "not imported"
+                        } else {
+                            "not mounted"
+                        }
+                        .into(),
+                        false,
+                    ))
+                }
+            }
+            Step::StartService(s) => {
+                (service::is_active(s, t)? == Some(true)).then(|| ("already running".into(), false))
+            }
+            Step::StopService(s) => {
+                (service::is_active(s, t)? == Some(false)).then(|| ("not running".into(), false))
+            }
+        })
+    }
+
+    fn run(&self, step: &Step<'a>) -> Result<()> {
+        let sw = &self.cfg.switch;
+        let t = sw.command_timeout;
+        match *step {
+            Step::Role(r, true) => self.backend(r)?.promote(&self.role),
+            Step::Role(r, false) => self.backend(r)?.demote(&self.role),
+            Step::Attach(r) => hook(r, r.attach.as_deref(), t),
+            Step::Detach(r) => hook(r, r.detach.as_deref(), t),
+            Step::WaitDevice(r) => {
+                if wait_until(sw.device_timeout, || Ok(r.device.exists()))? {
+                    Ok(())
+                } else {
+                    anyhow::bail!(
+                        "{} did not appear within {}",
+                        r.device.display(),
+                        crate::config::format_duration(sw.device_timeout)
+                    )
+                }
+            }
+            Step::Fsck(r) => {
+                if let Some(m) = fs::device_mounted(&r.device)? {
+                    anyhow::bail!(
+                        "{} is mounted on {}: not checking a mounted filesystem",
+                        r.device.display(),
+                        m.target.display()
+                    );
+                }
+                let Some(f) = fs::fsck_for(r.fsck, r.fstype, &r.device) else {
+                    return Ok(());
+                };
+                let out = f.cmd.run_ok(|c| c <= f.max_ok)?;
+                if out.code() != 0 {
+                    info!(
+                        "{} {}: `{}` repaired the filesystem (status {})",
+                        self.verb,
+                        r.name,
+                        f.cmd.line(),
+                        out.code()
+                    );
+                }
+                Ok(())
+            }
+            Step::Mkdir(r) => match &r.mountpoint {
+                Some(m) if r.pool.is_none() => {
+                    std::fs::create_dir_all(m).with_context(|| format!("mkdir -p {}", m.display()))
+                }
+                _ => Ok(()),
+            },
+            Step::Mount(r) => match (&r.pool, &r.mountpoint) {
+                (Some(p), _) => zfs::import_cmd(p, t).run().map(drop),
+                (None, Some(m)) => {
+                    mount_cmd(r, m).timeout(Some(t)).run()?;
+                    if fs::mounted_at(m)?.is_none() {
+                        anyhow::bail!(
+                            "mount succeeded but {} is not in the mount table",
+                            m.display()
+                        );
+                    }
+                    Ok(())
+                }
+                (None, None) => Ok(()),
+            },
+            Step::Unmount(r) => match (&r.pool, &r.mountpoint) {
+                (Some(p), _) => zfs::export_cmd(p, t).run().map(drop),
+                (None, Some(m)) => fs::unmount(m, sw.stop_timeout, t),
+                (None, None) => Ok(()),
+            },
+            Step::StartService(s) => service::start_cmd(s, t).run().map(drop),
+            Step::StopService(s) => service::stop_cmd(s, t).run().map(drop),
+        }
+    }
+}
+
+fn hook(r: &Resource, script: Option<&str>, t: Duration) -> Result<()> {
+    match script {
+        Some(s) => hook_cmd(r, s, t).run().map(drop),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit and integration tests, man page lint.
+# Installs the Debian packages the integration tests need when running as root and they are
+# missing; as a normal user the tests that need root or a package say so and skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(libnbd-bin nbdfuse fio ucarp samba smbclient mandoc psmisc iproute2 xfsprogs e2fsprogs fuse3 qemu-utils util-linux)
+tools=(nbdinfo nbdfuse fio ucarp smbd smbclient mandoc fuser ip mkfs.xfs mkfs.ext4 fusermount3 qemu-io losetup)
+missing=()
+for t in "${tools[@]}"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "tests/run.sh: installing test dependencies (missing: ${missing[*]})"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+  else
+    echo "tests/run.sh: missing ${missing[*]}; tests that need them will skip (run as root to install: apt-get install ${packages[*]})"
+  fi
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy"
+cargo clippy --all-targets --quiet -- -D warnings
+if command -v mandoc >/dev/null; then
+  echo "== mandoc -Tlint man/*"
+  mandoc -Tlint -W warning man/*
+fi
+if command -v systemd-analyze >/dev/null && [ -d systemd ]; then
+  echo "== systemd-analyze verify"
+  units=$(ls systemd/*.service 2>/dev/null || true)
+  [ -z "$units" ] || SYSTEMD_LOG_LEVEL=err systemd-analyze verify --man=no $units 2>&1 | grep -v -E "Failed to (prepare|put)|bpf|Unit .* not found|executable path is not absolute" || true
+fi
+echo "== cargo test"
+cargo test --release -- --test-threads=2 "$@"

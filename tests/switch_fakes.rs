@@ -1,0 +1,296 @@
+//! The hast and drbd backends against fakes of hastctl, drbdadm, drbdsetup and zpool
+//! (tests/fakes): waiting for the peer, refusals (exit 3), failing role changes (exit 1 and
+//! rollback). ZFS pools stand in for filesystems so that no root is needed.
+
+mod switch_util;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+
+use switch_util::{EVENT_SERVICE, Env};
+
+fn hast_env(role_timeout: &str) -> Env {
+    let e = Env::new();
+    e.write_config(&format!(
+        r#"
+node = "s1"
+[switch]
+lock = "@DIR@/switch.lock"
+role_timeout = "{role_timeout}"
+device_timeout = "2s"
+on_promote_failure = "echo \"$TANDEM_RESOURCE\" > @DIR@/failure-hook"
+{EVENT_SERVICE}
+[resource.hast0]
+backend = "hast"
+device = "@STATE@/dev/hast0"
+fstype = "zfs"
+pool = "tank0"
+[resource.hast1]
+backend = "hast"
+device = "@STATE@/dev/hast1"
+fstype = "zfs"
+pool = "tank1"
+"#
+    ));
+    e.set("hast/hast0/role", "secondary");
+    e.set("hast/hast1/role", "secondary");
+    e
+}
+
+/// A process that looks like hastd's secondary worker (`hastd: RES (secondary)`).
+struct Worker(Child);
+
+impl Worker {
+    fn start(res: &str, secs: u32) -> Worker {
+        let c = Command::new("sleep")
+            .arg0(format!("hastd: {res} (secondary)"))
+            .arg(secs.to_string())
+            .spawn()
+            .expect("spawn sleep");
+        Worker(c)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn hast_promote_demote_and_idempotence() {
+    let e = hast_env("5s");
+    let r = e.run(&["promote"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(e.get("hast/hast0/role").as_deref(), Some("primary"));
+    assert_eq!(e.get("hast/hast1/role").as_deref(), Some("primary"));
+    assert!(e.exists("zpool/tank0/imported") && e.exists("zpool/tank1/imported"));
+    assert_eq!(e.read("events"), "start\n");
+    let calls = e.calls();
+    assert!(calls.contains("hastctl role primary hast0\n"), "{calls}");
+    assert!(calls.contains("zpool import -f tank0\n"), "{calls}");
+    assert!(
+        r.stderr.contains("promote hast0: import pool tank0 ok in"),
+        "{r:?}"
+    );
+
+    let s = e.run(&["status", "--json"]);
+    assert_eq!(s.code, 0, "{s:?}");
+    let v: serde_json::Value = serde_json::from_str(&s.stdout).unwrap();
+    assert_eq!(v["node"], "s1");
+    assert_eq!(v["resources"][0]["name"], "hast0");
+    assert_eq!(v["resources"][0]["backend"], "hast");
+    assert_eq!(v["resources"][0]["role"], "primary");
+    assert_eq!(v["resources"][0]["connection"], "connected");
+    assert_eq!(v["resources"][0]["state"], "complete");
+    assert_eq!(v["resources"][0]["dirty_bytes"], 0);
+    assert_eq!(v["resources"][0]["device_present"], true);
+    assert_eq!(v["resources"][0]["mounted"], true);
+    assert_eq!(v["services"][0]["name"], "share");
+    assert_eq!(v["services"][0]["active"], true);
+    let t = e.run(&["status"]);
+    assert!(t.stdout.contains("hast0"), "{t:?}");
+    assert!(t.stdout.contains("primary"), "{t:?}");
+
+    // Promoting again changes nothing.
+    e.clear_calls();
+    let r = e.run(&["promote"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!e.calls().contains("role primary"), "{}", e.calls());
+    assert!(!e.calls().contains("import"), "{}", e.calls());
+    assert!(r.stderr.contains("already primary"), "{r:?}");
+    assert_eq!(e.read("events"), "start\n");
+
+    let r = e.run(&["demote"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(e.get("hast/hast0/role").as_deref(), Some("secondary"));
+    assert!(!e.exists("zpool/tank0/imported") && !e.exists("zpool/tank1/imported"));
+    assert_eq!(e.read("events"), "start\nstop\n");
+    // Services stop before the pools go, and roles change after.
+    let calls = e.calls();
+    let export = calls.find("zpool export tank0").unwrap();
+    let role = calls.find("hastctl role secondary hast0").unwrap();
+    assert!(export < role, "{calls}");
+
+    // Demoting a secondary is a quick success.
+    e.clear_calls();
+    let r = e.run(&["demote"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!e.calls().contains("role secondary"), "{}", e.calls());
+}
+
+#[test]
+fn hast_waits_for_the_secondary_worker_to_exit() {
+    let e = hast_env("20s");
+    let _w = Worker::start("hast0", 1);
+    let r = e.run(&["promote", "hast0"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(e.get("hast/hast0/role").as_deref(), Some("primary"));
+    assert!(
+        !e.calls().contains("while the secondary worker runs"),
+        "{}",
+        e.calls()
+    );
+}
+
+#[test]
+fn hast_peer_still_primary_is_refused() {
+    let e = hast_env("1s");
+    let _w = Worker::start("hast0", 60);
+    let r = e.run(&["switch", "master"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("still primary"), "{r:?}");
+    assert!(r.stderr.contains("hastd: hast0 (secondary)"), "{r:?}");
+    assert!(!e.calls().contains("role primary hast0"), "{}", e.calls());
+    assert_eq!(e.read("events"), "");
+    // The failure hook ran after the (empty) rollback.
+    assert_eq!(e.read("failure-hook").trim(), "hast0");
+}
+
+#[test]
+fn hast_split_brain_is_refused_unless_forced() {
+    let e = hast_env("5s");
+    e.set("hast/hast0/status", "split-brain");
+    let r = e.run(&["promote", "hast0"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("split-brain"), "{r:?}");
+    assert!(r.stderr.contains("--force"), "{r:?}");
+    assert_eq!(e.get("hast/hast0/role").as_deref(), Some("secondary"));
+    let r = e.run(&["promote", "--force", "hast0"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(e.get("hast/hast0/role").as_deref(), Some("primary"));
+}
+
+#[test]
+fn hast_failing_role_change_rolls_back() {
+    let e = hast_env("5s");
+    e.set("hast/hast1/fail_role", "2");
+    let r = e.run(&["switch", "master"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    // Resource, step, command, exit status and stderr in the message.
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("promote hast1: role primary failed"), "{r:?}");
+    assert!(
+        last.contains("`hastctl role primary hast1` exited with status 2"),
+        "{r:?}"
+    );
+    assert!(last.contains("Received error 2 from hastd."), "{r:?}");
+    // hast0 had been promoted and imported: all undone; no service started.
+    assert_eq!(e.get("hast/hast0/role").as_deref(), Some("secondary"));
+    assert!(!e.exists("zpool/tank0/imported"));
+    assert_eq!(e.read("events"), "");
+    assert_eq!(e.read("failure-hook").trim(), "hast1");
+}
+
+#[test]
+fn zfs_import_failure_rolls_back() {
+    let e = hast_env("5s");
+    e.set("zpool/tank0/fail_import", "");
+    let r = e.run(&["promote", "hast0"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("cannot import 'tank0'"), "{r:?}");
+    assert_eq!(e.get("hast/hast0/role").as_deref(), Some("secondary"));
+}
+
+fn drbd_env(role_timeout: &str) -> Env {
+    let e = Env::new();
+    e.write_config(&format!(
+        r#"
+node = "s1"
+[switch]
+lock = "@DIR@/switch.lock"
+role_timeout = "{role_timeout}"
+device_timeout = "2s"
+{EVENT_SERVICE}
+[resource.r0]
+backend = "drbd"
+device = "@STATE@/dev/r0"
+fstype = "zfs"
+pool = "tank"
+"#
+    ));
+    e.set("drbd/r0/role", "Secondary");
+    e
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn drbd_waits_for_the_peer_to_step_down() {
+    let e = drbd_env("20s");
+    e.set("drbd/r0/peer_primary_until", &(now() + 2).to_string());
+    let r = e.run(&["switch", "MASTER"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(e.get("drbd/r0/role").as_deref(), Some("Primary"));
+    assert!(e.exists("zpool/tank/imported"));
+    assert_eq!(e.read("events"), "start\n");
+    let s = e.run(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&s.stdout).unwrap();
+    assert_eq!(v["resources"][0]["role"], "primary");
+    assert_eq!(v["resources"][0]["state"], "complete");
+    assert_eq!(v["resources"][0]["sync_progress"], 1.0);
+
+    let r = e.run(&["switch", "BACKUP"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(e.get("drbd/r0/role").as_deref(), Some("Secondary"));
+    assert!(!e.exists("zpool/tank/imported"));
+}
+
+#[test]
+fn drbd_peer_still_primary_is_refused() {
+    let e = drbd_env("1s");
+    e.set("drbd/r0/peer_primary_until", &(now() + 3600).to_string());
+    let r = e.run(&["promote"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("peer is still Primary after 1s"), "{r:?}");
+    assert_eq!(e.get("drbd/r0/role").as_deref(), Some("Secondary"));
+    assert!(!e.exists("zpool/tank/imported"));
+}
+
+#[test]
+fn drbd_outdated_disk_is_refused_unless_forced() {
+    let e = drbd_env("2s");
+    e.set("drbd/r0/disk", "Outdated");
+    let r = e.run(&["promote"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("Outdated, not UpToDate"), "{r:?}");
+    assert!(!e.calls().contains("drbdadm primary"), "{}", e.calls());
+    let r = e.run(&["promote", "--force"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        e.calls().contains("drbdadm primary --force r0"),
+        "{}",
+        e.calls()
+    );
+}
+
+#[test]
+fn drbd_failing_role_change_rolls_back() {
+    let e = drbd_env("2s");
+    e.set(
+        "drbd/r0/fail_primary",
+        "(-7) Refusing to be Primary while peer is not outdated",
+    );
+    let r = e.run(&["promote"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("`drbdadm primary r0` exited with status 11"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("Refusing to be Primary"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("rollback r0: role secondary skipped: already secondary"),
+        "{r:?}"
+    );
+    assert_eq!(e.get("drbd/r0/role").as_deref(), Some("Secondary"));
+    assert!(!e.exists("zpool/tank/imported"));
+    assert_eq!(e.read("events"), "");
+}
