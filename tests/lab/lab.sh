@@ -423,6 +423,7 @@ start_watch() {
 	pid_alive "$(cat "$d/watch.pid" 2>/dev/null)" && return 0
 	(in_ns "$h" "$TANDEM" -c "$(cfg "$h")" --node "$h" watch </dev/null 2>&1 |
 		stamp >>"$d/log/switch.log") &
+	disown
 	# The watcher is the process in the host's namespace that runs tandem watch.
 	local i pid=
 	for ((i = 0; i < 50; i++)); do
