@@ -204,6 +204,12 @@ pub fn cmd_status(cfg: &Config, names: &[String], json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(&s)?);
     } else {
         print!("{}", render_table(&s));
+        if let Some((seq, word, running)) = crate::switch::read_state(&cfg.switch.lock).last {
+            println!(
+                "\nlast switch event: #{seq} {word} ({})",
+                if running { "running" } else { "done" }
+            );
+        }
     }
     Ok(())
 }

@@ -175,7 +175,11 @@ fn a_waiting_event_superseded_by_a_newer_one_exits_75() {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let newer = e.command(&["switch", "slave"]).spawn().unwrap();
+    let newer = e
+        .command(&["switch", "slave"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let older = older.wait().unwrap();
     assert_eq!(older.code(), Some(75));
     assert_eq!(roles(&e), ["secondary"; 3]);

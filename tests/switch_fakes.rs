@@ -92,6 +92,10 @@ fn hast_promote_demote_and_idempotence() {
     let t = e.run(&["status"]);
     assert!(t.stdout.contains("hast0"), "{t:?}");
     assert!(t.stdout.contains("primary"), "{t:?}");
+    assert!(
+        t.stdout.contains("last switch event: #1 master (done)"),
+        "{t:?}"
+    );
 
     // Promoting again changes nothing.
     e.clear_calls();
@@ -293,4 +297,112 @@ fn drbd_failing_role_change_rolls_back() {
     assert_eq!(e.get("drbd/r0/role").as_deref(), Some("Secondary"));
     assert!(!e.exists("zpool/tank/imported"));
     assert_eq!(e.read("events"), "");
+}
+
+#[test]
+fn hast_works_with_the_hastctl_of_freebsd_8_and_9() {
+    // No `hastctl list` there; `hastctl status` printed the detailed listing.
+    let e = hast_env("5s");
+    e.set("hast_legacy", "");
+    e.set("hast/hast0/status", "split-brain");
+    let r = e.run(&["promote", "hast0"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(e.calls().contains("hastctl status hast0"), "{}", e.calls());
+    e.set("hast/hast0/status", "degraded");
+    let r = e.run(&["promote", "hast0"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let s = e.run(&["status", "--json", "hast0"]);
+    let v: serde_json::Value = serde_json::from_str(&s.stdout).unwrap();
+    assert_eq!(v["resources"][0]["role"], "primary");
+    assert_eq!(v["resources"][0]["state"], "degraded");
+}
+
+#[test]
+fn attach_and_detach_hooks_run_around_the_role_change() {
+    let e = Env::new();
+    e.write_config(
+        r#"
+node = "s1"
+[switch]
+lock = "@DIR@/switch.lock"
+device_timeout = "2s"
+[resource.hast0]
+backend = "hast"
+device = "@STATE@/dev/hast0"
+fstype = "zfs"
+pool = "tank0"
+attach = "echo attach $TANDEM_RESOURCE $TANDEM_DEVICE $TANDEM_NBD >> @DIR@/hooks"
+detach = "echo detach $TANDEM_RESOURCE >> @DIR@/hooks; test -f @STATE@/zpool/tank0/imported && echo still-imported >> @DIR@/hooks; true"
+"#,
+    );
+    e.set("hast/hast0/role", "secondary");
+    let r = e.run(&["promote"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let dev = e.state().join("dev/hast0");
+    assert_eq!(
+        e.read("hooks"),
+        format!("attach hast0 {} /run/tandem/hast0.nbd\n", dev.display()).replace(
+            "/run/tandem/",
+            if cfg!(target_os = "freebsd") {
+                "/var/run/tandem/"
+            } else {
+                "/run/tandem/"
+            }
+        )
+    );
+    // Already up: the hook does not run again.
+    let r = e.run(&["promote"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(e.read("hooks").lines().count(), 1);
+    let r = e.run(&["demote"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    // detach runs after the export, before role secondary.
+    assert!(
+        e.read("hooks").ends_with("detach hast0\n"),
+        "{}",
+        e.read("hooks")
+    );
+    let calls = e.calls();
+    assert!(calls.find("zpool export").unwrap() < calls.find("role secondary").unwrap());
+}
+
+#[test]
+fn an_event_superseded_during_the_settle_delay_does_nothing() {
+    let e = Env::new();
+    e.write_config(
+        r#"
+node = "s1"
+[switch]
+lock = "@DIR@/switch.lock"
+delay = "2s"
+[resource.hast0]
+backend = "hast"
+device = "@STATE@/dev/hast0"
+fstype = "zfs"
+pool = "tank0"
+"#,
+    );
+    e.set("hast/hast0/role", "secondary");
+    let first = e
+        .command(&["switch", "MASTER"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it holds the lock and sleeps.
+    for _ in 0..500 {
+        if e.read("switch.lock.seq").contains("running") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let second = e.run(&["switch", "BACKUP"]);
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(first.status.code(), Some(75), "{first:?}");
+    assert!(
+        String::from_utf8_lossy(&first.stderr).contains("superseded during the settle delay"),
+        "{first:?}"
+    );
+    assert_eq!(second.code, 0, "{second:?}");
+    assert!(!e.calls().contains("role primary"), "{}", e.calls());
+    assert_eq!(e.get("hast/hast0/role").as_deref(), Some("secondary"));
 }

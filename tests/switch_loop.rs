@@ -83,6 +83,12 @@ impl Drop for Cleanup {
                 }
                 let _ = Command::new("umount").arg(mp).status();
                 if mounted(mp) {
+                    // Whatever a failed test left holding it (fuser -k: SIGKILL).
+                    let _ = Command::new("fuser").arg("-km").arg(mp).output();
+                    std::thread::sleep(Duration::from_millis(100));
+                    let _ = Command::new("umount").arg(mp).status();
+                }
+                if mounted(mp) {
                     let _ = Command::new("umount").arg("-l").arg(mp).status();
                 }
             }

@@ -57,6 +57,28 @@ pub fn parse_list(text: &str, name: &str) -> Option<HastList> {
     found
 }
 
+/// Parse the `hastctl status` table of FreeBSD 10+ ("Name Status Role Components").
+pub fn parse_status_table(text: &str, name: &str) -> Option<HastList> {
+    text.lines().skip(1).find_map(|line| {
+        let mut f = line.split_whitespace();
+        if f.next()? != name {
+            return None;
+        }
+        let status = f.next()?.to_string();
+        if let Some(code) = status.strip_prefix("ERR") {
+            return Some(HastList {
+                status: format!("error {code}"),
+                ..HastList::default()
+            });
+        }
+        Some(HastList {
+            role: f.next()?.to_string(),
+            status,
+            dirty: None,
+        })
+    })
+}
+
 impl Hast {
     pub fn new(name: &str) -> Hast {
         Hast {
@@ -68,17 +90,29 @@ impl Hast {
         format!("hastd: {} (secondary)", self.name)
     }
 
+    /// `hastctl list RES`; before FreeBSD 10 there was no `list` and `hastctl status RES`
+    /// printed the same detailed format, so that is the fallback (table or detailed).
     fn list(&self, timeout: Duration) -> Result<HastList> {
-        let out = Cmd::new("hastctl", &["list", &self.name])
-            .timeout(Some(timeout))
-            .run()?;
-        parse_list(&out.stdout, &self.name).with_context(|| {
-            format!(
-                "`hastctl list {}` does not show the resource: {}",
-                self.name,
-                out.stdout.trim()
-            )
-        })
+        let list = Cmd::new("hastctl", &["list", &self.name]).timeout(Some(timeout));
+        let (cmd, out) = match list.run() {
+            Ok(out) => (list, out),
+            Err(first) => {
+                let status = Cmd::new("hastctl", &["status", &self.name]).timeout(Some(timeout));
+                match status.run() {
+                    Ok(out) => (status, out),
+                    Err(_) => return Err(first),
+                }
+            }
+        };
+        parse_list(&out.stdout, &self.name)
+            .or_else(|| parse_status_table(&out.stdout, &self.name))
+            .with_context(|| {
+                format!(
+                    "`{}` does not show the resource: {}",
+                    cmd.line(),
+                    out.stdout.trim()
+                )
+            })
     }
 
     /// Does this node still run a secondary worker for the resource (the peer is primary)?
@@ -231,5 +265,21 @@ hast1:
         assert!(parse_list(LIST, "hast2").is_none());
         let e = parse_list("hast0:\n  error: 2\n", "hast0").unwrap();
         assert_eq!(e.status, "error 2");
+    }
+
+    #[test]
+    fn status_table_parsing() {
+        let t = "Name\tStatus\t Role\t\tComponents\n\
+                 hast0\tcomplete primary        /dev/ada1\t192.168.10.12\n\
+                 hast1\tERR2\n";
+        let h = parse_status_table(t, "hast0").unwrap();
+        assert_eq!(
+            (h.role.as_str(), h.status.as_str()),
+            ("primary", "complete")
+        );
+        assert_eq!(parse_status_table(t, "hast1").unwrap().status, "error 2");
+        assert!(parse_status_table(t, "hast2").is_none());
+        // The table's first line does not parse as the detailed format.
+        assert!(parse_list(t, "hast0").is_none());
     }
 }

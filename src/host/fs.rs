@@ -223,16 +223,21 @@ fn comm(pid: i32) -> String {
 }
 
 /// The processes that have a file, directory or mapping open on the filesystem at `mp`.
+#[cfg(not(target_os = "linux"))]
 pub fn holders(mp: &Path) -> Result<Vec<i32>> {
-    if !cfg!(target_os = "linux") {
-        // FreeBSD: fuser -c prints the pids on stdout.
-        let out = Cmd::new("fuser", &["-c", &mp.display().to_string()]).output()?;
-        return Ok(out
-            .stdout
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|w| w.parse().ok())
-            .collect());
-    }
+    // FreeBSD: fuser -c prints the pids on stdout (the names on stderr).
+    let out = Cmd::new("fuser", &["-c", &mp.display().to_string()]).output()?;
+    Ok(out
+        .stdout
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect())
+}
+
+/// The processes that have a file, directory or mapping open on the filesystem at `mp`:
+/// every /proc/PID whose cwd, root, exe, open file or mapped file lives on its device.
+#[cfg(target_os = "linux")]
+pub fn holders(mp: &Path) -> Result<Vec<i32>> {
     let dev = nix::sys::stat::stat(mp)
         .with_context(|| format!("stat {}", mp.display()))?
         .st_dev;
@@ -242,6 +247,19 @@ pub fn holders(mp: &Path) -> Result<Vec<i32>> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Ok(out);
     };
+    let on_dev = |p: &Path| nix::sys::stat::stat(p).is_ok_and(|st| st.st_dev == dev);
+    // /proc/PID/maps: "addr perms offset MAJ:MIN inode path", MAJ:MIN in hex.
+    let maps_on_dev = |maps: &str| {
+        maps.lines().any(|l| {
+            l.split_whitespace()
+                .nth(3)
+                .and_then(|d| d.split_once(':'))
+                .is_some_and(|(a, b)| {
+                    u64::from_str_radix(a, 16).ok() == Some(maj)
+                        && u64::from_str_radix(b, 16).ok() == Some(min)
+                })
+        })
+    };
     for e in dir.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -250,25 +268,10 @@ pub fn holders(mp: &Path) -> Result<Vec<i32>> {
             continue;
         }
         let base = e.path();
-        let on_dev = |p: &Path| nix::sys::stat::stat(p).is_ok_and(|st| st.st_dev == dev);
-        let mut hit = ["cwd", "root", "exe"].iter().any(|l| on_dev(&base.join(l)));
-        if !hit {
-            if let Ok(fds) = std::fs::read_dir(base.join("fd")) {
-                hit = fds.flatten().any(|fd| on_dev(&fd.path()));
-            }
-        }
-        if !hit {
-            if let Ok(maps) = std::fs::read_to_string(base.join("maps")) {
-                hit = maps.lines().any(|l| {
-                    l.split_whitespace().nth(3).is_some_and(|d| {
-                        d.split_once(':').is_some_and(|(a, b)| {
-                            u64::from_str_radix(a, 16).ok() == Some(maj)
-                                && u64::from_str_radix(b, 16).ok() == Some(min)
-                        })
-                    })
-                });
-            }
-        }
+        let hit = ["cwd", "root", "exe"].iter().any(|l| on_dev(&base.join(l)))
+            || std::fs::read_dir(base.join("fd"))
+                .is_ok_and(|fds| fds.flatten().any(|fd| on_dev(&fd.path())))
+            || std::fs::read_to_string(base.join("maps")).is_ok_and(|m| maps_on_dev(&m));
         if hit {
             out.push(pid);
         }

@@ -21,6 +21,7 @@ use crate::exit::Superseded;
 use crate::host::Cmd;
 
 pub use event::Target;
+pub use lock::read_state;
 pub use plan::is_up;
 
 pub fn cmd_switch(cfg: &Config, args: &[String], opts: StepOpts) -> Result<()> {

@@ -186,3 +186,84 @@ fn mp(r: &Resource) -> String {
         .map(|m| m.display().to_string())
         .unwrap_or_else(|| "-".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    const CFG: &str = r#"
+node = "s1"
+[switch]
+delay = "3s"
+[[service]]
+name = "samba_server"
+manager = "rc"
+[[service]]
+name = "nfs"
+manager = "systemd"
+unit = "nfs-server.service"
+resources = ["hast0"]
+[resource.hast0]
+backend = "hast"
+mountpoint = "/mnt/hast0"
+fstype = "ufs"
+mount_options = "noatime"
+attach = "logger attached"
+[resource.tank]
+backend = "drbd"
+fstype = "zfs"
+pool = "tank"
+"#;
+
+    fn lines(cfg: &Config, steps: &[Step]) -> Vec<String> {
+        let role = RoleCtx {
+            role_timeout: cfg.switch.role_timeout,
+            command_timeout: cfg.switch.command_timeout,
+            force: false,
+        };
+        steps.iter().flat_map(|s| s.lines(cfg, &role)).collect()
+    }
+
+    #[test]
+    fn promote_reads_as_the_seed_script_did() {
+        let cfg = parse(Path::new("t.toml"), CFG, None).unwrap();
+        let all: Vec<&Resource> = cfg.resources.iter().collect();
+        let l = lines(&cfg, &promote(&cfg, &all));
+        let expected = [
+            "hastctl list hast0    # refuse stale or split-brain data",
+            "wait until no \"hastd: hast0 (secondary)\" process runs (up to 20s)",
+            "hastctl role primary hast0",
+            "logger attached",
+            "wait for /dev/hast/hast0 (up to 30s)",
+            "fsck -p -y -t ufs /dev/hast/hast0",
+            "mkdir -p /mnt/hast0",
+            "mount -t ufs -o noatime /dev/hast/hast0 /mnt/hast0",
+            "drbdsetup status tank --json    # refuse unless the local disk is UpToDate; wait up to 20s while a peer is Primary",
+            "drbdadm primary tank",
+            "wait for /dev/drbd/by-res/tank/0 (up to 30s)",
+            "zpool import -f tank",
+            "service samba_server onestart",
+            "systemctl start nfs-server.service",
+        ];
+        assert_eq!(l, expected);
+    }
+
+    #[test]
+    fn demote_is_the_reverse() {
+        let cfg = parse(Path::new("t.toml"), CFG, None).unwrap();
+        let all: Vec<&Resource> = cfg.resources.iter().collect();
+        let l = lines(&cfg, &demote(&cfg, &all));
+        assert_eq!(l[0], "systemctl stop nfs-server.service");
+        assert_eq!(l[1], "service samba_server onestop");
+        assert_eq!(l[2], "zpool export tank");
+        assert_eq!(l[3], "drbdadm secondary tank");
+        assert!(l[4].starts_with("umount /mnt/hast0    # if busy: TERM, then KILL"));
+        assert_eq!(l[5], "hastctl role secondary hast0");
+        assert_eq!(l.len(), 6);
+        // Demoting only the pool stops the services that use it, not nfs.
+        let tank = vec![cfg.resource("tank").unwrap()];
+        let l = lines(&cfg, &demote(&cfg, &tank));
+        assert_eq!(l[0], "service samba_server onestop");
+    }
+}
