@@ -183,9 +183,15 @@ fn run(cli: Cli) -> Result<()> {
             extent_size,
             force,
         } => cmd_create(&cfg, &resource, extent_size, force),
-        Command::Role { .. } | Command::WaitSync { .. } | Command::Resolve { .. } => {
-            Err(anyhow::anyhow!("not implemented yet"))
+        Command::Role {
+            role,
+            resources,
+            force,
+        } => daemon::control::cmd_role(&cfg, &role, &resources, force),
+        Command::WaitSync { resources, timeout } => {
+            daemon::control::cmd_wait_sync(&cfg, &resources, timeout)
         }
+        Command::Resolve { resource, .. } => daemon::control::cmd_resolve(&cfg, &resource),
         #[cfg(target_os = "linux")]
         Command::Watch { carrier } => watch::cmd_watch(&cfg, carrier.as_deref()),
         #[cfg(not(target_os = "linux"))]

@@ -1,12 +1,361 @@
-//! The replication daemon (backend `tandem`).
-
+//! The replication daemon (backend `tandem`): one process for all resources of this node.
+//!
+//! `run` starts one owner thread per resource (`resource.rs`), the peer listener
+//! (`secondary.rs`), the control socket (`control.rs`) and then turns signals into actions:
+//! SIGHUP reloads the configuration, SIGTERM/SIGINT stop cleanly. The primary side lives in
+//! `primary.rs` and `sync.rs`, the wire format in `protocol.rs`, authentication in `auth.rs`,
+//! the sync-direction table in `generation.rs`, hook events in `hooks.rs`.
 pub mod activemap;
+pub mod auth;
+pub mod control;
+pub mod generation;
+pub mod hooks;
 pub mod metadata;
+pub mod nbd;
+pub mod peer;
+pub mod primary;
+pub mod protocol;
+pub mod resource;
+pub mod secondary;
+pub mod sync;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use crate::config::Config;
+use anyhow::{Context, Result};
+use nix::sys::signal::{SigSet, Signal};
+use serde::{Deserialize, Serialize};
 
-pub fn run(_cfg: Config, _config_path: PathBuf) -> anyhow::Result<()> {
-    anyhow::bail!("daemon: not implemented yet")
+use crate::config::{self, BackendKind, Config, Resource};
+use auth::Secret;
+use control::{ControlError, ErrorKind, Request, Response};
+use hooks::Hooks;
+use resource::{Handle, Msg};
+
+/// A node's replication role for one resource; changed only by command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Init,
+    Primary,
+    Secondary,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Init => "init",
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Role, String> {
+        match s {
+            "init" => Ok(Role::Init),
+            "primary" => Ok(Role::Primary),
+            "secondary" => Ok(Role::Secondary),
+            _ => Err(format!("unknown role {s:?} (init, primary, secondary)")),
+        }
+    }
+}
+
+struct Daemon {
+    node: String,
+    secret: Arc<Secret>,
+    timeout: std::time::Duration,
+    hooks: Hooks,
+    handles: Mutex<HashMap<String, Handle>>,
+    registry: secondary::Registry,
+}
+
+impl Daemon {
+    fn start_resource(&self, res: &Resource) {
+        match resource::start(
+            res,
+            &self.node,
+            Arc::clone(&self.secret),
+            self.timeout,
+            self.hooks.clone(),
+        ) {
+            Ok(h) => {
+                self.registry
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(res.name.clone(), Arc::clone(&h.shared));
+                self.handles
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(res.name.clone(), h);
+            }
+            Err(e) => log::error!("{}: cannot start: {e:#}", res.name),
+        }
+    }
+
+    fn stop_resource(&self, name: &str) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        let h = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        if let Some(h) = h {
+            h.stop();
+        }
+    }
+
+    fn names(&self, wanted: &[String]) -> std::result::Result<Vec<String>, ControlError> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        if wanted.is_empty() || wanted.iter().any(|w| w == "all") {
+            let mut v: Vec<String> = handles.keys().cloned().collect();
+            v.sort();
+            return Ok(v);
+        }
+        for w in wanted {
+            if !handles.contains_key(w) {
+                return Err(ControlError {
+                    kind: ErrorKind::Usage,
+                    message: format!("{w}: no such tandem resource running in this daemon"),
+                });
+            }
+        }
+        Ok(wanted.to_vec())
+    }
+
+    fn call(
+        &self,
+        name: &str,
+        make: impl FnOnce(std::sync::mpsc::Sender<std::result::Result<(), resource::RoleError>>) -> Msg,
+    ) -> std::result::Result<(), ControlError> {
+        let tx = {
+            let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            match handles.get(name) {
+                Some(h) => h.tx.clone(),
+                None => {
+                    return Err(ControlError {
+                        kind: ErrorKind::Usage,
+                        message: format!("{name}: no such resource"),
+                    });
+                }
+            }
+        };
+        let (rtx, rrx) = std::sync::mpsc::channel();
+        let fail = |m: &str| ControlError {
+            kind: ErrorKind::Failed,
+            message: format!("{name}: {m}"),
+        };
+        tx.send(make(rtx))
+            .map_err(|_| fail("resource is stopping"))?;
+        rrx.recv()
+            .map_err(|_| fail("resource stopped"))?
+            .map_err(|e| ControlError {
+                kind: e.kind,
+                message: e.message,
+            })
+    }
+
+    fn statuses(&self, names: &[String]) -> Vec<control::ResourceStatus> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        names
+            .iter()
+            .filter_map(|n| handles.get(n).map(|h| h.shared.status()))
+            .collect()
+    }
+}
+
+impl control::Handler for Daemon {
+    fn handle(&self, req: Request) -> Response {
+        let mut resp = Response {
+            node: self.node.clone(),
+            ..Default::default()
+        };
+        let result = match req {
+            Request::Status { resources } => self.names(&resources).map(|names| {
+                resp.resources = self.statuses(&names);
+            }),
+            Request::Role {
+                role,
+                resources,
+                force,
+            } => self.names(&resources).and_then(|names| {
+                for n in &names {
+                    self.call(n, |reply| Msg::Role { role, force, reply })?;
+                }
+                resp.resources = self.statuses(&names);
+                Ok(())
+            }),
+            Request::Resolve { resource } => {
+                self.names(std::slice::from_ref(&resource))
+                    .and_then(|names| {
+                        self.call(&resource, |reply| Msg::Resolve { reply })?;
+                        resp.resources = self.statuses(&names);
+                        Ok(())
+                    })
+            }
+        };
+        if let Err(e) = result {
+            resp.error = Some(e);
+        }
+        resp
+    }
+}
+
+/// Tell systemd (Type=notify) that we are ready; a plain datagram, no crate needed.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("NOTIFY_SOCKET: {e}");
+            return;
+        }
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|a| sock.send_to_addr(b"READY=1\n", &a))
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = name;
+            Err(std::io::Error::other("abstract sockets need Linux"))
+        }
+    } else {
+        sock.send_to(b"READY=1\n", &path)
+    };
+    if let Err(e) = sent {
+        log::warn!("NOTIFY_SOCKET {}: {e}", path.to_string_lossy());
+    }
+}
+
+fn tandem_resources(cfg: &Config) -> Vec<Resource> {
+    cfg.resources
+        .iter()
+        .filter(|r| r.backend == BackendKind::Tandem)
+        .cloned()
+        .collect()
+}
+
+/// `tandem daemon`: run in the foreground until SIGTERM or SIGINT.
+pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
+    let secret = Arc::new(Secret::load(&cfg.daemon.secret)?);
+    // Signals are taken synchronously by this thread; every thread started below inherits
+    // the blocked mask, so none of them is interrupted.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        signals.add(s);
+    }
+    signals.thread_block().context("blocking signals")?;
+    // Rust binaries ignore SIGPIPE already: a vanished peer is an error return, not death.
+    let daemon = Arc::new(Daemon {
+        node: cfg.node.clone(),
+        secret,
+        timeout: cfg.daemon.timeout,
+        hooks: Hooks::new(cfg.daemon.exec.clone()),
+        handles: Mutex::new(HashMap::new()),
+        registry: Arc::new(Mutex::new(HashMap::new())),
+    });
+    let mut current = tandem_resources(&cfg);
+    for r in &current {
+        daemon.start_resource(r);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for addr in &cfg.daemon.listen {
+        threads.push(secondary::listen(
+            addr,
+            Arc::clone(&daemon.registry),
+            Arc::clone(&stop),
+        )?);
+    }
+    let handler: Arc<dyn control::Handler> = daemon.clone();
+    threads.push(control::serve(
+        &cfg.daemon.control,
+        handler,
+        Arc::clone(&stop),
+    )?);
+    log::info!(
+        "daemon ready on node {} ({} resources)",
+        cfg.node,
+        current.len()
+    );
+    notify_ready();
+    let mut listen = cfg.daemon.listen.clone();
+    loop {
+        let sig = signals.wait().context("waiting for signals")?;
+        match sig {
+            Signal::SIGHUP => {
+                log::info!("reloading {}", config_path.display());
+                let new = match config::load(&config_path, Some(&daemon.node)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        log::error!("reload failed, keeping the old configuration: {e:#}");
+                        continue;
+                    }
+                };
+                daemon.hooks.set(new.daemon.exec.clone());
+                if new.daemon.listen != listen {
+                    log::warn!("daemon.listen changed; restart the daemon to apply it");
+                    listen = new.daemon.listen.clone();
+                }
+                let wanted = tandem_resources(&new);
+                for old in &current {
+                    if !wanted.iter().any(|w| w.name == old.name) {
+                        log::info!("{}: removed from the configuration; stopping it", old.name);
+                        daemon.stop_resource(&old.name);
+                    }
+                }
+                for w in &wanted {
+                    match current.iter().find(|o| o.name == w.name) {
+                        None => daemon.start_resource(w),
+                        Some(o) if o.local != w.local => {
+                            log::info!("{}: local disk changed; restarting the resource", w.name);
+                            daemon.stop_resource(&w.name);
+                            daemon.start_resource(w);
+                        }
+                        Some(_) => {
+                            let handles = daemon.handles.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some(h) = handles.get(&w.name) {
+                                let _ = h.tx.send(Msg::Reload(Box::new(w.clone())));
+                            }
+                        }
+                    }
+                }
+                current = wanted;
+            }
+            _ => {
+                log::info!("{sig:?}: stopping");
+                break;
+            }
+        }
+    }
+    stop.store(true, Ordering::Release);
+    let names: Vec<String> = daemon
+        .handles
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .cloned()
+        .collect();
+    for n in names {
+        daemon.stop_resource(&n);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    log::info!("daemon stopped");
+    Ok(())
 }

@@ -1,0 +1,460 @@
+//! The control socket: how `tandem role`, `status`, `resolve` and `wait-sync` talk to the
+//! daemon. A unix stream socket (mode 0600); one JSON request per line, one JSON response per
+//! line. The server side dispatches to the resources' owner threads; the client side is
+//! `request` (and `wait_sync` on top of it).
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+pub use super::Role;
+
+/// How long `wait_sync` lets a split-brain state stand before failing (the primary retries
+/// refused connections every 5 s).
+const SPLIT_BRAIN_GRACE: Duration = Duration::from_secs(12);
+
+/// A request to the daemon. An empty resource list (or `all`) means every resource.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status {
+        #[serde(default)]
+        resources: Vec<String>,
+    },
+    Role {
+        role: Role,
+        #[serde(default)]
+        resources: Vec<String>,
+        #[serde(default)]
+        force: bool,
+    },
+    /// `resolve RES --discard-local`.
+    Resolve { resource: String },
+}
+
+/// Why a request failed; the CLI maps it to an exit status (`exit_code`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// Local data is older than the peer's, or incomplete: exit 3.
+    Stale,
+    /// The peer is still primary: exit 3 (after the caller's role_timeout).
+    PeerPrimary,
+    /// Split-brain: exit 3.
+    SplitBrain,
+    /// Bad request (unknown resource, resolve on a primary): exit 2.
+    Usage,
+    /// Anything else: exit 1.
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ControlError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ControlError {
+    pub fn exit_code(&self) -> i32 {
+        match self.kind {
+            ErrorKind::Stale | ErrorKind::PeerPrimary | ErrorKind::SplitBrain => 3,
+            ErrorKind::Usage => 2,
+            ErrorKind::Failed => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ControlError {}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Counters {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub trims: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Application bytes the peer acknowledged as written.
+    pub bytes_replicated: u64,
+    /// Bytes of data sent (primary) or received (secondary) by resyncs.
+    pub bytes_resynced: u64,
+}
+
+/// One resource as the daemon sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ResourceStatus {
+    pub name: String,
+    /// init | primary | secondary
+    pub role: String,
+    /// connected | connecting | disconnected
+    pub connection: String,
+    /// complete | degraded | syncing | split-brain
+    pub state: String,
+    pub dirty_bytes: u64,
+    /// Size of the replicated data region (what the export serves).
+    pub data_size: u64,
+    /// 0..1
+    pub sync_progress: f64,
+    pub sync_bytes_total: u64,
+    pub sync_bytes_done: u64,
+    pub sync_rate_bps: u64,
+    /// This node's data must not be promoted (older than the peer's, or incomplete).
+    pub stale: bool,
+    pub peer_role: Option<String>,
+    /// The NBD socket, while primary.
+    pub nbd: Option<PathBuf>,
+    pub local_gen: u64,
+    pub peer_gen: u64,
+    pub inconsistent: bool,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub node: String,
+    #[serde(default)]
+    pub resources: Vec<ResourceStatus>,
+    #[serde(default)]
+    pub error: Option<ControlError>,
+}
+
+impl Response {
+    /// The response, or its error as an `anyhow::Error` carrying a `ControlError`.
+    pub fn into_result(self) -> Result<Response> {
+        match self.error {
+            Some(e) => Err(e.into()),
+            None => Ok(self),
+        }
+    }
+}
+
+/// The error as the CLI reports it: refusals for safety exit 3, usage errors 2, the rest 1.
+pub fn exit_error(e: ControlError) -> anyhow::Error {
+    match e.kind {
+        ErrorKind::Stale | ErrorKind::PeerPrimary | ErrorKind::SplitBrain => {
+            crate::exit::Refused(e.message).into()
+        }
+        ErrorKind::Usage => crate::exit::Usage(e.message).into(),
+        ErrorKind::Failed => anyhow::anyhow!(e.message),
+    }
+}
+
+/// How long the CLI waits for the daemon to answer a role change (a demote waits for in-flight
+/// writes, a promote probes the peer).
+const CLI_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `tandem role ROLE RES…|all`.
+pub fn cmd_role(
+    cfg: &crate::config::Config,
+    role: &str,
+    resources: &[String],
+    force: bool,
+) -> Result<()> {
+    let role: Role = role.parse().map_err(crate::exit::Usage)?;
+    let req = Request::Role {
+        role,
+        resources: resources.to_vec(),
+        force,
+    };
+    let resp = request(&cfg.daemon.control, &req, CLI_TIMEOUT)?;
+    match resp.error {
+        Some(e) => Err(exit_error(e)),
+        None => Ok(()),
+    }
+}
+
+/// `tandem wait-sync [RES…] [--timeout D]`.
+pub fn cmd_wait_sync(
+    cfg: &crate::config::Config,
+    resources: &[String],
+    timeout: Duration,
+) -> Result<()> {
+    match wait_sync(&cfg.daemon.control, resources, timeout, true) {
+        Err(e) => match e.downcast::<ControlError>() {
+            Ok(c) => Err(exit_error(c)),
+            Err(e) => Err(e),
+        },
+        Ok(()) => Ok(()),
+    }
+}
+
+/// `tandem resolve RES --discard-local`.
+pub fn cmd_resolve(cfg: &crate::config::Config, resource: &str) -> Result<()> {
+    let req = Request::Resolve {
+        resource: resource.to_string(),
+    };
+    let resp = request(&cfg.daemon.control, &req, CLI_TIMEOUT)?;
+    match resp.error {
+        Some(e) => Err(exit_error(e)),
+        None => {
+            log::info!(
+                "{resource}: local data discarded; it is resynced from the peer on the next connection"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Send one request and read the response, within `timeout`.
+pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Response> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the tandem daemon at {} (is `tandem daemon` running?)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .with_context(|| format!("writing to {}", socket.display()))?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader
+        .read_line(&mut answer)
+        .with_context(|| format!("no answer from the daemon at {}", socket.display()))?;
+    if answer.is_empty() {
+        bail!(
+            "the daemon at {} closed the connection without answering",
+            socket.display()
+        );
+    }
+    serde_json::from_str(&answer)
+        .with_context(|| format!("bad answer from the daemon: {}", answer.trim()))
+}
+
+/// Block until every named resource (all when empty) is `complete`, with a progress bar on a
+/// terminal. Fails on split-brain, on a resource that is not replicating, and after `timeout`.
+pub fn wait_sync(
+    socket: &Path,
+    resources: &[String],
+    timeout: Duration,
+    progress: bool,
+) -> Result<()> {
+    let start = Instant::now();
+    let bar = if progress && std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(1000);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {percent}% {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    // Split-brain is final only if it persists: right after `resolve` on the peer it clears
+    // with the primary's next connection attempt.
+    let grace = SPLIT_BRAIN_GRACE.min(timeout);
+    let mut split_since: Option<Instant> = None;
+    loop {
+        let resp = request(
+            socket,
+            &Request::Status {
+                resources: resources.to_vec(),
+            },
+            Duration::from_secs(10),
+        )?
+        .into_result()?;
+        let split = resp.resources.iter().find(|r| r.state == "split-brain");
+        if split.is_none() {
+            split_since = None;
+        }
+        if let Some(sb) = split
+            && (split_since.get_or_insert_with(Instant::now).elapsed() >= grace
+                || start.elapsed() >= timeout)
+        {
+            return Err(ControlError {
+                kind: ErrorKind::SplitBrain,
+                message: format!(
+                    "{}: split-brain; run `tandem resolve {} --discard-local` on one node",
+                    sb.name, sb.name
+                ),
+            }
+            .into());
+        }
+        let pending: Vec<&ResourceStatus> = resp
+            .resources
+            .iter()
+            .filter(|r| r.state != "complete")
+            .collect();
+        if pending.is_empty() {
+            if let Some(b) = &bar {
+                b.finish_with_message("in sync");
+            }
+            return Ok(());
+        }
+        if let Some(b) = &bar {
+            let total: u64 = pending.iter().map(|r| r.sync_bytes_total).sum();
+            let done: u64 = pending.iter().map(|r| r.sync_bytes_done).sum();
+            b.set_length(total.max(1));
+            b.set_position(done);
+            b.set_message(
+                pending
+                    .iter()
+                    .map(|r| format!("{} {}", r.name, r.state))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+        }
+        if start.elapsed() >= timeout {
+            let what: Vec<String> = pending
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {} ({}, {:.0}%)",
+                        r.name,
+                        r.state,
+                        r.connection,
+                        r.sync_progress * 100.0
+                    )
+                })
+                .collect();
+            bail!(
+                "timed out after {:?} waiting for sync: {}",
+                timeout,
+                what.join(", ")
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What the server needs from the daemon to answer requests.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, req: Request) -> Response;
+}
+
+/// Listen on `path` (mode 0600, stale socket removed) and answer requests until `stop`.
+pub fn serve(
+    path: &Path,
+    handler: Arc<dyn Handler>,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by another daemon", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    // Created under a restrictive umask so it is never accessible to others, even briefly.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener =
+        bound.with_context(|| format!("binding the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    let path = path.to_path_buf();
+    let t = thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let h = Arc::clone(&handler);
+                        let _ = thread::Builder::new()
+                            .name("control-conn".into())
+                            .spawn(move || serve_one(stream, h));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(50))
+                    }
+                    Err(e) => {
+                        log::warn!("control socket: {e}");
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        })
+        .context("starting the control thread")?;
+    Ok(t)
+}
+
+fn serve_one(stream: UnixStream, handler: Arc<dyn Handler>) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut w = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream.take_limited());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() || line.is_empty() {
+        return;
+    }
+    let resp = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => handler.handle(req),
+        Err(e) => Response {
+            error: Some(ControlError {
+                kind: ErrorKind::Usage,
+                message: format!("bad request: {e}"),
+            }),
+            ..Default::default()
+        },
+    };
+    let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{}".into());
+    out.push('\n');
+    let _ = w.write_all(out.as_bytes());
+}
+
+trait TakeLimited {
+    fn take_limited(self) -> std::io::Take<UnixStream>;
+}
+
+impl TakeLimited for UnixStream {
+    /// Requests are small; a client cannot make us buffer more than this.
+    fn take_limited(self) -> std::io::Take<UnixStream> {
+        std::io::Read::take(self, 64 << 10)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_one_json_line() {
+        let r = Request::Role {
+            role: Role::Primary,
+            resources: vec!["r0".into()],
+            force: false,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            s,
+            r#"{"cmd":"role","role":"primary","resources":["r0"],"force":false}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        let e = ControlError {
+            kind: ErrorKind::PeerPrimary,
+            message: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"kind":"peer-primary","message":"x"}"#
+        );
+        assert_eq!(e.exit_code(), 3);
+    }
+}

@@ -1,0 +1,600 @@
+//! One authenticated connection to the peer, as the primary uses it for replication.
+//!
+//! A `Link` owns two threads: the sender writes frames from a channel in order (and a `Ping`
+//! when idle for a quarter of the timeout); the receiver reads `Ack`s and completes the waiting
+//! request by sequence number. Requests are pipelined: any number can be in flight. When the
+//! connection fails (I/O error, bad frame, no frame within the timeout), every pending request
+//! completes as failed, so callers finish them locally as degraded.
+//!
+//! Also here: opening a connection (bound to this node's configured address) and the
+//! connecting side of the hello/auth/state handshake, shared by replication and probes.
+
+use std::collections::HashMap;
+use std::io::{BufWriter, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::auth::{self, Secret, Side};
+use super::protocol::{
+    self, AckKind, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message, NodeState,
+    PROTOCOL_VERSION, Purpose,
+};
+
+/// The outcome a waiter sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Pending,
+    Received,
+    Written,
+    Failed,
+}
+
+type Callback = Box<dyn FnOnce(bool) + Send>;
+
+/// Completion of one request sent to the peer.
+pub struct Completion {
+    state: Mutex<Outcome>,
+    cv: Condvar,
+    /// Called once with `true` when written on the peer, `false` when it failed.
+    on_final: Mutex<Option<Callback>>,
+}
+
+impl Completion {
+    fn new() -> Arc<Completion> {
+        Arc::new(Completion {
+            state: Mutex::new(Outcome::Pending),
+            cv: Condvar::new(),
+            on_final: Mutex::new(None),
+        })
+    }
+
+    fn set(&self, o: Outcome) {
+        {
+            let mut s = match self.state.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            if matches!(*s, Outcome::Written | Outcome::Failed) {
+                return;
+            }
+            *s = o;
+        }
+        self.cv.notify_all();
+        if matches!(o, Outcome::Written | Outcome::Failed) {
+            let cb = self.on_final.lock().ok().and_then(|mut g| g.take());
+            if let Some(cb) = cb {
+                cb(o == Outcome::Written);
+            }
+        }
+    }
+
+    /// Run `f` when the request is final (at once if it already is).
+    pub fn on_final(&self, f: impl FnOnce(bool) + Send + 'static) {
+        let now = {
+            let s = match self.state.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            match *s {
+                Outcome::Written => Some(true),
+                Outcome::Failed => Some(false),
+                _ => {
+                    if let Ok(mut g) = self.on_final.lock() {
+                        *g = Some(Box::new(f));
+                        return;
+                    }
+                    Some(false)
+                }
+            }
+        };
+        if let Some(ok) = now {
+            f(ok);
+        }
+    }
+
+    /// Block until the peer has at least `want` (Received or Written) or the request failed;
+    /// true on success.
+    pub fn wait(&self, want: Outcome) -> bool {
+        let mut s = match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        loop {
+            match (*s, want) {
+                (Outcome::Failed, _) => return false,
+                (Outcome::Written, _) => return true,
+                (Outcome::Received, Outcome::Received) => return true,
+                _ => {}
+            }
+            s = match self.cv.wait(s) {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+        }
+    }
+}
+
+struct Pending {
+    dead: bool,
+    map: HashMap<u64, Arc<Completion>>,
+}
+
+/// A live replication connection to the secondary.
+pub struct Link {
+    peer: SocketAddr,
+    tx: Mutex<Option<Sender<Vec<u8>>>>,
+    pending: Mutex<Pending>,
+    next_seq: AtomicU64,
+    dead: AtomicBool,
+    dead_cv: Condvar,
+    dead_mx: Mutex<()>,
+    stream: TcpStream,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Link {
+    /// Start the sender and receiver threads on an authenticated stream.
+    pub fn start(stream: TcpStream, timeout: Duration) -> Result<Arc<Link>> {
+        let peer = stream.peer_addr().context("peer address")?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .context("socket timeout")?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .context("socket timeout")?;
+        let _ = stream.set_nodelay(true);
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let link = Arc::new(Link {
+            peer,
+            tx: Mutex::new(Some(tx)),
+            pending: Mutex::new(Pending {
+                dead: false,
+                map: HashMap::new(),
+            }),
+            next_seq: AtomicU64::new(1),
+            dead: AtomicBool::new(false),
+            dead_cv: Condvar::new(),
+            dead_mx: Mutex::new(()),
+            stream: stream.try_clone().context("cloning the peer socket")?,
+            last_error: Mutex::new(None),
+        });
+        let wstream = stream.try_clone().context("cloning the peer socket")?;
+        let l = Arc::clone(&link);
+        let ping_every = (timeout / 4).max(Duration::from_millis(50));
+        thread::Builder::new()
+            .name("peer-send".into())
+            .spawn(move || {
+                let mut w = BufWriter::with_capacity(256 << 10, wstream);
+                let result = (|| -> std::io::Result<()> {
+                    loop {
+                        let frame = match rx.recv_timeout(ping_every) {
+                            Ok(f) => f,
+                            Err(RecvTimeoutError::Timeout) => Message::Ping.encode(),
+                            Err(RecvTimeoutError::Disconnected) => return w.flush(),
+                        };
+                        w.write_all(&frame)?;
+                        // Batch whatever is already queued into as few writes as possible.
+                        while let Ok(f) = rx.try_recv() {
+                            w.write_all(&f)?;
+                            if w.buffer().len() > (192 << 10) {
+                                w.flush()?;
+                            }
+                        }
+                        w.flush()?;
+                    }
+                })();
+                match result {
+                    Ok(()) => l.kill("closed"),
+                    Err(e) => l.kill(&format!("send: {e}")),
+                }
+            })
+            .context("starting the peer sender")?;
+        let l = Arc::clone(&link);
+        let mut rstream = std::io::BufReader::with_capacity(64 << 10, stream);
+        thread::Builder::new()
+            .name("peer-recv".into())
+            .spawn(move || {
+                loop {
+                    match protocol::read_message(&mut rstream, MAX_FRAME) {
+                        Ok(Message::Ack { seq, kind, status }) => {
+                            let c = match l.pending.lock() {
+                                Ok(mut p) => {
+                                    if kind == AckKind::Written || status != 0 {
+                                        p.map.remove(&seq)
+                                    } else {
+                                        p.map.get(&seq).cloned()
+                                    }
+                                }
+                                Err(_) => None,
+                            };
+                            if status != 0 {
+                                if let Some(c) = c {
+                                    c.set(Outcome::Failed);
+                                }
+                                l.kill(&format!("peer failed request {seq} with errno {status}"));
+                                return;
+                            }
+                            if let Some(c) = c {
+                                c.set(if kind == AckKind::Written {
+                                    Outcome::Written
+                                } else {
+                                    Outcome::Received
+                                });
+                            }
+                        }
+                        Ok(Message::Pong) | Ok(Message::Ping) => {}
+                        Ok(Message::Goodbye { code, reason }) => {
+                            l.kill(&format!("peer closed ({code:?}): {reason}"));
+                            return;
+                        }
+                        Ok(other) => {
+                            l.kill(&format!("unexpected {} from peer", other.name()));
+                            return;
+                        }
+                        Err(e) => {
+                            l.kill(&format!("receive: {e}"));
+                            return;
+                        }
+                    }
+                }
+            })
+            .context("starting the peer receiver")?;
+        Ok(link)
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Requests sent and not yet acknowledged as written.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().map(|p| p.map.len()).unwrap_or(0)
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Mark the link dead, close the socket and fail every pending request.
+    pub fn kill(&self, why: &str) {
+        let drained: Vec<Arc<Completion>> = match self.pending.lock() {
+            Ok(mut p) => {
+                if p.dead {
+                    return;
+                }
+                p.dead = true;
+                p.map.drain().map(|(_, c)| c).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(why.to_string());
+        }
+        log::debug!("link to {}: {why}", self.peer);
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+        self.dead.store(true, Ordering::Release);
+        for c in drained {
+            c.set(Outcome::Failed);
+        }
+        let _g = self.dead_mx.lock();
+        self.dead_cv.notify_all();
+    }
+
+    /// Wait until the link is dead or `d` passed; true if dead.
+    pub fn wait_dead(&self, d: Duration) -> bool {
+        let g = match self.dead_mx.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if self.is_dead() {
+            return true;
+        }
+        let _ = self.dead_cv.wait_timeout(g, d);
+        self.is_dead()
+    }
+
+    /// Queue a frame that expects no acknowledgement.
+    pub fn send(&self, msg: &Message) -> bool {
+        let frame = msg.encode();
+        match self.tx.lock() {
+            Ok(tx) => tx.as_ref().map(|t| t.send(frame).is_ok()).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    /// Queue a request built from its sequence number; the completion reports the peer's acks.
+    /// On a dead link the completion is already failed.
+    pub fn submit(&self, make: impl FnOnce(u64) -> Message) -> Arc<Completion> {
+        let c = Completion::new();
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let frame = make(seq).encode();
+        let queued = match self.pending.lock() {
+            Ok(mut p) if !p.dead => {
+                p.map.insert(seq, Arc::clone(&c));
+                match self.tx.lock() {
+                    Ok(tx) => tx.as_ref().map(|t| t.send(frame).is_ok()).unwrap_or(false),
+                    Err(_) => false,
+                }
+            }
+            _ => false,
+        };
+        if !queued {
+            if let Ok(mut p) = self.pending.lock() {
+                p.map.remove(&seq);
+            }
+            c.set(Outcome::Failed);
+        }
+        c
+    }
+
+    /// Orderly close: a Goodbye after everything queued, then the socket is shut.
+    pub fn close(&self, reason: &str) {
+        self.send(&Message::Goodbye {
+            code: GoodbyeCode::Normal,
+            reason: reason.to_string(),
+        });
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        // The sender drains its queue and exits; give it a moment before cutting the socket.
+        self.wait_dead(Duration::from_millis(500));
+        self.kill(reason);
+    }
+}
+
+/// Resolve "host:port" to one socket address.
+pub fn resolve(addr: &str) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("resolving {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to no address"))
+}
+
+/// Open a TCP connection to `to`, from `from` (this node's address as the peer knows it) if
+/// given, within `timeout`.
+pub fn connect_from(to: SocketAddr, from: Option<IpAddr>, timeout: Duration) -> Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect_timeout(&to, timeout)
+            .with_context(|| format!("connecting to {to}"));
+    };
+    if from.is_ipv4() != to.is_ipv4() {
+        return TcpStream::connect_timeout(&to, timeout)
+            .with_context(|| format!("connecting to {to}"));
+    }
+    let family = if to.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let (local, local_len) = sockaddr(SocketAddr::new(from, 0));
+    // SAFETY: local is a valid sockaddr of local_len bytes.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &local as *const _ as *const libc::sockaddr,
+            local_len,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        log::debug!("cannot bind to {from} ({e}); connecting from any address");
+        return TcpStream::connect_timeout(&to, timeout)
+            .with_context(|| format!("connecting to {to}"));
+    }
+    // Connect without blocking so the timeout holds, then back to blocking mode.
+    let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).context("fcntl")?;
+    let nb = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(nb)).context("fcntl")?;
+    let (remote, remote_len) = sockaddr(to);
+    // SAFETY: remote is a valid sockaddr of remote_len bytes.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            &remote as *const _ as *const libc::sockaddr,
+            remote_len,
+        )
+    };
+    let err = if rc == 0 {
+        None
+    } else {
+        Some(std::io::Error::last_os_error())
+    };
+    match err {
+        None => {}
+        Some(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            let ms = timeout.as_millis().min(60_000) as u16;
+            let mut fds = [PollFd::new(
+                std::os::fd::AsFd::as_fd(&fd),
+                PollFlags::POLLOUT,
+            )];
+            let n = poll(&mut fds, PollTimeout::from(ms)).context("poll")?;
+            if n == 0 {
+                bail!("connecting to {to}: timed out");
+            }
+            let err = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SocketError)
+                .context("getsockopt")?;
+            if err != 0 {
+                bail!(
+                    "connecting to {to}: {}",
+                    std::io::Error::from_raw_os_error(err)
+                );
+            }
+        }
+        Some(e) => bail!("connecting to {to}: {e}"),
+    }
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::from_bits_truncate(flags)),
+    )
+    .context("fcntl")?;
+    // SAFETY: fd is an open, connected TCP socket we own; into_raw_fd hands over ownership.
+    let stream = unsafe { TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
+    Ok(stream)
+}
+
+/// A socket address in the C layout, for bind(2) and connect(2).
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            // SAFETY: sockaddr_storage is large enough and suitably aligned for sockaddr_in.
+            let sin =
+                unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = v4.port().to_be();
+            sin.sin_addr = libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage as *mut libc::sockaddr_in6)
+            };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = v6.port().to_be();
+            sin6.sin6_addr = libc::in6_addr {
+                s6_addr: v6.ip().octets(),
+            };
+            sin6.sin6_scope_id = v6.scope_id();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// What the connecting side knows for the handshake.
+pub struct Hello<'a> {
+    pub resource: &'a str,
+    pub node: &'a str,
+    pub purpose: Purpose,
+    pub mode: u8,
+    pub secret: &'a Secret,
+    pub state: NodeState,
+}
+
+/// Why a handshake did not produce a connection.
+#[derive(Debug)]
+pub enum HandshakeError {
+    /// The peer said goodbye with a reason code.
+    Refused(GoodbyeCode, String),
+    Other(anyhow::Error),
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeError::Refused(c, r) => write!(f, "peer refused ({c:?}): {r}"),
+            HandshakeError::Other(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl From<anyhow::Error> for HandshakeError {
+    fn from(e: anyhow::Error) -> Self {
+        HandshakeError::Other(e)
+    }
+}
+
+fn expect(stream: &mut TcpStream, max: usize) -> Result<Message, HandshakeError> {
+    match protocol::read_message(stream, max) {
+        Ok(Message::Goodbye { code, reason }) => Err(HandshakeError::Refused(code, reason)),
+        Ok(m) => Ok(m),
+        Err(e) => Err(HandshakeError::Other(anyhow::anyhow!("handshake: {e}"))),
+    }
+}
+
+/// The connecting side: Hello, Auth, State. Returns the peer's state.
+pub fn handshake_connect(
+    stream: &mut TcpStream,
+    h: &Hello,
+    timeout: Duration,
+) -> Result<NodeState, HandshakeError> {
+    stream
+        .set_read_timeout(Some(timeout))
+        .context("socket timeout")?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .context("socket timeout")?;
+    let ours = auth::nonce()?;
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        purpose: h.purpose,
+        mode: h.mode,
+        resource: h.resource.to_string(),
+        node: h.node.to_string(),
+        nonce: ours,
+    };
+    protocol::write_message(stream, &hello).context("sending hello")?;
+    let theirs = match expect(stream, MAX_FRAME_UNAUTHENTICATED)? {
+        Message::Hello { version, nonce, .. } => {
+            if version != PROTOCOL_VERSION {
+                return Err(HandshakeError::Refused(
+                    GoodbyeCode::Mismatch,
+                    format!("peer speaks protocol version {version}, we speak {PROTOCOL_VERSION}"),
+                ));
+            }
+            nonce
+        }
+        other => {
+            return Err(anyhow::anyhow!("handshake: expected Hello, got {}", other.name()).into());
+        }
+    };
+    let proof = h.secret.proof(Side::Connect, h.resource, &ours, &theirs);
+    protocol::write_message(stream, &Message::Auth { proof }).context("sending auth")?;
+    match expect(stream, MAX_FRAME_UNAUTHENTICATED)? {
+        Message::Auth { proof }
+            if h.secret
+                .verify(Side::Accept, h.resource, &theirs, &ours, &proof) => {}
+        Message::Auth { .. } => {
+            return Err(HandshakeError::Refused(
+                GoodbyeCode::AuthFailed,
+                "peer failed authentication".into(),
+            ));
+        }
+        other => {
+            return Err(anyhow::anyhow!("handshake: expected Auth, got {}", other.name()).into());
+        }
+    }
+    protocol::write_message(stream, &Message::State(h.state.clone())).context("sending state")?;
+    match expect(stream, MAX_FRAME)? {
+        Message::State(s) => Ok(s),
+        other => Err(anyhow::anyhow!("handshake: expected State, got {}", other.name()).into()),
+    }
+}
+
+/// Sleep for `d` in small steps, returning early (true) when `stop` is set.
+pub fn sleep_unless(stop: &AtomicBool, d: Duration) -> bool {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        if stop.load(Ordering::Acquire) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(50).min(end.saturating_duration_since(Instant::now())));
+    }
+    stop.load(Ordering::Acquire)
+}

@@ -1,0 +1,408 @@
+//! The primary: the replicated block device the NBD export serves, and the connector that
+//! keeps a link to the secondary (connect, authenticate, decide the sync direction, resync).
+//!
+//! Acknowledgement rules per mode: fullsync waits for the peer's `Ack(Written)`, memsync for
+//! `Ack(Received)`, async for nothing (the write is queued in order). FUA writes and FLUSH wait
+//! for the peer's durable acknowledgement in every mode. Without a link, or when the link dies
+//! under a request, the request completes locally: its extents stay dirty and the first such
+//! write bumps the local generation.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::generation::{self, Decision};
+use super::hooks::Event;
+use super::nbd::BlockDevice;
+use super::peer::{self, Completion, HandshakeError, Link, Outcome};
+use super::protocol::{GoodbyeCode, Message, Purpose};
+use super::resource::{Connection, Shared};
+use super::{Role, sync};
+use crate::config::Replication;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Requests an async primary lets queue up for the peer before writers wait.
+const ASYNC_BACKLOG: usize = 4096;
+/// Retry interval while the peer is in role init.
+const NOT_READY_RETRY: Duration = Duration::from_secs(1);
+/// Retry interval while the peer refuses us (stale, split-brain, peer primary).
+const REFUSED_RETRY: Duration = Duration::from_secs(5);
+
+/// The block device of the export: local disk plus the peer link.
+pub struct Replicated {
+    s: Arc<Shared>,
+}
+
+impl Replicated {
+    pub fn new(s: Arc<Shared>) -> Replicated {
+        Replicated { s }
+    }
+
+    fn mode_code(mode: Replication) -> u8 {
+        match mode {
+            Replication::Fullsync => 0,
+            Replication::Memsync => 1,
+            Replication::Async => 2,
+        }
+    }
+
+    /// Run a modifying request: mark its extents dirty, apply it locally and queue it to the
+    /// peer under the extent locks, then wait as the mode says.
+    fn modify(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        local: impl FnOnce() -> io::Result<()>,
+        remote: impl FnOnce(u64) -> Message,
+    ) -> io::Result<()> {
+        let s = &self.s;
+        let am = s.disk.activemap();
+        let guard = am.begin_write(offset, len)?;
+        let Some((first, last)) = guard.extents() else {
+            return Ok(());
+        };
+        let completion = {
+            let _locks = s.locks.shared(first, last);
+            local()?;
+            if fua {
+                s.disk.sync_data()?;
+            }
+            s.link().map(|l| l.submit(remote))
+        };
+        let Some(c) = completion else {
+            guard.done(false);
+            return s.note_degraded_write();
+        };
+        let mode = s.mode();
+        if fua || mode == Replication::Fullsync {
+            if c.wait(Outcome::Written) {
+                guard.done(true);
+                s.counters
+                    .bytes_replicated
+                    .fetch_add(len, Ordering::Relaxed);
+                return Ok(());
+            }
+            guard.done(false);
+            return s.note_degraded_write();
+        }
+        if mode == Replication::Memsync && !c.wait(Outcome::Received) {
+            guard.done(false);
+            return s.note_degraded_write();
+        }
+        // Async: bounded backlog; past it the writer waits like fullsync (backpressure).
+        if mode == Replication::Async
+            && s.link().map(|l| l.pending()).unwrap_or(0) > ASYNC_BACKLOG
+            && !c.wait(Outcome::Written)
+        {
+            guard.done(false);
+            return s.note_degraded_write();
+        }
+        // memsync (received) or async (queued): the extents are released now; if the peer never
+        // writes the data, they are marked for resync when the request fails.
+        guard.done(true);
+        self.after_written(c, first, last, len);
+        Ok(())
+    }
+
+    fn after_written(&self, c: Arc<Completion>, first: u64, last: u64, len: u64) {
+        let s = Arc::clone(&self.s);
+        c.on_final(move |ok| {
+            if ok {
+                s.counters
+                    .bytes_replicated
+                    .fetch_add(len, Ordering::Relaxed);
+                return;
+            }
+            for e in first..=last {
+                s.disk.activemap().set_needs_sync(e);
+            }
+            if let Err(e) = s.note_degraded_write() {
+                log::error!("{}: bumping the generation: {e}", s.name);
+            }
+        });
+    }
+}
+
+impl BlockDevice for Replicated {
+    fn size(&self) -> u64 {
+        self.s.disk.data_size()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.s.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.s
+            .counters
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.s.disk.read_at(buf, offset)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.s.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.s
+            .counters
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let disk = &self.s.disk;
+        self.modify(
+            offset,
+            data.len() as u64,
+            fua,
+            || disk.write_at(data, offset),
+            |seq| Message::Write {
+                seq,
+                offset,
+                fua,
+                data: data.to_vec(),
+            },
+        )
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.s.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        self.s.disk.sync_data()?;
+        if let Some(link) = self.s.link() {
+            // The peer processes in order: its flush ack covers every write queued before.
+            let c = link.submit(|seq| Message::Flush { seq });
+            if !c.wait(Outcome::Written) {
+                log::warn!(
+                    "{}: flush did not reach the peer; continuing degraded",
+                    self.s.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.s.counters.trims.fetch_add(1, Ordering::Relaxed);
+        let disk = &self.s.disk;
+        self.modify(
+            offset,
+            len,
+            fua,
+            || disk.punch(offset, len),
+            |seq| Message::Trim {
+                seq,
+                offset,
+                len,
+                fua,
+            },
+        )
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> io::Result<()> {
+        self.s.counters.writes.fetch_add(1, Ordering::Relaxed);
+        let disk = &self.s.disk;
+        let local = || {
+            if no_hole {
+                disk.write_zeroes(offset, len)
+            } else {
+                disk.punch(offset, len)
+            }
+        };
+        self.modify(offset, len, fua, local, |seq| Message::WriteZeroes {
+            seq,
+            offset,
+            len,
+            fua,
+        })
+    }
+}
+
+/// Keep a link to the secondary while this node is primary: connect with backoff, handshake,
+/// resync, then watch the link until it dies or `stop` is set.
+pub fn connector(s: Arc<Shared>, stop: Arc<AtomicBool>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut was_connected = false;
+    while !stop.load(Ordering::Acquire) {
+        s.set_conn(|c| c.connection = Connection::Connecting);
+        match connect_once(&s, &stop) {
+            Ok(link) => {
+                backoff = BACKOFF_MIN;
+                was_connected = true;
+                while !stop.load(Ordering::Acquire) && !link.wait_dead(Duration::from_millis(200)) {
+                }
+                let why = link.last_error().unwrap_or_default();
+                *s.link.write().unwrap_or_else(|p| p.into_inner()) = None;
+                s.set_conn(|c| {
+                    c.connection = Connection::Disconnected;
+                    c.in_sync = false;
+                    c.peer_role = None;
+                });
+                if !stop.load(Ordering::Acquire) {
+                    log::warn!("{}: lost the peer {}: {why}", s.name, link.peer());
+                    s.hooks.fire(Event::Disconnect, &s.name, &[]);
+                } else {
+                    s.hooks.fire(Event::Disconnect, &s.name, &[]);
+                }
+            }
+            Err(ConnectError::Refused(wait)) => {
+                s.set_conn(|c| c.connection = Connection::Disconnected);
+                if peer::sleep_unless(&stop, wait) {
+                    break;
+                }
+            }
+            Err(ConnectError::Failed(e)) => {
+                if was_connected || backoff == BACKOFF_MIN {
+                    log::info!("{}: cannot connect to the peer: {e:#}", s.name);
+                } else {
+                    log::debug!("{}: cannot connect to the peer: {e:#}", s.name);
+                }
+                was_connected = false;
+                s.set_conn(|c| c.connection = Connection::Connecting);
+                if peer::sleep_unless(&stop, backoff) {
+                    break;
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+    s.set_conn(|c| {
+        c.connection = Connection::Disconnected;
+        c.in_sync = false;
+    });
+}
+
+enum ConnectError {
+    /// The peer refused (or we refused it) for a reason that will not go away soon.
+    Refused(Duration),
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ConnectError {
+    fn from(e: anyhow::Error) -> Self {
+        ConnectError::Failed(e)
+    }
+}
+
+fn connect_once(s: &Arc<Shared>, stop: &AtomicBool) -> Result<Arc<Link>, ConnectError> {
+    let cfg = s.cfg();
+    let Some(remote) = cfg.remote.as_deref() else {
+        return Err(ConnectError::Refused(REFUSED_RETRY));
+    };
+    let to = peer::resolve(remote)?;
+    let from = cfg
+        .peer_remote
+        .as_deref()
+        .and_then(|f| peer::resolve(f).ok())
+        .map(|a| a.ip());
+    let mut stream = peer::connect_from(to, from, Duration::from_secs(2).min(s.timeout))?;
+    let me = s.node_state();
+    let hello = peer::Hello {
+        resource: &s.name,
+        node: &s.node,
+        purpose: Purpose::Replicate,
+        mode: Replicated::mode_code(cfg.replication),
+        secret: &s.secret,
+        state: me.clone(),
+    };
+    let theirs = match peer::handshake_connect(&mut stream, &hello, s.timeout) {
+        Ok(t) => t,
+        Err(HandshakeError::Refused(code, reason)) => {
+            match code {
+                GoodbyeCode::PeerPrimary => {
+                    s.set_conn(|c| c.peer_role = Some(Role::Primary));
+                    log::warn!("{}: the peer is primary too: {reason}", s.name);
+                }
+                GoodbyeCode::AuthFailed => {
+                    log::error!("{}: authentication with {to} failed: {reason}", s.name)
+                }
+                _ => log::info!("{}: peer {to} refused: {reason}", s.name),
+            }
+            // A peer in role init usually becomes secondary soon: ask again quickly.
+            return Err(ConnectError::Refused(if code == GoodbyeCode::NotReady {
+                NOT_READY_RETRY
+            } else {
+                REFUSED_RETRY
+            }));
+        }
+        Err(HandshakeError::Other(e)) => return Err(ConnectError::Failed(e)),
+    };
+    if theirs.data_size != me.data_size {
+        let reason = format!(
+            "data size differs: here {}, peer {}",
+            me.data_size, theirs.data_size
+        );
+        refuse(&mut stream, GoodbyeCode::Mismatch, &reason);
+        log::error!("{}: {reason}", s.name);
+        return Err(ConnectError::Refused(REFUSED_RETRY));
+    }
+    let decision = generation::decide(&me, &theirs);
+    match decision {
+        Decision::Stale => {
+            refuse(
+                &mut stream,
+                GoodbyeCode::Stale,
+                "the primary's data is stale",
+            );
+            let first = !s.conn().stale;
+            s.set_conn(|c| c.stale = true);
+            if first {
+                log::error!(
+                    "{}: this node's data is stale (generation {}/{}, peer {}/{}); not replicating",
+                    s.name,
+                    me.local_gen,
+                    me.peer_gen,
+                    theirs.local_gen,
+                    theirs.peer_gen
+                );
+            }
+            return Err(ConnectError::Refused(REFUSED_RETRY));
+        }
+        Decision::SplitBrain => {
+            refuse(&mut stream, GoodbyeCode::SplitBrain, "split-brain");
+            if !me.split_brain {
+                if let Err(e) = s.disk.update_header(|h| h.split_brain = true) {
+                    log::error!("{}: writing metadata: {e}", s.name);
+                }
+                log::error!(
+                    "{}: split-brain: both nodes were written while apart (here {}/{}, peer {}/{}); run `tandem resolve {} --discard-local` on one node",
+                    s.name,
+                    me.local_gen,
+                    me.peer_gen,
+                    theirs.local_gen,
+                    theirs.peer_gen,
+                    s.name
+                );
+                s.hooks.fire(Event::SplitBrain, &s.name, &[]);
+            }
+            return Err(ConnectError::Refused(REFUSED_RETRY));
+        }
+        Decision::FullSync { .. } | Decision::DirtySync => {}
+    }
+    s.set_conn(|c| c.stale = false);
+    let link = Link::start(stream, s.timeout)?;
+    *s.link.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&link));
+    s.set_conn(|c| {
+        c.connection = Connection::Connected;
+        c.peer_role = Some(Role::Secondary);
+        c.in_sync = false;
+    });
+    log::info!("{}: connected to {} ({:?})", s.name, link.peer(), decision);
+    s.hooks.fire(Event::Connect, &s.name, &[]);
+    match sync::run(s, &link, decision, &theirs, stop) {
+        Ok(()) => {
+            s.set_conn(|c| c.in_sync = true);
+            *s.gen_bumped.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        }
+        Err(e) => {
+            log::warn!("{}: sync interrupted: {e:#}", s.name);
+            link.kill("sync interrupted");
+        }
+    }
+    Ok(link)
+}
+
+fn refuse(stream: &mut std::net::TcpStream, code: GoodbyeCode, reason: &str) {
+    let _ = super::protocol::write_message(
+        stream,
+        &Message::Goodbye {
+            code,
+            reason: reason.to_string(),
+        },
+    );
+}

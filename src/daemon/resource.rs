@@ -1,0 +1,642 @@
+//! One replicated resource of this node: its shared state and the thread that owns its role.
+//!
+//! The owner thread receives `Msg`s (role changes and `resolve` from the control socket,
+//! reload, stop) and is the only one that changes the role, starts or stops the NBD export and
+//! the primary's connector. Other threads (NBD workers, the peer link, the secondary session,
+//! the control socket's status) read and update the `Shared` state under its small locks.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use super::Role;
+use super::auth::Secret;
+use super::control::{Counters as CounterValues, ErrorKind, ResourceStatus};
+use super::generation::{self, Decision};
+use super::hooks::{Event, Hooks};
+use super::metadata::{Disk, PrevRole};
+use super::nbd::NbdServer;
+use super::peer::{self, HandshakeError, Link};
+use super::primary::{self, Replicated};
+use super::protocol::{GoodbyeCode, NodeState, Purpose};
+use super::secondary::Session;
+use crate::config::{Replication, Resource};
+
+/// How long `role primary` tries to reach the peer before deciding alone.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A control-socket error with the kind the CLI maps to an exit status.
+#[derive(Debug)]
+pub struct RoleError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl RoleError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> RoleError {
+        RoleError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for RoleError {
+    fn from(e: anyhow::Error) -> Self {
+        RoleError::new(ErrorKind::Failed, format!("{e:#}"))
+    }
+}
+
+/// Messages to a resource's owner thread.
+pub enum Msg {
+    Role {
+        role: Role,
+        force: bool,
+        reply: Sender<Result<(), RoleError>>,
+    },
+    Resolve {
+        reply: Sender<Result<(), RoleError>>,
+    },
+    Reload(Box<Resource>),
+    Stop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connection {
+    Disconnected,
+    Connecting,
+    Connected,
+}
+
+/// What is known about the peer right now.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub connection: Connection,
+    pub peer_role: Option<Role>,
+    /// The peer refused us because our data is older than its data.
+    pub stale: bool,
+    /// Connected and every extent synced: writes are replicated, nothing is owed.
+    pub in_sync: bool,
+}
+
+/// Request counters since the daemon started.
+#[derive(Default)]
+pub struct Counters {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub trims: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub bytes_replicated: AtomicU64,
+    pub bytes_resynced: AtomicU64,
+}
+
+/// Progress of the running (or last) resync.
+#[derive(Default)]
+pub struct SyncProgress {
+    pub active: AtomicBool,
+    pub total: AtomicU64,
+    pub done: AtomicU64,
+    pub started: Mutex<Option<Instant>>,
+}
+
+impl SyncProgress {
+    pub fn start(&self, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+        if let Ok(mut s) = self.started.lock() {
+            *s = Some(Instant::now());
+        }
+        self.active.store(true, Ordering::Release);
+    }
+
+    pub fn stop(&self) {
+        self.active.store(false, Ordering::Release);
+    }
+
+    pub fn rate(&self) -> u64 {
+        let elapsed = self
+            .started
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .map(|s| s.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
+        if elapsed <= 0.0 {
+            0
+        } else {
+            (self.done.load(Ordering::Relaxed) as f64 / elapsed) as u64
+        }
+    }
+}
+
+/// Stripe locks over extents: application writes hold their extents' stripes shared while they
+/// write locally and queue the write to the peer; the resync holds an extent's stripe
+/// exclusively while it reads the extent and queues it. So the secondary always receives an
+/// extent's sync data before any write that came later, never after.
+pub struct ExtentLocks(Vec<RwLock<()>>);
+
+const STRIPES: u64 = 256;
+
+impl ExtentLocks {
+    fn new() -> ExtentLocks {
+        ExtentLocks((0..STRIPES).map(|_| RwLock::new(())).collect())
+    }
+
+    pub fn shared(&self, first: u64, last: u64) -> Vec<RwLockReadGuard<'_, ()>> {
+        let mut idx: Vec<u64> = if last - first + 1 >= STRIPES {
+            (0..STRIPES).collect()
+        } else {
+            (first..=last).map(|e| e % STRIPES).collect()
+        };
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter()
+            .map(|i| self.0[i as usize].read().unwrap_or_else(|p| p.into_inner()))
+            .collect()
+    }
+
+    pub fn exclusive(&self, extent: u64) -> RwLockWriteGuard<'_, ()> {
+        self.0[(extent % STRIPES) as usize]
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// State shared by every thread working for one resource.
+pub struct Shared {
+    pub name: String,
+    pub node: String,
+    pub cfg: RwLock<Resource>,
+    pub disk: Arc<Disk>,
+    pub secret: Arc<Secret>,
+    pub timeout: Duration,
+    pub hooks: Hooks,
+    pub role: RwLock<Role>,
+    /// The primary's replication link, present while connected and handshaken.
+    pub link: RwLock<Option<Arc<Link>>>,
+    pub conn: Mutex<ConnInfo>,
+    pub counters: Counters,
+    pub sync: SyncProgress,
+    pub locks: ExtentLocks,
+    /// local_gen was bumped since the last completed sync (the bump happens once per outage).
+    pub gen_bumped: Mutex<bool>,
+    /// The secondary's current session with the primary.
+    pub session: Mutex<Option<Session>>,
+}
+
+impl Shared {
+    pub fn role(&self) -> Role {
+        *self.role.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn cfg(&self) -> Resource {
+        self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn mode(&self) -> Replication {
+        self.cfg
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .replication
+    }
+
+    pub fn link(&self) -> Option<Arc<Link>> {
+        self.link
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|l| !l.is_dead())
+    }
+
+    pub fn set_conn(&self, f: impl FnOnce(&mut ConnInfo)) {
+        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut c);
+    }
+
+    pub fn conn(&self) -> ConnInfo {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// This node's state for the generation exchange.
+    pub fn node_state(&self) -> NodeState {
+        let h = self.disk.header();
+        NodeState {
+            role: match self.role() {
+                Role::Init => 0,
+                Role::Primary => 1,
+                Role::Secondary => 2,
+            },
+            local_gen: h.local_gen,
+            peer_gen: h.peer_gen,
+            ever_synced: h.ever_synced,
+            inconsistent: h.inconsistent,
+            discard_local: h.discard_local,
+            split_brain: h.split_brain,
+            fresh: !h.ever_synced && h.local_gen == 0,
+            data_size: self.disk.data_size(),
+            extent_size: self.disk.extent_size(),
+            dirty: self.disk.activemap().bitmap_bytes(),
+        }
+    }
+
+    /// A write completed without reaching the peer: the first one since the last completed
+    /// sync bumps `local_gen` (persisted before the write is acknowledged), so the peer can
+    /// tell later that this node has data it lacks.
+    pub fn note_degraded_write(&self) -> std::io::Result<()> {
+        let mut bumped = self.gen_bumped.lock().unwrap_or_else(|p| p.into_inner());
+        if *bumped {
+            return Ok(());
+        }
+        self.disk.update_header(|h| h.local_gen += 1)?;
+        *bumped = true;
+        log::info!(
+            "{}: writing without the peer; local generation now {}",
+            self.name,
+            self.disk.header().local_gen
+        );
+        Ok(())
+    }
+
+    pub fn status(&self) -> ResourceStatus {
+        let h = self.disk.header();
+        let c = self.conn();
+        let role = self.role();
+        let syncing = self.sync.active.load(Ordering::Acquire);
+        let state = if h.split_brain {
+            "split-brain"
+        } else if syncing {
+            "syncing"
+        } else if c.connection == Connection::Connected && c.in_sync && !h.inconsistent {
+            "complete"
+        } else {
+            "degraded"
+        };
+        let total = self.sync.total.load(Ordering::Relaxed);
+        let done = self.sync.done.load(Ordering::Relaxed);
+        let cn = &self.counters;
+        let cfg = self.cfg();
+        ResourceStatus {
+            name: self.name.clone(),
+            role: role.name().to_string(),
+            connection: match c.connection {
+                Connection::Connected => "connected",
+                Connection::Connecting => "connecting",
+                Connection::Disconnected => "disconnected",
+            }
+            .to_string(),
+            state: state.to_string(),
+            dirty_bytes: self.disk.activemap().dirty_bytes(),
+            data_size: self.disk.data_size(),
+            sync_progress: if !syncing || total == 0 {
+                if state == "complete" { 1.0 } else { 0.0 }
+            } else {
+                done as f64 / total as f64
+            },
+            sync_bytes_total: total,
+            sync_bytes_done: done,
+            sync_rate_bps: if syncing { self.sync.rate() } else { 0 },
+            stale: c.stale || h.inconsistent || h.discard_local,
+            peer_role: c.peer_role.map(|r| r.name().to_string()),
+            nbd: if role == Role::Primary {
+                Some(cfg.nbd.clone())
+            } else {
+                None
+            },
+            local_gen: h.local_gen,
+            peer_gen: h.peer_gen,
+            inconsistent: h.inconsistent,
+            counters: CounterValues {
+                reads: cn.reads.load(Ordering::Relaxed),
+                writes: cn.writes.load(Ordering::Relaxed),
+                flushes: cn.flushes.load(Ordering::Relaxed),
+                trims: cn.trims.load(Ordering::Relaxed),
+                bytes_read: cn.bytes_read.load(Ordering::Relaxed),
+                bytes_written: cn.bytes_written.load(Ordering::Relaxed),
+                bytes_replicated: cn.bytes_replicated.load(Ordering::Relaxed),
+                bytes_resynced: cn.bytes_resynced.load(Ordering::Relaxed),
+            },
+        }
+    }
+}
+
+/// Handle kept by the daemon for a running resource.
+pub struct Handle {
+    pub shared: Arc<Shared>,
+    pub tx: Sender<Msg>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Stop the owner thread (demotes to init first) and wait for it.
+    pub fn stop(mut self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Open the resource's disk and start its owner thread in role init.
+pub fn start(
+    res: &Resource,
+    node: &str,
+    secret: Arc<Secret>,
+    timeout: Duration,
+    hooks: Hooks,
+) -> Result<Handle> {
+    let local: PathBuf = res
+        .local
+        .clone()
+        .with_context(|| format!("{}: no local disk configured for this node", res.name))?;
+    let disk = Disk::open(&local, &res.name)?;
+    let shared = Arc::new(Shared {
+        name: res.name.clone(),
+        node: node.to_string(),
+        cfg: RwLock::new(res.clone()),
+        disk: Arc::new(disk),
+        secret,
+        timeout,
+        hooks,
+        role: RwLock::new(Role::Init),
+        link: RwLock::new(None),
+        conn: Mutex::new(ConnInfo {
+            connection: Connection::Disconnected,
+            peer_role: None,
+            stale: false,
+            in_sync: false,
+        }),
+        counters: Counters::default(),
+        sync: SyncProgress::default(),
+        locks: ExtentLocks::new(),
+        gen_bumped: Mutex::new(false),
+        session: Mutex::new(None),
+    });
+    let (tx, rx) = mpsc::channel();
+    let s = Arc::clone(&shared);
+    let thread = thread::Builder::new()
+        .name(format!("res-{}", res.name))
+        .spawn(move || {
+            Owner {
+                shared: s,
+                nbd: None,
+                connector: None,
+            }
+            .run(rx)
+        })
+        .context("starting the resource thread")?;
+    log::info!("{}: started on {} (role init)", res.name, local.display());
+    Ok(Handle {
+        shared,
+        tx,
+        thread: Some(thread),
+    })
+}
+
+/// The primary's background connector.
+struct Connector {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+struct Owner {
+    shared: Arc<Shared>,
+    nbd: Option<NbdServer>,
+    connector: Option<Connector>,
+}
+
+impl Owner {
+    fn run(mut self, rx: Receiver<Msg>) {
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                Msg::Role { role, force, reply } => {
+                    let r = self.change_role(role, force);
+                    if let Err(e) = &r {
+                        log::error!("{}: role {}: {}", self.shared.name, role.name(), e.message);
+                    }
+                    let _ = reply.send(r);
+                }
+                Msg::Resolve { reply } => {
+                    let _ = reply.send(self.resolve());
+                }
+                Msg::Reload(res) => {
+                    log::info!("{}: configuration reloaded", self.shared.name);
+                    *self.shared.cfg.write().unwrap_or_else(|p| p.into_inner()) = *res;
+                }
+                Msg::Stop => break,
+            }
+        }
+        if let Err(e) = self.change_role(Role::Init, false) {
+            log::error!("{}: stopping: {}", self.shared.name, e.message);
+        }
+        if let Err(e) = self.shared.disk.activemap().flush_clean() {
+            log::error!("{}: persisting the dirty-extent map: {e}", self.shared.name);
+        }
+        log::info!("{}: stopped", self.shared.name);
+    }
+
+    fn change_role(&mut self, role: Role, force: bool) -> Result<(), RoleError> {
+        let current = self.shared.role();
+        if current == role {
+            return Ok(());
+        }
+        let name = self.shared.name.clone();
+        if role == Role::Primary {
+            self.check_promote(force)?;
+        }
+        // Leave the current role.
+        match current {
+            Role::Primary => self.stop_primary(),
+            Role::Secondary => super::secondary::end_session(&self.shared),
+            Role::Init => {}
+        }
+        *self.shared.role.write().unwrap_or_else(|p| p.into_inner()) = role;
+        let prev = match role {
+            Role::Init => PrevRole::Init,
+            Role::Primary => PrevRole::Primary,
+            Role::Secondary => PrevRole::Secondary,
+        };
+        self.shared
+            .disk
+            .update_header(|h| h.prev_role = prev)
+            .map_err(|e| {
+                RoleError::new(ErrorKind::Failed, format!("{name}: writing metadata: {e}"))
+            })?;
+        if role == Role::Primary
+            && let Err(e) = self.start_primary()
+        {
+            self.stop_primary();
+            *self.shared.role.write().unwrap_or_else(|p| p.into_inner()) = Role::Secondary;
+            return Err(RoleError::new(
+                ErrorKind::Failed,
+                format!("{name}: starting the export: {e:#}"),
+            ));
+        }
+        log::info!("{name}: role {} -> {}", current.name(), role.name());
+        self.shared
+            .hooks
+            .fire(Event::Role, &name, &[current.name(), role.name()]);
+        Ok(())
+    }
+
+    /// Refuse to promote stale or split-brain data (unless forced) and a node whose peer is
+    /// still primary.
+    fn check_promote(&self, force: bool) -> Result<(), RoleError> {
+        let name = &self.shared.name;
+        let me = self.shared.node_state();
+        if (me.inconsistent || me.discard_local) && !force {
+            return Err(RoleError::new(
+                ErrorKind::Stale,
+                format!(
+                    "{name}: local data is incomplete (an interrupted sync or resolve --discard-local); use --force to promote anyway"
+                ),
+            ));
+        }
+        let cfg = self.shared.cfg();
+        let Some(remote) = cfg.remote.as_deref() else {
+            return Ok(());
+        };
+        // A secondary connected to a live primary knows the answer without asking.
+        if self.shared.role() == Role::Secondary
+            && self.shared.conn().connection == Connection::Connected
+            && self.shared.conn().peer_role == Some(Role::Primary)
+        {
+            return Err(RoleError::new(
+                ErrorKind::PeerPrimary,
+                format!("{name}: the peer is primary"),
+            ));
+        }
+        let peer = match probe(&self.shared, remote, cfg.peer_remote.as_deref()) {
+            Ok(p) => p,
+            Err(e) => {
+                log::info!("{name}: peer unreachable ({e}); becoming primary without it");
+                return Ok(());
+            }
+        };
+        if peer.role == 1 {
+            return Err(RoleError::new(
+                ErrorKind::PeerPrimary,
+                format!("{name}: the peer is primary"),
+            ));
+        }
+        match generation::decide(&me, &peer) {
+            Decision::Stale if !force => Err(RoleError::new(
+                ErrorKind::Stale,
+                format!(
+                    "{name}: local data is stale (local generation {}, the peer has {}); use --force to promote anyway",
+                    me.local_gen, peer.local_gen
+                ),
+            )),
+            Decision::SplitBrain if !force => Err(RoleError::new(
+                ErrorKind::SplitBrain,
+                format!(
+                    "{name}: split-brain with the peer; run `tandem resolve {name} --discard-local` on the node whose changes are to be thrown away"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn start_primary(&mut self) -> Result<()> {
+        let cfg = self.shared.cfg();
+        let dev = Arc::new(Replicated::new(Arc::clone(&self.shared)));
+        if let Some(dir) = cfg.nbd.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let server = NbdServer::start(Some(&cfg.nbd), cfg.nbd_tcp, &cfg.name, dev)?;
+        self.nbd = Some(server);
+        if cfg.remote.is_some() {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (s, st) = (Arc::clone(&self.shared), Arc::clone(&stop));
+            let thread = thread::Builder::new()
+                .name(format!("conn-{}", cfg.name))
+                .spawn(move || primary::connector(s, st))
+                .context("starting the connector")?;
+            self.connector = Some(Connector { stop, thread });
+        }
+        Ok(())
+    }
+
+    /// Remove the export (waiting for in-flight requests), make everything durable locally and
+    /// on the peer, then close the link.
+    fn stop_primary(&mut self) {
+        if let Some(server) = self.nbd.take() {
+            server.shutdown();
+        }
+        let dev = Replicated::new(Arc::clone(&self.shared));
+        if let Err(e) = super::nbd::BlockDevice::flush(&dev) {
+            log::error!("{}: flush on demote: {e}", self.shared.name);
+        }
+        if let Some(c) = self.connector.take() {
+            c.stop.store(true, Ordering::Release);
+            if let Some(link) = self.shared.link() {
+                link.close("demote");
+            }
+            let _ = c.thread.join();
+        }
+        if let Err(e) = self.shared.disk.activemap().flush_clean() {
+            log::error!("{}: persisting the dirty-extent map: {e}", self.shared.name);
+        }
+    }
+
+    fn resolve(&mut self) -> Result<(), RoleError> {
+        let name = self.shared.name.clone();
+        if self.shared.role() == Role::Primary {
+            return Err(RoleError::new(
+                ErrorKind::Usage,
+                format!(
+                    "{name}: is primary here; demote it (role secondary) before discarding its data"
+                ),
+            ));
+        }
+        super::secondary::end_session(&self.shared);
+        let disk = &self.shared.disk;
+        disk.activemap()
+            .mark_all_dirty()
+            .map_err(|e| RoleError::new(ErrorKind::Failed, format!("{name}: {e}")))?;
+        disk.update_header(|h| {
+            h.discard_local = true;
+            h.split_brain = false;
+        })
+        .map_err(|e| RoleError::new(ErrorKind::Failed, format!("{name}: writing metadata: {e}")))?;
+        self.shared.set_conn(|c| c.stale = false);
+        log::warn!("{name}: local data will be discarded and fully resynced from the peer");
+        Ok(())
+    }
+}
+
+/// Ask the peer for its role and state (bounded by PROBE_TIMEOUT).
+pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeState> {
+    let to = peer::resolve(remote)?;
+    let from_ip = from.and_then(|f| peer::resolve(f).ok()).map(|a| a.ip());
+    let mut stream = peer::connect_from(to, from_ip, PROBE_TIMEOUT)?;
+    let hello = peer::Hello {
+        resource: &shared.name,
+        node: &shared.node,
+        purpose: Purpose::Probe,
+        mode: 0,
+        secret: &shared.secret,
+        state: shared.node_state(),
+    };
+    let r = peer::handshake_connect(&mut stream, &hello, PROBE_TIMEOUT);
+    let _ = super::protocol::write_message(
+        &mut stream,
+        &super::protocol::Message::Goodbye {
+            code: GoodbyeCode::Normal,
+            reason: "probe done".into(),
+        },
+    );
+    match r {
+        Ok(s) => Ok(s),
+        Err(HandshakeError::Refused(GoodbyeCode::AuthFailed, m)) => {
+            anyhow::bail!("authentication failed: {m}")
+        }
+        Err(e) => anyhow::bail!("{e}"),
+    }
+}

@@ -1,0 +1,428 @@
+//! The secondary: the listener shared by all resources (`daemon.listen`), the accepting side of
+//! the handshake, and the session that applies the primary's writes and sync data in order.
+//!
+//! A connection is checked before anything is trusted: its first frame must be a `Hello`
+//! naming a resource of this node, from the IP address of that resource's `remote`; then both
+//! sides prove the shared secret. Only then is any other frame read. Everything refused is
+//! logged with the peer's address.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::Role;
+use super::auth::{self, Side};
+use super::generation::{self, Decision};
+use super::hooks::Event;
+use super::peer;
+use super::protocol::{
+    self, AckKind, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message, PROTOCOL_VERSION,
+    Purpose,
+};
+use super::resource::{Connection, Shared};
+
+/// A peer must complete hello and authentication within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections between accept and the end of the handshake, at most; more are dropped, so a
+/// flood of strangers cannot exhaust threads.
+const MAX_HANDSHAKES: usize = 32;
+
+/// Resources by name, as the listener looks them up.
+pub type Registry = Arc<Mutex<HashMap<String, Arc<Shared>>>>;
+
+/// The secondary's running session with the primary.
+pub struct Session {
+    stream: TcpStream,
+    thread: JoinHandle<()>,
+}
+
+/// Close the current session (if any) and wait for its thread.
+pub fn end_session(s: &Shared) {
+    let session = s.session.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(sess) = session {
+        let _ = protocol::write_message(
+            &mut &sess.stream,
+            &Message::Goodbye {
+                code: GoodbyeCode::NotReady,
+                reason: "role change".into(),
+            },
+        );
+        let _ = sess.stream.shutdown(Shutdown::Both);
+        let _ = sess.thread.join();
+    }
+}
+
+/// Accept peer connections on `addr` until `stop` is set.
+pub fn listen(addr: &str, registry: Registry, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    listener.set_nonblocking(true).context("listener")?;
+    log::info!("listening for peers on {addr}");
+    let t = thread::Builder::new()
+        .name("listen".into())
+        .spawn(move || {
+            let handshakes = Arc::new(AtomicUsize::new(0));
+            while !stop.load(Ordering::Acquire) {
+                match listener.accept() {
+                    Ok((stream, from)) => {
+                        if handshakes.load(Ordering::Acquire) >= MAX_HANDSHAKES {
+                            log::warn!("peer connection from {from} dropped: too many handshakes in progress");
+                            continue;
+                        }
+                        handshakes.fetch_add(1, Ordering::AcqRel);
+                        let reg = Arc::clone(&registry);
+                        let hs = Arc::clone(&handshakes);
+                        let spawned =
+                            thread::Builder::new().name("accept".into()).spawn(move || {
+                                let r = accept(stream, from, &reg);
+                                hs.fetch_sub(1, Ordering::AcqRel);
+                                if let Err(e) = r {
+                                    log::warn!("peer connection from {from} refused: {e:#}");
+                                }
+                            });
+                        if let Err(e) = spawned {
+                            log::error!("cannot start a thread for {from}: {e}");
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(50))
+                    }
+                    Err(e) => {
+                        log::warn!("accept: {e}");
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .context("starting the listener thread")?;
+    Ok(t)
+}
+
+fn goodbye(stream: &mut TcpStream, code: GoodbyeCode, reason: &str) {
+    let _ = protocol::write_message(
+        stream,
+        &Message::Goodbye {
+            code,
+            reason: reason.to_string(),
+        },
+    );
+}
+
+fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let _ = stream.set_nodelay(true);
+    let (version, purpose, mode, resource, node, theirs) =
+        match protocol::read_message(&mut stream, MAX_FRAME_UNAUTHENTICATED) {
+            Ok(Message::Hello {
+                version,
+                purpose,
+                mode,
+                resource,
+                node,
+                nonce,
+            }) => (version, purpose, mode, resource, node, nonce),
+            Ok(other) => bail!("expected Hello, got {}", other.name()),
+            Err(e) => bail!("{e}"),
+        };
+    let shared = registry
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&resource)
+        .cloned();
+    let Some(s) = shared else {
+        goodbye(&mut stream, GoodbyeCode::NotReady, "unknown resource");
+        bail!("unknown resource {resource:?}");
+    };
+    let cfg = s.cfg();
+    let allowed = cfg
+        .remote
+        .as_deref()
+        .and_then(|r| peer::resolve(r).ok())
+        .map(|a| a.ip());
+    if allowed != Some(from.ip()) {
+        bail!(
+            "{resource}: connection from {} but the configured remote is {}",
+            from.ip(),
+            cfg.remote.as_deref().unwrap_or("(none)")
+        );
+    }
+    if version != PROTOCOL_VERSION {
+        goodbye(&mut stream, GoodbyeCode::Mismatch, "protocol version");
+        bail!("{resource}: peer speaks protocol version {version}, we speak {PROTOCOL_VERSION}");
+    }
+    let ours = auth::nonce()?;
+    protocol::write_message(
+        &mut stream,
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            purpose,
+            mode,
+            resource: resource.clone(),
+            node: s.node.clone(),
+            nonce: ours,
+        },
+    )?;
+    match protocol::read_message(&mut stream, MAX_FRAME_UNAUTHENTICATED) {
+        Ok(Message::Auth { proof })
+            if s.secret
+                .verify(Side::Connect, &resource, &theirs, &ours, &proof) => {}
+        Ok(Message::Auth { .. }) => {
+            goodbye(
+                &mut stream,
+                GoodbyeCode::AuthFailed,
+                "authentication failed",
+            );
+            bail!("{resource}: authentication failed (wrong secret?) for node {node:?}");
+        }
+        Ok(other) => bail!("{resource}: expected Auth, got {}", other.name()),
+        Err(e) => bail!("{resource}: {e}"),
+    }
+    let proof = s.secret.proof(Side::Accept, &resource, &ours, &theirs);
+    protocol::write_message(&mut stream, &Message::Auth { proof })?;
+    let their_state = match protocol::read_message(&mut stream, MAX_FRAME) {
+        Ok(Message::State(st)) => st,
+        Ok(other) => bail!("{resource}: expected State, got {}", other.name()),
+        Err(e) => bail!("{resource}: {e}"),
+    };
+    let role = s.role();
+    if purpose == Purpose::Probe {
+        protocol::write_message(&mut stream, &Message::State(s.node_state()))?;
+        log::debug!("{resource}: probed by {node} at {from}");
+        return Ok(());
+    }
+    match role {
+        Role::Secondary => {}
+        Role::Primary => {
+            goodbye(
+                &mut stream,
+                GoodbyeCode::PeerPrimary,
+                "this node is primary",
+            );
+            bail!("{resource}: {node} at {from} wants to replicate, but this node is primary");
+        }
+        Role::Init => {
+            goodbye(
+                &mut stream,
+                GoodbyeCode::NotReady,
+                "this node's role is init",
+            );
+            log::info!("{resource}: {node} at {from} wants to replicate; role is init, refused");
+            return Ok(());
+        }
+    }
+    // One session at a time: a new connection from the primary replaces a stale one.
+    end_session(&s);
+    let me = s.node_state();
+    protocol::write_message(&mut stream, &Message::State(me.clone()))?;
+    match generation::decide(&their_state, &me) {
+        Decision::SplitBrain => {
+            if !me.split_brain {
+                s.disk.update_header(|h| h.split_brain = true)?;
+                log::error!(
+                    "{resource}: split-brain: both nodes were written while apart (here {}/{}, peer {}/{}); run `tandem resolve {resource} --discard-local` on one node",
+                    me.local_gen,
+                    me.peer_gen,
+                    their_state.local_gen,
+                    their_state.peer_gen
+                );
+                s.hooks.fire(Event::SplitBrain, &resource, &[]);
+            }
+            return Ok(());
+        }
+        Decision::Stale => {
+            log::warn!("{resource}: primary {node} at {from} has stale data; not replicating");
+            return Ok(());
+        }
+        Decision::FullSync { .. } | Decision::DirtySync => {}
+    }
+    stream.set_read_timeout(Some(s.timeout))?;
+    stream.set_write_timeout(Some(s.timeout))?;
+    let keep = stream.try_clone()?;
+    let s2 = Arc::clone(&s);
+    let memsync = mode == 1;
+    let mut slot = s.session.lock().unwrap_or_else(|p| p.into_inner());
+    if s.role() != Role::Secondary {
+        goodbye(&mut stream, GoodbyeCode::NotReady, "role changed");
+        return Ok(());
+    }
+    s.set_conn(|c| {
+        c.connection = Connection::Connected;
+        c.peer_role = Some(Role::Primary);
+        c.in_sync = false;
+    });
+    log::info!("{resource}: primary {node} connected from {from}");
+    s.hooks.fire(Event::Connect, &resource, &[]);
+    let thread = thread::Builder::new()
+        .name(format!("sec-{resource}"))
+        .spawn(move || {
+            let r = session(&s2, stream, memsync);
+            let syncing = s2.sync.active.swap(false, Ordering::AcqRel);
+            s2.set_conn(|c| {
+                c.connection = Connection::Disconnected;
+                c.peer_role = None;
+                c.in_sync = false;
+            });
+            match r {
+                Ok(()) => log::info!("{}: primary disconnected", s2.name),
+                Err(e) => log::warn!("{}: primary connection lost: {e:#}", s2.name),
+            }
+            if syncing {
+                s2.hooks.fire(Event::SyncIntr, &s2.name, &[]);
+            }
+            s2.hooks.fire(Event::Disconnect, &s2.name, &[]);
+        })
+        .context("starting the session thread")?;
+    *slot = Some(Session {
+        stream: keep,
+        thread,
+    });
+    Ok(())
+}
+
+fn errno(e: &io::Error) -> u32 {
+    e.raw_os_error().unwrap_or(libc::EIO) as u32
+}
+
+/// Apply the primary's frames in order until it says goodbye or the connection fails.
+fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
+    let mut w = stream.try_clone()?;
+    let mut r = BufReader::with_capacity(256 << 10, stream);
+    let disk = &s.disk;
+    let ack = |w: &mut TcpStream, seq: u64, kind: AckKind, res: io::Result<()>| -> io::Result<()> {
+        let status = match &res {
+            Ok(()) => 0,
+            Err(e) => {
+                log::error!("{}: request {seq} failed: {e}", s.name);
+                errno(e)
+            }
+        };
+        w.write_all(&Message::Ack { seq, kind, status }.encode())
+    };
+    let durable = |fua: bool, res: io::Result<()>| {
+        res.and_then(|()| if fua { disk.sync_data() } else { Ok(()) })
+    };
+    loop {
+        let msg = match protocol::read_message(&mut r, MAX_FRAME) {
+            Ok(m) => m,
+            Err(protocol::ProtocolError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Ok(());
+            }
+            Err(e) => bail!("{e}"),
+        };
+        match msg {
+            Message::Write {
+                seq,
+                offset,
+                fua,
+                data,
+            } => {
+                if memsync {
+                    ack(&mut w, seq, AckKind::Received, Ok(()))?;
+                }
+                let res = durable(fua, disk.write_at(&data, offset));
+                ack(&mut w, seq, AckKind::Written, res)?;
+            }
+            Message::Trim {
+                seq,
+                offset,
+                len,
+                fua,
+            } => {
+                if memsync {
+                    ack(&mut w, seq, AckKind::Received, Ok(()))?;
+                }
+                let res = durable(fua, disk.punch(offset, len));
+                ack(&mut w, seq, AckKind::Written, res)?;
+            }
+            Message::WriteZeroes {
+                seq,
+                offset,
+                len,
+                fua,
+            } => {
+                if memsync {
+                    ack(&mut w, seq, AckKind::Received, Ok(()))?;
+                }
+                let res = durable(fua, disk.write_zeroes(offset, len));
+                ack(&mut w, seq, AckKind::Written, res)?;
+            }
+            Message::Flush { seq } => {
+                let res = disk.sync_data();
+                ack(&mut w, seq, AckKind::Written, res)?;
+            }
+            Message::SyncStart { total, full } => {
+                if total > 0 || full {
+                    disk.update_header(|h| h.inconsistent = true)?;
+                    s.sync.start(total);
+                    log::info!(
+                        "{}: receiving a {} sync of {total} bytes",
+                        s.name,
+                        if full { "full" } else { "partial" }
+                    );
+                    s.hooks.fire(Event::SyncStart, &s.name, &[]);
+                }
+            }
+            Message::SyncChunk { seq, offset, data } => {
+                let res = disk.write_at(&data, offset);
+                s.sync.done.fetch_add(data.len() as u64, Ordering::Relaxed);
+                s.counters
+                    .bytes_resynced
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                ack(&mut w, seq, AckKind::Written, res)?;
+            }
+            Message::SyncZero { seq, offset, len } => {
+                let es = disk.extent_size();
+                let whole_extent =
+                    offset % es == 0 && (len == es || offset + len == disk.data_size());
+                let res = match whole_extent && disk.is_zero_extent(offset / es).unwrap_or(false) {
+                    true => Ok(()),
+                    false => disk.write_zeroes(offset, len),
+                };
+                s.sync.done.fetch_add(len, Ordering::Relaxed);
+                ack(&mut w, seq, AckKind::Written, res)?;
+            }
+            Message::SyncDone { seq, local_gen } => {
+                let res = (|| -> io::Result<()> {
+                    disk.sync_data()?;
+                    let am = disk.activemap();
+                    for e in am.dirty_extents() {
+                        am.mark_synced(e)?;
+                    }
+                    am.flush_clean()?;
+                    disk.update_header(|h| {
+                        h.peer_gen = local_gen;
+                        h.ever_synced = true;
+                        h.inconsistent = false;
+                        h.discard_local = false;
+                        h.split_brain = false;
+                    })
+                })();
+                let ok = res.is_ok();
+                ack(&mut w, seq, AckKind::Written, res)?;
+                if ok {
+                    let was = s.sync.active.swap(false, Ordering::AcqRel);
+                    s.set_conn(|c| c.in_sync = true);
+                    if was {
+                        log::info!("{}: sync from the primary complete", s.name);
+                        s.hooks.fire(Event::SyncDone, &s.name, &[]);
+                    }
+                }
+            }
+            Message::Ping => w.write_all(&Message::Pong.encode())?,
+            Message::Pong => {}
+            Message::Goodbye { reason, .. } => {
+                log::info!("{}: primary closed the connection: {reason}", s.name);
+                return Ok(());
+            }
+            other => bail!("unexpected {} from the primary", other.name()),
+        }
+    }
+}

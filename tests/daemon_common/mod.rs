@@ -1,0 +1,371 @@
+//! A two-node tandem pair on loopback for the daemon integration tests: node `a` on 127.0.0.2,
+//! node `b` on 127.0.0.3, file-backed disks in a temporary directory, each daemon driven only
+//! through the `tandem` binary. Every wait is bounded.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
+pub const IMG_SIZE: u64 = 64 << 20;
+
+pub struct Node {
+    pub name: &'static str,
+    pub ip: &'static str,
+    pub port: u16,
+    pub conf: PathBuf,
+    pub img: PathBuf,
+    pub nbd: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+pub struct Pair {
+    pub dir: tempfile::TempDir,
+    pub a: Node,
+    pub b: Node,
+}
+
+/// Is `tool` on PATH? Tests that need it print why they skip.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_conf(dir: &Path, me: &Node, a: &Node, b: &Node, secret: &Path, mode: &str, hook: &Path) {
+    let text = format!(
+        r#"node = "{name}"
+[daemon]
+listen = ["{ip}:{port}"]
+control = "{dir}/{name}.sock"
+secret = "{secret}"
+timeout = "3s"
+exec = "{hook}"
+
+[resource.r0]
+backend = "tandem"
+replication = "{mode}"
+extent_size = "1M"
+nbd = "{nbd}"
+
+[resource.r0.on.a]
+local = "{aimg}"
+remote = "{bip}:{bport}"
+
+[resource.r0.on.b]
+local = "{bimg}"
+remote = "{aip}:{aport}"
+"#,
+        name = me.name,
+        ip = me.ip,
+        port = me.port,
+        dir = dir.display(),
+        secret = secret.display(),
+        hook = hook.display(),
+        nbd = me.nbd.display(),
+        aimg = a.img.display(),
+        bimg = b.img.display(),
+        aip = a.ip,
+        aport = a.port,
+        bip = b.ip,
+        bport = b.port,
+    );
+    std::fs::write(&me.conf, text).unwrap();
+}
+
+impl Pair {
+    /// Create the pair's files and metadata (no daemons yet).
+    pub fn new(mode: &str) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let node = |name: &'static str, ip: &'static str| Node {
+            name,
+            ip,
+            port: free_port(ip),
+            conf: d.join(format!("{name}.toml")),
+            img: d.join(format!("{name}.img")),
+            nbd: d.join(format!("{name}.nbd")),
+            log: d.join(format!("{name}.log")),
+            child: None,
+        };
+        let a = node("a", "127.0.0.2");
+        let b = node("b", "127.0.0.3");
+        let secret = d.join("key");
+        std::fs::write(&secret, "correct horse battery staple\n").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let hook = d.join("hook.sh");
+        std::fs::write(
+            &hook,
+            format!(
+                "#!/bin/sh\necho \"$@\" >> {}/hooks.$(basename $PWD).log\n",
+                d.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        for n in [&a, &b] {
+            write_conf(d, n, &a, &b, &secret, mode, &hook);
+            let f = std::fs::File::create(&n.img).unwrap();
+            f.set_len(IMG_SIZE).unwrap();
+        }
+        let p = Pair { dir, a, b };
+        for n in [&p.a, &p.b] {
+            let out = tandem(n, &["create", "r0"]);
+            assert!(
+                out.status.success(),
+                "create: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        p
+    }
+
+    pub fn node(&mut self, name: &str) -> &mut Node {
+        if name == "a" {
+            &mut self.a
+        } else {
+            &mut self.b
+        }
+    }
+}
+
+impl Node {
+    pub fn sock(&self) -> PathBuf {
+        self.conf.with_file_name(format!("{}.sock", self.name))
+    }
+
+    /// Start the daemon and wait (bounded) until its control socket answers.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["-c", self.conf.to_str().unwrap(), "-v", "daemon"])
+            .current_dir(self.conf.parent().unwrap())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if self.try_status().is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "daemon {} did not come up; log:\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
+
+    /// SIGKILL the daemon.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM the daemon and wait (bounded) for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix_kill(c.id(), 15);
+            let end = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("daemon {} ignored SIGTERM", self.name);
+        }
+    }
+
+    /// Wait (bounded) until the daemon's log contains `text`.
+    pub fn log_contains(&self, text: &str, secs: u64) -> bool {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if self.log_text().contains(text) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        tandem(self, args)
+    }
+
+    pub fn ok(&self, args: &[&str]) {
+        let out = tandem(self, args);
+        assert!(
+            out.status.success(),
+            "tandem {:?} on {} failed: {}\nlog:\n{}",
+            args,
+            self.name,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+    }
+
+    /// The daemon's own status of r0, straight from the control socket (one JSON line each way).
+    pub fn status(&self) -> serde_json::Value {
+        self.try_status()
+            .unwrap_or_else(|e| panic!("{}: status: {e}\nlog:\n{}", self.name, self.log_text()))
+    }
+
+    pub fn try_status(&self) -> std::io::Result<serde_json::Value> {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(self.sock())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.write_all(b"{\"cmd\":\"status\",\"resources\":[\"r0\"]}\n")?;
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line)?;
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(std::io::Error::other)?;
+        Ok(v["resources"][0].clone())
+    }
+
+    /// Poll status until `pred` holds; panics with the last status after `secs`.
+    pub fn wait_for(
+        &self,
+        secs: u64,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(secs);
+        let mut last = serde_json::Value::Null;
+        while Instant::now() < end {
+            last = self.status();
+            if pred(&last) {
+                return last;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{}: timed out waiting for {what}; last status {last}\nlog:\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
+
+    pub fn nbd_uri(&self) -> String {
+        format!("nbd+unix:///r0?socket={}", self.nbd.display())
+    }
+
+    /// Run qemu-io commands against this node's export.
+    pub fn qemu_io(&self, cmds: &[&str]) -> Output {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        c.arg(self.nbd_uri());
+        c.stdin(Stdio::null());
+        c.output().unwrap()
+    }
+
+    pub fn qemu_io_ok(&self, cmds: &[&str]) -> String {
+        let out = self.qemu_io(cmds);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !text.contains("failed"),
+            "qemu-io {cmds:?}: {text}"
+        );
+        text
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn nix_kill(pid: u32, sig: i32) -> std::io::Result<()> {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("kill failed"))
+    }
+}
+
+pub fn tandem(n: &Node, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["-c", n.conf.to_str().unwrap()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The first `len` bytes of both images are identical.
+pub fn same_data(a: &Path, b: &Path, len: u64) -> bool {
+    Command::new("cmp")
+        .args([
+            "-n",
+            &len.to_string(),
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+pub fn u(v: &serde_json::Value, path: &[&str]) -> u64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_u64()
+        .unwrap_or_else(|| panic!("{path:?} not a number in {v}"))
+}
+
+/// A synced pair: daemons up, `b` secondary, `a` primary, initial sync done.
+pub fn synced_pair(mode: &str) -> Pair {
+    let mut p = Pair::new(mode);
+    p.a.start();
+    p.b.start();
+    p.b.ok(&["role", "secondary", "r0"]);
+    p.a.ok(&["role", "primary", "r0"]);
+    p.a.ok(&["wait-sync", "r0", "--timeout", "60s"]);
+    p.b.wait_for(30, "secondary complete", |s| s["state"] == "complete");
+    p
+}

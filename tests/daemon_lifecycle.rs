@@ -1,0 +1,95 @@
+//! The daemon as a service: READY=1 to systemd, SIGHUP reloads resources, SIGTERM stops
+//! cleanly (export removed, exit status 0).
+
+mod daemon_common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use daemon_common::*;
+
+#[test]
+fn notify_reload_and_clean_stop() {
+    let p = Pair::new("fullsync");
+    let notify = p.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let log = std::fs::File::create(&p.a.log).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["-c", p.a.conf.to_str().unwrap(), "-v", "daemon"])
+        .env("NOTIFY_SOCKET", &notify)
+        .stdin(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("no READY=1 from the daemon");
+    assert_eq!(&buf[..n], b"READY=1\n");
+    assert_eq!(p.a.status()["role"], "init");
+
+    // SIGHUP with a second resource in the file: it appears without a restart.
+    let img = p.dir.path().join("a1.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mut text = std::fs::read_to_string(&p.a.conf).unwrap();
+    text.push_str(&format!(
+        "\n[resource.r1]\nbackend = \"tandem\"\nnbd = \"{}\"\n[resource.r1.on.a]\nlocal = \"{}\"\nremote = \"127.0.0.3:9\"\n[resource.r1.on.b]\nlocal = \"{}\"\nremote = \"127.0.0.2:9\"\n",
+        p.dir.path().join("a1.nbd").display(),
+        img.display(),
+        img.display()
+    ));
+    std::fs::write(&p.a.conf, text).unwrap();
+    p.a.ok(&["create", "r1"]);
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = status_of(&p.a, "r1");
+        if out.contains("\"name\":\"r1\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "r1 did not appear after SIGHUP: {out}\n{}",
+            p.a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Primary (peer unreachable: degraded), then SIGTERM: export gone, exit 0.
+    p.a.ok(&["role", "primary", "r0"]);
+    assert!(p.a.nbd.exists());
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "daemon ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}\n{}", p.a.log_text());
+    assert!(!p.a.nbd.exists(), "export socket left behind");
+    assert!(!p.a.sock().exists(), "control socket left behind");
+}
+
+fn status_of(n: &Node, res: &str) -> String {
+    use std::io::{BufRead, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(n.sock()) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(format!("{{\"cmd\":\"status\",\"resources\":[\"{res}\"]}}\n").as_bytes());
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(s).read_line(&mut line);
+    line
+}
