@@ -123,7 +123,15 @@ fn tandem_backend_works() -> bool {
         return false;
     };
     std::thread::sleep(Duration::from_secs(1));
-    let running = matches!(daemon.try_wait(), Ok(None));
+    // … and `tandem status` can talk to it (the switch's backend is wired to the daemon).
+    let running = matches!(daemon.try_wait(), Ok(None))
+        && Command::new(tandem_bin())
+            .arg("-c")
+            .arg(&conf)
+            .args(["status", "--json", "r"])
+            .stderr(Stdio::null())
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"role\":\"init\""));
     let _ = daemon.kill();
     let _ = daemon.wait();
     running

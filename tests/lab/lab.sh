@@ -15,7 +15,7 @@
 # namespace because the hosts only get their own *network* namespace (nsenter --net).
 #
 # Environment: LAB_DIR (default /tmp/lab), TANDEM (the binary; default target/debug/tandem),
-# LAB_BACKEND / LAB_MODE (defaults for `scenario`), LAB_DISK_MB (default 256).
+# LAB_BACKEND / LAB_MODE (defaults for `scenario`), LAB_DISK_MB (default 1024).
 
 set -u
 set -o pipefail
@@ -26,7 +26,7 @@ LAB=${LAB_DIR:-/tmp/lab}
 TANDEM=${TANDEM:-$ROOT/target/debug/tandem}
 NET=198.18.0
 VIP=$NET.10
-DISK_MB=${LAB_DISK_MB:-256}
+DISK_MB=${LAB_DISK_MB:-1024}
 NETNS=(tlA tlB tlC tlbr)
 
 declare -A IP=([A]=$NET.1 [B]=$NET.2 [C]=$NET.3)
@@ -197,7 +197,7 @@ EOF
 attach = "$HERE/lab.sh attach $h"
 detach = "$HERE/lab.sh detach $h"
 nbd = "$d/share.nbd"
-extent_size = "1M"
+extent_size = "512K"
 
 [resource.share.on.A]
 local = "$LAB/A/disk.img"
@@ -244,6 +244,10 @@ EOF
 	read only = no
 	guest ok = yes
 	force user = root
+	# A write the client sees acknowledged is on disk (and, with tandem, on the peer): smbd
+	# fsyncs each write, as a file server in front of replicated storage must.
+	strict sync = yes
+	sync always = yes
 EOF
 }
 
@@ -297,9 +301,15 @@ cmd_attach() {
 	sock=${TANDEM_NBD:-$d/share.nbd}
 	dev=${TANDEM_DEVICE:-$d/dev}
 	if [ -L "$dev" ] && [ -b "$dev" ]; then return 0; fi
-	if ! mountpoint -q "$d/fuse"; then
+	# A FUSE mount whose nbdfuse died is dead: drop it before mounting afresh.
+	if mounted_at "$d/fuse" && ! pid_alive "$(cat "$d/fuse.pid" 2>/dev/null)"; then
+		drop_fuse "$d/fuse"
+	fi
+	if ! mounted_at "$d/fuse"; then
 		rm -f "$d/fuse.pid"
-		setsid nbdfuse -P "$d/fuse.pid" "$d/fuse" --unix "$sock" \
+		mkdir -p "$d/fuse"
+		# MOUNTPOINT/FILENAME spelled out: nbdfuse must never mount on the host directory.
+		setsid nbdfuse -P "$d/fuse.pid" "$d/fuse/nbd" --unix "$sock" \
 			</dev/null >>"$d/log/nbdfuse.log" 2>&1 &
 		wait_for 10 "nbdfuse on $h" test -s "$d/fuse.pid" || exit 1
 	fi
@@ -318,17 +328,35 @@ cmd_detach() {
 		[ -b "$loop" ] && losetup -d "$loop" 2>/dev/null
 	fi
 	# Any other loop device still backed by our nbdfuse file (a crash left it behind).
-	losetup -j "$d/fuse/nbd" -O NAME -n 2>/dev/null | while read -r loop; do
-		losetup -d "$loop" 2>/dev/null
-	done
-	if mountpoint -q "$d/fuse"; then
-		fusermount3 -u "$d/fuse" 2>/dev/null || umount -l "$d/fuse"
-	fi
+	# (Matched by name in the loop table: no stat through a FUSE mount that may be dead.)
+	losetup -l -n -O NAME,BACK-FILE 2>/dev/null | awk -v f="$d/fuse/nbd" '$2 == f { print $1 }' |
+		while read -r loop; do losetup -d "$loop" 2>/dev/null; done
 	local pid
 	pid=$(cat "$d/fuse.pid" 2>/dev/null)
+	if mounted_at "$d/fuse"; then
+		if pid_alive "$pid"; then
+			fusermount3 -u "$d/fuse" 2>/dev/null || drop_fuse "$d/fuse"
+		else
+			drop_fuse "$d/fuse"
+		fi
+	fi
 	[ -n "$pid" ] && stop_pid "$pid" 5
 	rm -f "$d/fuse.pid"
 	return 0
+}
+
+# Is something mounted exactly at $1? (From the mount table: stat on a dead FUSE mount fails.)
+mounted_at() { awk -v m="$1" '$5 == m { f = 1 } END { exit !f }' /proc/self/mountinfo; }
+
+# Detach a FUSE mount whatever its state: abort the connection (unblocks anything stuck in
+# it), then lazy unmount.
+drop_fuse() {
+	local m=$1 dev
+	dev=$(awk -v m="$m" '$5 == m { print $3 }' /proc/self/mountinfo | tail -n1)
+	if [ -n "$dev" ] && [ -e "/sys/fs/fuse/connections/${dev#*:}/abort" ]; then
+		echo 1 >"/sys/fs/fuse/connections/${dev#*:}/abort" 2>/dev/null
+	fi
+	umount -l "$m" 2>/dev/null
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +394,7 @@ cmd_carp_event() {
 
 cmd_up() {
 	local be=${1:-none} md=${2:-switch}
-	cmd_down quiet
+	LAB_KEEP= cmd_down quiet
 	mkdir -p "$LAB"
 	echo "$be" >"$LAB/backend"
 	echo "$md" >"$LAB/mode"

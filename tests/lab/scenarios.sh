@@ -70,10 +70,11 @@ sc_loss() {
 
 sc_return() {
 	sc_loss
-	local dirty=0 size=$((DISK_MB * 1024 * 1024))
+	local dirty=0 size=$((DISK_MB * 1024 * 1024)) mark=0
 	if is_tandem; then
 		dirty=$(status_field B dirty_bytes)
-		log "B: $dirty dirty bytes to resync while A is away (device $size bytes)"
+		log "B: ${dirty:-?} dirty bytes to resync while A is away (device $size bytes)"
+		mark=$(wc -l <"$LAB/B/log/daemon.log")
 	fi
 	# A boots without preempt: it comes back as secondary and B keeps serving.
 	cmd_boot A
@@ -83,8 +84,15 @@ sc_return() {
 	if is_tandem; then
 		tandem B wait-sync share --timeout 60s || fail "B: resync to A did not complete"
 		local resynced
+		# What the status said was dirty before A came back; else the daemon's own account.
 		resynced=$(status_field B resynced_bytes)
-		[ -n "$resynced" ] || resynced=$dirty
+		case $resynced in '' | null) resynced=$dirty ;; esac
+		case $resynced in '' | null | 0)
+			resynced=$(tail -n +"$((mark + 1))" "$LAB/B/log/daemon.log" |
+				sed -n 's/.*sync of \([0-9]*\) bytes.*/\1/p' | tail -n1)
+			;;
+		esac
+		[ -n "$resynced" ] || fail "no account of the resync (status --json or daemon log)"
 		log "resynced $resynced bytes of $size"
 		[ "${resynced%.*}" -gt 0 ] || fail "nothing was resynced although B wrote while A was away"
 		[ "${resynced%.*}" -lt $((size / 8)) ] ||
