@@ -103,10 +103,11 @@ preflight() {
 		command -v nbdfuse >/dev/null || fail "missing tool: nbdfuse (Debian package nbdfuse)"
 	fi
 	[ -x "$TANDEM" ] || fail "no tandem binary at $TANDEM (cargo build, or set TANDEM)"
-	if ip -4 -o addr show | grep -q " $NET\."; then
+	# (Output captured first: with pipefail, grep -q could turn a match into a failure.)
+	if grep -q " $NET\." <<<"$(ip -4 -o addr show)"; then
 		fail "the root namespace already has an address in $NET.0/24: refusing to build the lab"
 	fi
-	if ip -4 route show | grep -q "^$NET\."; then
+	if grep -q "^$NET\." <<<"$(ip -4 route show)"; then
 		fail "the root namespace already routes $NET.0/24: refusing to build the lab"
 	fi
 }
@@ -130,6 +131,11 @@ net_up() {
 
 # Cut / heal a host's cable (the bridge port goes down: the host sees no carrier).
 link_set() { ip -n tlbr link set "p$1" "$2"; }
+
+# Partition / heal: the host's port leaves the bridge. Its link keeps carrier (a failed
+# switch between the hosts, not a pulled cable), so its ucarp stays master.
+partition() { ip -n tlbr link set "p$1" nomaster; }
+heal() { ip -n tlbr link set "p$1" master br0; }
 
 # ---------------------------------------------------------------------------------------------
 # Per-host files: tandem config, smb.conf, hooks.
@@ -574,7 +580,7 @@ cmd_down() {
 vip_holder() {
 	local h
 	for h in A B; do
-		ip -n "tl$h" -4 -o addr show dev lab0 2>/dev/null | grep -q " $VIP/" && echo "$h"
+		grep -q " $VIP/" <<<"$(ip -n "tl$h" -4 -o addr show dev lab0 2>/dev/null)" && echo "$h"
 	done
 }
 
@@ -586,7 +592,7 @@ mounted_hosts() {
 	done
 }
 
-is_mounted() { mounted_hosts | grep -qx "$1"; }
+is_mounted() { mounted_at "$(hdir "$1")/mnt"; }
 
 role_of() {
 	if [ "$(backend)" = tandem ]; then
@@ -698,6 +704,8 @@ main() {
 	carp-stop) cmd_carp_stop "$@" ;;
 	link-down) link_set "$1" down ;;
 	link-up) link_set "$1" up ;;
+	partition) partition "$1" ;;
+	heal) heal "$1" ;;
 	state) cmd_state ;;
 	put) cmd_put "$@" ;;
 	verify) cmd_verify ;;

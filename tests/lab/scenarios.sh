@@ -150,28 +150,30 @@ sc_partition() {
 	cmd_carp_start B # B must not preempt on heal.
 	sleep 3
 	wait_serving A 20
-	log "cutting A's cable"
-	link_set A down
-	# Both are CARP masters now: A never heard B leave, B stops hearing A.
+	log "partition: A leaves the network (its link stays up)"
+	partition A
+	# Both become CARP masters: A never hears B leave, B stops hearing A. B promotes without
+	# its peer (tandem cannot tell a dead peer from an unreachable one: no quorum here).
 	wait_for 30 "B promoted while cut off" is_mounted B ||
 		fail "B did not take over during the partition: $(cmd_state)"
 	wait_for 30 "client sees B" client_ls || fail "client cannot reach the share on B"
+	is_mounted A || fail "A gave up although its link stayed up: $(cmd_state)"
 	# The client (on B's side) writes; a local writer on A's side writes too.
 	put_files partB 3
 	head -c 300000 /dev/urandom >"$LAB/A/mnt/partA"
 	sync -f "$LAB/A/mnt/partA"
-	log "state during the partition: $(cmd_state)"
-	log "healing the cable"
-	link_set A up
-	# CARP: A's better skew wins; B goes backup and demotes. The pair must report the
+	log "during the partition both serve: $(cmd_state) (A: $(status_field A state), B: $(status_field B state))"
+	log "healing the network"
+	heal A
+	# CARP: A's better skew wins; B goes backup and demotes. The daemons must report the
 	# split-brain and must not resync either way.
+	wait_for 30 "B demoted" not_mounted B || fail "B still mounted after CARP made it backup"
 	wait_for 60 "split-brain reported" split_brain_reported ||
 		fail "no split-brain reported after the heal: A=$(status_field A state) B=$(status_field B state)"
-	wait_for 30 "B demoted" not_mounted B ||
-		fail "B still mounted after CARP made it backup"
-	sleep 3
+	log "after the heal: $(cmd_state) (A: $(status_field A state), B: $(status_field B state))"
+	sleep 5
 	# B's disk (data from offset 0; tandem's metadata sits at the end) still holds what the
-	# client wrote to B during the partition.
+	# client wrote to B during the partition: the old primary did not overwrite it.
 	local chk=$LAB/B/check
 	mkdir -p "$chk"
 	mount -o ro,noload,loop "$LAB/B/disk.img" "$chk" || fail "cannot inspect B's disk"
@@ -183,11 +185,13 @@ sc_partition() {
 	done <"$LAB/C/acked"
 	umount "$chk"
 	[ $ok = 1 ] || fail "B's partition-time writes were overwritten by the old primary"
-	log "split-brain reported; B's data written during the partition is intact on B's disk"
-	# Nothing is resolved silently: B must still be split-brain or disconnected, not in sync.
-	local st
-	st=$(status_field A state)
-	[ "$st" != complete ] || fail "A reports complete after a split-brain: resolved silently"
+	# Nor the other way: A still has what its side wrote.
+	[ -s "$LAB/A/mnt/partA" ] || fail "A lost its partition-time write"
+	# Nothing is resolved silently: still split-brain, never complete.
+	split_brain_reported || fail "split-brain no longer reported: A=$(status_field A state) B=$(status_field B state)"
+	log "split-brain reported on heal and left for the operator; both sides' writes intact"
+	# The client now sees A's side; what it wrote to B waits on B's disk for the operator
+	# (tandem resolve share --discard-local on the side whose writes are given up).
 }
 
 sc_watch() {
