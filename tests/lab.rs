@@ -141,7 +141,14 @@ fn backend() -> String {
     match std::env::var("LAB_BACKEND") {
         Ok(b) if !b.is_empty() => b,
         _ if tandem_backend_works() => "tandem".into(),
-        _ => "none".into(),
+        _ => {
+            eprintln!(
+                "lab: backend none (one shared loop device): this binary cannot run a tandem \
+                 pair yet (its daemon, or `tandem status` through the daemon, does not work); \
+                 LAB_BACKEND=tandem forces it"
+            );
+            "none".into()
+        }
     }
 }
 

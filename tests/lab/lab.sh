@@ -455,13 +455,14 @@ start_watch() {
 	d=$(hdir "$h")
 	[ "$(mode)" = watch ] || return 0
 	pid_alive "$(cat "$d/watch.pid" 2>/dev/null)" && return 0
-	(in_ns "$h" "$TANDEM" -c "$(cfg "$h")" --node "$h" watch </dev/null 2>&1 |
+	# --carrier: a host whose link has no carrier is slave even if the address lingers.
+	(in_ns "$h" "$TANDEM" -c "$(cfg "$h")" --node "$h" watch --carrier lab0 </dev/null 2>&1 |
 		stamp >>"$d/log/switch.log") &
 	disown
 	# The watcher is the process in the host's namespace that runs tandem watch.
 	local i pid=
 	for ((i = 0; i < 50; i++)); do
-		pid=$(pgrep -n -f -x "$TANDEM -c $(cfg "$h") --node $h watch" || true)
+		pid=$(pgrep -n -f -x "$TANDEM -c $(cfg "$h") --node $h watch --carrier lab0" || true)
 		[ -n "$pid" ] && break
 		sleep 0.1
 	done
