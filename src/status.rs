@@ -34,6 +34,9 @@ pub struct ResourceStatus {
     pub device_present: bool,
     pub mountpoint: Option<String>,
     pub mounted: bool,
+    /// Backend-specific detail (tandem: counters, sync rate, generations, stale).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
     /// Why the backend could not be asked (omitted when it could).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -101,6 +104,7 @@ fn resource_status(cfg: &Config, r: &Resource) -> ResourceStatus {
         device_present: r.device.exists(),
         mountpoint: r.mountpoint.as_ref().map(|m| m.display().to_string()),
         mounted,
+        extra: st.extra,
         error,
     }
 }
@@ -119,6 +123,41 @@ fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", units[i])
     }
+}
+
+/// The daemon's detail for a `tandem` resource, in one line: sync progress and rate, safety
+/// flags, and the I/O counters.
+fn replication_detail(r: &ResourceStatus) -> Option<String> {
+    let x = serde_json::Value::Object(r.extra.clone());
+    let x = &x;
+    let c = x.get("counters")?;
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let mut parts = Vec::new();
+    if r.state == SyncState::Syncing {
+        parts.push(format!(
+            "sync {} of {} at {}/s",
+            human_bytes(n(x, "sync_bytes_done")),
+            human_bytes(n(x, "sync_bytes_total")),
+            human_bytes(n(x, "sync_rate_bps"))
+        ));
+    }
+    if x.get("stale").and_then(|v| v.as_bool()) == Some(true) {
+        parts.push("STALE: this node's data is older than the peer's (promote refused)".into());
+    }
+    if x.get("inconsistent").and_then(|v| v.as_bool()) == Some(true) {
+        parts.push("INCONSISTENT: a sync into this node did not finish".into());
+    }
+    parts.push(format!(
+        "reads {} ({}), writes {} ({}), flushes {}, replicated {}, resynced {}",
+        n(c, "reads"),
+        human_bytes(n(c, "bytes_read")),
+        n(c, "writes"),
+        human_bytes(n(c, "bytes_written")),
+        n(c, "flushes"),
+        human_bytes(n(c, "bytes_replicated")),
+        human_bytes(n(c, "bytes_resynced"))
+    ));
+    Some(parts.join("; "))
 }
 
 pub fn render_table(s: &Status) -> String {
@@ -175,6 +214,9 @@ pub fn render_table(s: &Status) -> String {
     for r in &s.resources {
         if let Some(e) = &r.error {
             out += &format!("{}: {e}\n", r.name);
+        }
+        if let Some(d) = replication_detail(r) {
+            out += &format!("{}: {d}\n", r.name);
         }
     }
     if !s.services.is_empty() {

@@ -43,24 +43,19 @@ fn notify_reload_and_clean_stop() {
         img.display()
     ));
     std::fs::write(&p.a.conf, text).unwrap();
+    // Without metadata the new resource is reported with the reason; after `create` and
+    // another SIGHUP it runs.
+    let hup = || {
+        Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+    };
+    hup();
+    wait_status(&p.a, "r1", "no tandem metadata");
     p.a.ok(&["create", "r1"]);
-    Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = status_of(&p.a, "r1");
-        if out.contains("\"name\":\"r1\"") {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "r1 did not appear after SIGHUP: {out}\n{}",
-            p.a.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    hup();
+    wait_status(&p.a, "r1", "\"role\":\"init\"");
 
     // Primary (peer unreachable: degraded), then SIGTERM: export gone, exit 0.
     p.a.ok(&["role", "primary", "r0"]);
@@ -92,4 +87,20 @@ fn status_of(n: &Node, res: &str) -> String {
     let mut line = String::new();
     let _ = std::io::BufReader::new(s).read_line(&mut line);
     line
+}
+
+fn wait_status(n: &Node, res: &str, text: &str) {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = status_of(n, res);
+        if out.contains(text) {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "status of {res} never showed {text}: {out}\n{}",
+            n.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -26,7 +26,11 @@ fn wrong_secret_is_rejected_and_logged() {
     p.a.start();
     p.b.start();
     p.b.ok(&["role", "secondary", "r0"]);
-    p.a.ok(&["role", "primary", "r0"]);
+    // The probe before promotion cannot authenticate: refused unless forced.
+    let out = p.a.run(&["role", "primary", "r0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the peer refused us"));
+    p.a.ok(&["role", "primary", "r0", "--force"]);
     std::thread::sleep(Duration::from_secs(2));
     let st = p.a.status();
     assert_ne!(st["connection"], "connected", "{st}");
@@ -40,6 +44,21 @@ fn wrong_secret_is_rejected_and_logged() {
         "the log names the peer address"
     );
     assert_eq!(p.b.status()["connection"], "disconnected");
+    // A promote that cannot authenticate with the peer is refused, not taken as "peer down".
+    let out = p.b.run(&["role", "primary", "r0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the peer refused us"), "{err}");
+    // Fix b's configuration and reload it: the pair connects and syncs.
+    std::fs::write(&p.b.conf, text).unwrap();
+    let pid = p.b.child.as_ref().unwrap().id().to_string();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    p.a.wait_for(30, "connected after the secret was fixed", |s| {
+        s["state"] == "complete"
+    });
 }
 
 #[test]
@@ -86,9 +105,24 @@ fn garbage_and_strangers_do_not_disturb_the_daemon() {
         "b log:\n{}",
         p.b.log_text()
     );
+    // Garbage to the primary's NBD socket.
+    for junk in [
+        vec![0u8; 300],
+        (0..=255u8).cycle().take(5000).collect::<Vec<u8>>(),
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(&p.a.nbd).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let _ = s.write_all(&junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
     // Still replicating.
     assert_eq!(p.b.status()["state"], "complete");
     assert_eq!(p.a.status()["connection"], "connected");
+    if have("qemu-io") {
+        p.a.qemu_io_ok(&["write -P 9 0 64k", "flush", "read -P 9 0 64k"]);
+    }
 }
 
 /// A well-formed Hello (protocol version 1) for `resource`.

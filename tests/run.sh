@@ -28,10 +28,5 @@ if command -v mandoc >/dev/null; then
   echo "== mandoc -Tlint man/*"
   mandoc -Tlint -W warning man/*
 fi
-if command -v systemd-analyze >/dev/null && [ -d systemd ]; then
-  echo "== systemd-analyze verify"
-  units=$(ls systemd/*.service 2>/dev/null || true)
-  [ -z "$units" ] || SYSTEMD_LOG_LEVEL=err systemd-analyze verify --man=no $units 2>&1 | grep -v -E "Failed to (prepare|put)|bpf|Unit .* not found|executable path is not absolute" || true
-fi
 echo "== cargo test"
 cargo test --release -- --test-threads=2 "$@"

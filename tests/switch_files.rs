@@ -149,16 +149,38 @@ fn unit_files_verify() {
         .unwrap();
     assert!(st.success());
     std::fs::copy(BIN, r.join("usr/sbin/tandem")).unwrap();
+    // tandem.service reloads with /bin/kill.
+    std::fs::create_dir_all(r.join("bin")).unwrap();
+    std::fs::copy("/bin/kill", r.join("bin/kill")).unwrap();
     std::fs::write(
         r.join("etc/systemd/system/tandem-switch@.service"),
         repo("systemd/tandem-switch@.service"),
     )
     .unwrap();
-    for instance in ["master", "slave"] {
+    // Every unit we ship, whatever else lands in systemd/ later.
+    let mut units = vec![
+        "tandem-switch@master.service".to_string(),
+        "tandem-switch@slave.service".to_string(),
+    ];
+    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".service") {
+            std::fs::write(
+                r.join("etc/systemd/system").join(&name),
+                repo(&format!("systemd/{name}")),
+            )
+            .unwrap();
+            if !name.contains('@') {
+                units.push(name);
+            }
+        }
+    }
+    assert!(units.iter().any(|u| u == "tandem.service"), "{units:?}");
+    for unit in &units {
         let out = Command::new("systemd-analyze")
             .args(["verify", "--man=no"])
             .arg(format!("--root={}", r.display()))
-            .arg(format!("tandem-switch@{instance}.service"))
+            .arg(unit)
             .output()
             .unwrap();
         assert!(

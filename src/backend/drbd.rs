@@ -117,6 +117,7 @@ impl Backend for Drbd {
             state,
             dirty_bytes: Some(st.out_of_sync_kib * 1024),
             sync_progress: st.percent_in_sync.map(|p| p / 100.0),
+            extra: serde_json::Map::new(),
         })
     }
 

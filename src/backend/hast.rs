@@ -164,6 +164,7 @@ impl Backend for Hast {
             state,
             dirty_bytes: l.dirty,
             sync_progress: None,
+            extra: serde_json::Map::new(),
         })
     }
 

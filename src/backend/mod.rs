@@ -77,6 +77,9 @@ pub struct BackendStatus {
     pub dirty_bytes: Option<u64>,
     /// 0.0 ..= 1.0 while syncing; None: not known.
     pub sync_progress: Option<f64>,
+    /// Backend-specific detail, added to `status --json` as is (tandem: counters, sync rate,
+    /// generations).
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl BackendStatus {
@@ -88,6 +91,7 @@ impl BackendStatus {
             state: SyncState::NotApplicable,
             dirty_bytes: None,
             sync_progress: None,
+            extra: serde_json::Map::new(),
         }
     }
 }

@@ -1,15 +1,23 @@
 //! Backend `tandem`: role changes and state through the replication daemon's control socket.
 //!
-//! Stub: the daemon client is filled in with the daemon. `promote` must map the daemon's
-//! refusals (stale data, split-brain, peer still primary after `role_timeout`) to
-//! `exit::Refused`; `status` feeds `tandem status`.
+//! The daemon decides what is safe: it refuses `role primary` on stale or split-brain data and
+//! while the peer is primary. This backend maps those refusals to `exit::Refused`, and retries
+//! "peer still primary" until `role_timeout`, which is how a failover waits for the old
+//! primary to step down.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
-use super::{Backend, BackendStatus, RoleCtx};
+use super::{Backend, BackendStatus, Connection, Role, RoleCtx, SyncState};
 use crate::config::{Config, Resource};
+use crate::daemon::Role as DaemonRole;
+use crate::daemon::control::{self, ErrorKind, Request, ResourceStatus};
+use crate::exit::Refused;
+
+/// Pause between two `role primary` attempts while the peer is still primary.
+const RETRY: Duration = Duration::from_millis(250);
 
 pub struct Tandem {
     name: String,
@@ -24,21 +32,120 @@ impl Tandem {
         }
     }
 
-    fn not_wired(&self) -> anyhow::Error {
-        anyhow::anyhow!("backend tandem: the daemon client is not wired yet")
+    /// The daemon's view of this resource.
+    pub fn daemon_status(&self, timeout: Duration) -> Result<ResourceStatus> {
+        let req = Request::Status {
+            resources: vec![self.name.clone()],
+        };
+        let resp = control::request(&self.control, &req, timeout)?;
+        if let Some(e) = resp.error {
+            return Err(control::exit_error(e));
+        }
+        resp.resources
+            .into_iter()
+            .find(|r| r.name == self.name)
+            .with_context(|| format!("the daemon does not know resource {:?}", self.name))
+    }
+
+    fn set_role(&self, role: DaemonRole, ctx: &RoleCtx) -> Result<(), control::ControlError> {
+        let req = Request::Role {
+            role,
+            resources: vec![self.name.clone()],
+            force: ctx.force,
+        };
+        // A demote waits for in-flight writes and a promote probes the peer: give the daemon
+        // the longer of the two bounds.
+        let timeout = ctx.command_timeout.max(ctx.role_timeout);
+        match control::request(&self.control, &req, timeout) {
+            Ok(resp) => match resp.error {
+                Some(e) => Err(e),
+                None => Ok(()),
+            },
+            Err(e) => Err(control::ControlError {
+                kind: ErrorKind::Failed,
+                message: format!("{e:#}"),
+            }),
+        }
     }
 }
 
 impl Backend for Tandem {
     fn status(&self) -> Result<BackendStatus> {
-        Err(self.not_wired())
+        let s = self.daemon_status(Duration::from_secs(10))?;
+        let role = match s.role.as_str() {
+            "primary" => Role::Primary,
+            "secondary" => Role::Secondary,
+            "init" => Role::Init,
+            _ => Role::Unknown,
+        };
+        let connection = match s.connection.as_str() {
+            "connected" => Connection::Connected,
+            "connecting" => Connection::Connecting,
+            _ => Connection::Disconnected,
+        };
+        let state = match s.state.as_str() {
+            "complete" => SyncState::Complete,
+            "syncing" => SyncState::Syncing,
+            "split-brain" => SyncState::SplitBrain,
+            _ => SyncState::Degraded,
+        };
+        let mut extra = serde_json::to_value(&s)
+            .ok()
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default();
+        // These are the common fields of every backend; the rest is tandem's own detail.
+        for k in [
+            "name",
+            "role",
+            "connection",
+            "state",
+            "dirty_bytes",
+            "sync_progress",
+        ] {
+            extra.remove(k);
+        }
+        Ok(BackendStatus {
+            role,
+            connection,
+            state,
+            dirty_bytes: Some(s.dirty_bytes),
+            sync_progress: Some(s.sync_progress),
+            extra,
+        })
     }
-    fn promote(&self, _: &RoleCtx) -> Result<()> {
-        Err(self.not_wired())
+
+    fn promote(&self, ctx: &RoleCtx) -> Result<()> {
+        let deadline = Instant::now() + ctx.role_timeout;
+        let mut waited = false;
+        loop {
+            match self.set_role(DaemonRole::Primary, ctx) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind == ErrorKind::PeerPrimary => {
+                    if Instant::now() >= deadline {
+                        return Err(Refused(format!(
+                            "{}: the peer is still primary after role_timeout {}: {}",
+                            self.name,
+                            crate::config::format_duration(ctx.role_timeout),
+                            e.message
+                        ))
+                        .into());
+                    }
+                    if !waited {
+                        log::info!("{}: waiting for the peer to give up primary", self.name);
+                        waited = true;
+                    }
+                    std::thread::sleep(RETRY);
+                }
+                Err(e) => return Err(control::exit_error(e)),
+            }
+        }
     }
-    fn demote(&self, _: &RoleCtx) -> Result<()> {
-        Err(self.not_wired())
+
+    fn demote(&self, ctx: &RoleCtx) -> Result<()> {
+        self.set_role(DaemonRole::Secondary, ctx)
+            .map_err(control::exit_error)
     }
+
     fn promote_plan(&self, ctx: &RoleCtx) -> Vec<String> {
         vec![format!(
             "tandem role primary {}{}    # through {}, waits up to {} for the peer",
@@ -48,6 +155,7 @@ impl Backend for Tandem {
             crate::config::format_duration(ctx.role_timeout)
         )]
     }
+
     fn demote_plan(&self, _: &RoleCtx) -> Vec<String> {
         vec![format!(
             "tandem role secondary {}    # through {}",

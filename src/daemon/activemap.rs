@@ -117,6 +117,14 @@ impl WriteGuard<'_> {
         self.finish(replicated);
     }
 
+    /// Keep the extents in flight past this guard: the peer acknowledges later (memsync,
+    /// async). Until `ActiveMap::complete_pending` is called the extents stay dirty, so a
+    /// crash meanwhile leaves them marked for resync.
+    pub fn defer(mut self) -> Pending {
+        self.finished = true;
+        Pending { range: self.range }
+    }
+
     /// The extents this write covers (first, last), None for an empty write.
     pub fn extents(&self) -> Option<(u64, u64)> {
         self.range
@@ -133,6 +141,13 @@ impl WriteGuard<'_> {
     }
 }
 
+/// A write whose extents stay in flight until the peer's final acknowledgement
+/// (`WriteGuard::defer`). Dropping it without `complete_pending` leaves them dirty.
+#[derive(Debug)]
+pub struct Pending {
+    range: Option<(u64, u64)>,
+}
+
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
         self.finish(false);
@@ -140,6 +155,13 @@ impl Drop for WriteGuard<'_> {
 }
 
 impl ActiveMap {
+    /// The deferred write is final: `replicated` as for `WriteGuard::done`.
+    pub fn complete_pending(&self, p: Pending, replicated: bool) {
+        if let Some((first, last)) = p.range {
+            self.complete(first, last, replicated);
+        }
+    }
+
     /// Read the persisted map: `file` is the disk, the bitmap starts at `bitmap_offset`.
     /// Every extent dirty on disk is taken as needing a sync (we cannot know better after a
     /// crash).
@@ -552,6 +574,29 @@ mod tests {
         // Rewriting a hot extent costs nothing and keeps the set.
         map.begin_write(199 * MIB, 1).unwrap().done(true);
         assert_eq!(map.dirty_extents(), dirty);
+    }
+
+    #[test]
+    fn deferred_writes_stay_dirty_until_the_peer_answers() {
+        let (_d, path, disk) = clean_disk(64 * MIB);
+        let map = disk.activemap();
+        map.set_keepdirty(1);
+        let acked = map.begin_write(0, 4096).unwrap().defer();
+        let lost = map.begin_write(MIB, 4096).unwrap().defer();
+        // Enough later writes to push both out of the keepdirty window.
+        for e in 2..10 {
+            map.begin_write(e * MIB, 1).unwrap().done(true);
+        }
+        map.flush_clean().unwrap();
+        assert_eq!(map.dirty_extents(), vec![0, 1, 9]);
+        assert_eq!(dirty_on_disk(&path), vec![0, 1, 9]);
+        map.complete_pending(acked, true);
+        map.complete_pending(lost, false);
+        map.begin_write(10 * MIB, 1).unwrap().done(true);
+        map.flush_clean().unwrap();
+        // The acknowledged extent is clean now; the one the peer never wrote needs a sync.
+        assert_eq!(map.dirty_extents(), vec![1, 10]);
+        assert_eq!(dirty_on_disk(&path), vec![1, 10]);
     }
 
     #[test]

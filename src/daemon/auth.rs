@@ -10,6 +10,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result, bail};
 use hmac::{Hmac, KeyInit, Mac};
@@ -126,6 +127,24 @@ impl Secret {
         self.mac(peer_side, resource, peer_nonce, our_nonce)
             .verify_slice(proof)
             .is_ok()
+    }
+}
+
+/// The secret as the daemon holds it: shared by every resource, replaced on SIGHUP.
+#[derive(Clone)]
+pub struct SharedSecret(Arc<RwLock<Arc<Secret>>>);
+
+impl SharedSecret {
+    pub fn new(s: Secret) -> SharedSecret {
+        SharedSecret(Arc::new(RwLock::new(Arc::new(s))))
+    }
+
+    pub fn get(&self) -> Arc<Secret> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn set(&self, s: Secret) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
     }
 }
 

@@ -121,6 +121,9 @@ pub struct ResourceStatus {
     pub peer_gen: u64,
     pub inconsistent: bool,
     pub counters: Counters,
+    /// Why the resource is not running (its disk could not be opened), if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -156,6 +159,73 @@ pub fn exit_error(e: ControlError) -> anyhow::Error {
 /// How long the CLI waits for the daemon to answer a role change (a demote waits for in-flight
 /// writes, a promote probes the peer).
 const CLI_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The daemon's status of one resource.
+pub fn status_of(socket: &Path, resource: &str, timeout: Duration) -> Result<ResourceStatus> {
+    let req = Request::Status {
+        resources: vec![resource.to_string()],
+    };
+    let resp = request(socket, &req, timeout)?;
+    if let Some(e) = resp.error {
+        return Err(exit_error(e));
+    }
+    resp.resources
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{resource}: the daemon does not know this resource"))
+}
+
+/// Make `resource` primary, as the switch's promote needs it: while the peer is still primary,
+/// retry until `role_timeout`, then refuse (exit 3); stale data and split-brain are refused at
+/// once unless `force`. Each request is bounded by `request_timeout`.
+pub fn promote(
+    socket: &Path,
+    resource: &str,
+    force: bool,
+    role_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<()> {
+    let start = Instant::now();
+    let req = Request::Role {
+        role: Role::Primary,
+        resources: vec![resource.to_string()],
+        force,
+    };
+    loop {
+        let resp = request(socket, &req, request_timeout)?;
+        match resp.error {
+            None => return Ok(()),
+            Some(e) if e.kind == ErrorKind::PeerPrimary && start.elapsed() < role_timeout => {
+                log::info!("{resource}: the peer is still primary; waiting for it to step down");
+                thread::sleep(Duration::from_millis(500));
+            }
+            Some(e) if e.kind == ErrorKind::PeerPrimary => {
+                return Err(exit_error(ControlError {
+                    kind: e.kind,
+                    message: format!(
+                        "{} (still after {:?}; demote it there first)",
+                        e.message, role_timeout
+                    ),
+                }));
+            }
+            Some(e) => return Err(exit_error(e)),
+        }
+    }
+}
+
+/// Make `resource` secondary (the export disappears first; in-flight writes finish and are
+/// flushed on both nodes).
+pub fn demote(socket: &Path, resource: &str, request_timeout: Duration) -> Result<()> {
+    let req = Request::Role {
+        role: Role::Secondary,
+        resources: vec![resource.to_string()],
+        force: false,
+    };
+    match request(socket, &req, request_timeout)?.error {
+        None => Ok(()),
+        Some(e) => Err(exit_error(e)),
+    }
+}
 
 /// `tandem role ROLE RES…|all`.
 pub fn cmd_role(
@@ -433,6 +503,55 @@ impl TakeLimited for UnixStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Fake;
+    impl Handler for Fake {
+        fn handle(&self, req: Request) -> Response {
+            match req {
+                Request::Role { .. } => Response {
+                    node: "n".into(),
+                    error: Some(ControlError {
+                        kind: ErrorKind::Stale,
+                        message: "r0: stale".into(),
+                    }),
+                    ..Default::default()
+                },
+                _ => Response {
+                    node: "n".into(),
+                    resources: vec![ResourceStatus {
+                        name: "r0".into(),
+                        state: "complete".into(),
+                        ..Default::default()
+                    }],
+                    error: None,
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn socket_is_private_and_answers_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/control.sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = serve(&path, Arc::new(Fake), Arc::clone(&stop)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let st = status_of(&path, "r0", Duration::from_secs(5)).unwrap();
+        assert_eq!(st.state, "complete");
+        wait_sync(&path, &[], Duration::from_secs(5), false).unwrap();
+        let err = promote(&path, "r0", false, Duration::ZERO, Duration::from_secs(5)).unwrap_err();
+        assert_eq!(crate::exit::code_for(&err), crate::exit::REFUSED);
+        // Garbage gets a usage error, not a hang or a crash.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"{not json\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        assert!(line.contains("\"usage\""), "{line}");
+        stop.store(true, Ordering::Release);
+        t.join().unwrap();
+        assert!(!path.exists());
+    }
 
     #[test]
     fn requests_are_one_json_line() {

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod control;
 pub mod generation;
 pub mod hooks;
+pub mod kernel_nbd;
 pub mod metadata;
 pub mod nbd;
 pub mod peer;
@@ -29,7 +30,7 @@ use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, BackendKind, Config, Resource};
-use auth::Secret;
+use auth::{Secret, SharedSecret};
 use control::{ControlError, ErrorKind, Request, Response};
 use hooks::Hooks;
 use resource::{Handle, Msg};
@@ -67,10 +68,12 @@ impl std::str::FromStr for Role {
 
 struct Daemon {
     node: String,
-    secret: Arc<Secret>,
+    secret: SharedSecret,
     timeout: std::time::Duration,
     hooks: Hooks,
     handles: Mutex<HashMap<String, Handle>>,
+    /// Resources that could not start (no metadata, disk missing), with the reason.
+    failed: Mutex<HashMap<String, String>>,
     registry: secondary::Registry,
 }
 
@@ -79,11 +82,15 @@ impl Daemon {
         match resource::start(
             res,
             &self.node,
-            Arc::clone(&self.secret),
+            self.secret.clone(),
             self.timeout,
             self.hooks.clone(),
         ) {
             Ok(h) => {
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&res.name);
                 self.registry
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -93,11 +100,21 @@ impl Daemon {
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(res.name.clone(), h);
             }
-            Err(e) => log::error!("{}: cannot start: {e:#}", res.name),
+            Err(e) => {
+                log::error!("{}: cannot start: {e:#}", res.name);
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(res.name.clone(), format!("{e:#}"));
+            }
         }
     }
 
     fn stop_resource(&self, name: &str) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         self.registry
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -114,13 +131,14 @@ impl Daemon {
 
     fn names(&self, wanted: &[String]) -> std::result::Result<Vec<String>, ControlError> {
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         if wanted.is_empty() || wanted.iter().any(|w| w == "all") {
-            let mut v: Vec<String> = handles.keys().cloned().collect();
+            let mut v: Vec<String> = handles.keys().chain(failed.keys()).cloned().collect();
             v.sort();
             return Ok(v);
         }
         for w in wanted {
-            if !handles.contains_key(w) {
+            if !handles.contains_key(w) && !failed.contains_key(w) {
                 return Err(ControlError {
                     kind: ErrorKind::Usage,
                     message: format!("{w}: no such tandem resource running in this daemon"),
@@ -137,8 +155,15 @@ impl Daemon {
     ) -> std::result::Result<(), ControlError> {
         let tx = {
             let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
             match handles.get(name) {
                 Some(h) => h.tx.clone(),
+                None if failed.contains_key(name) => {
+                    return Err(ControlError {
+                        kind: ErrorKind::Failed,
+                        message: format!("{name}: not running: {}", failed[name]),
+                    });
+                }
                 None => {
                     return Err(ControlError {
                         kind: ErrorKind::Usage,
@@ -164,9 +189,21 @@ impl Daemon {
 
     fn statuses(&self, names: &[String]) -> Vec<control::ResourceStatus> {
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         names
             .iter()
-            .filter_map(|n| handles.get(n).map(|h| h.shared.status()))
+            .filter_map(|n| match (handles.get(n), failed.get(n)) {
+                (Some(h), _) => Some(h.shared.status()),
+                (None, Some(err)) => Some(control::ResourceStatus {
+                    name: n.clone(),
+                    role: "unknown".into(),
+                    connection: "n/a".into(),
+                    state: "n/a".into(),
+                    error: Some(err.clone()),
+                    ..Default::default()
+                }),
+                (None, None) => None,
+            })
             .collect()
     }
 }
@@ -251,7 +288,7 @@ fn tandem_resources(cfg: &Config) -> Vec<Resource> {
 
 /// `tandem daemon`: run in the foreground until SIGTERM or SIGINT.
 pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
-    let secret = Arc::new(Secret::load(&cfg.daemon.secret)?);
+    let secret = SharedSecret::new(Secret::load(&cfg.daemon.secret)?);
     // Signals are taken synchronously by this thread; every thread started below inherits
     // the blocked mask, so none of them is interrupted.
     let mut signals = SigSet::empty();
@@ -266,6 +303,7 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
         timeout: cfg.daemon.timeout,
         hooks: Hooks::new(cfg.daemon.exec.clone()),
         handles: Mutex::new(HashMap::new()),
+        failed: Mutex::new(HashMap::new()),
         registry: Arc::new(Mutex::new(HashMap::new())),
     });
     let mut current = tandem_resources(&cfg);
@@ -307,6 +345,10 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
                     }
                 };
                 daemon.hooks.set(new.daemon.exec.clone());
+                match Secret::load(&new.daemon.secret) {
+                    Ok(sec) => daemon.secret.set(sec),
+                    Err(e) => log::error!("keeping the old secret: {e:#}"),
+                }
                 if new.daemon.listen != listen {
                     log::warn!("daemon.listen changed; restart the daemon to apply it");
                     listen = new.daemon.listen.clone();
@@ -328,8 +370,16 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
                         }
                         Some(_) => {
                             let handles = daemon.handles.lock().unwrap_or_else(|p| p.into_inner());
-                            if let Some(h) = handles.get(&w.name) {
-                                let _ = h.tx.send(Msg::Reload(Box::new(w.clone())));
+                            match handles.get(&w.name) {
+                                Some(h) => {
+                                    let _ = h.tx.send(Msg::Reload(Box::new(w.clone())));
+                                }
+                                None => {
+                                    // It failed to start before (e.g. `tandem create` had not
+                                    // been run yet): try again.
+                                    drop(handles);
+                                    daemon.start_resource(w);
+                                }
                             }
                         }
                     }

@@ -43,8 +43,9 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> io::Result<()>;
 }
 
-/// Wire constants, in the spec's names without the `NBD_` prefix.
-mod wire {
+/// Wire constants, in the spec's names without the `NBD_` prefix (also used by the small
+/// client in src/nbd_client.rs).
+pub mod wire {
     pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
     pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
     pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
@@ -214,20 +215,22 @@ enum Negotiated {
     Abort,
 }
 
-const TRANSMISSION_FLAGS: u16 = wire::FLAG_HAS_FLAGS
+/// The transmission flags of the export: what the handshake advertises, and what
+/// `kernel_nbd` hands to the kernel with NBD_SET_FLAGS (the kernel skips the handshake).
+pub const TRANSMISSION_FLAGS: u16 = wire::FLAG_HAS_FLAGS
     | wire::FLAG_SEND_FLUSH
     | wire::FLAG_SEND_FUA
     | wire::FLAG_SEND_TRIM
     | wire::FLAG_SEND_WRITE_ZEROES
     | wire::FLAG_CAN_MULTI_CONN;
 
-fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+pub(crate) fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;
     Ok(u32::from_be_bytes(b))
 }
 
-fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+pub(crate) fn read_u64(r: &mut impl Read) -> io::Result<u64> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b)?;
     Ok(u64::from_be_bytes(b))
@@ -685,8 +688,17 @@ impl Conn {
                 .spawn(move || conn.work_loop());
             match spawned {
                 Ok(_) => st.workers += 1,
-                // Existing workers still drain the queue; with none, the request waits for one.
-                Err(e) => warn!("nbd: cannot start a worker thread: {e}"),
+                Err(e) => {
+                    warn!("nbd: cannot start a worker thread: {e}");
+                    // Existing workers drain the queue; with none, the reader runs the request.
+                    if st.workers == 0
+                        && let Some(job) = st.jobs.pop_back()
+                    {
+                        drop(st);
+                        self.run(job);
+                        return;
+                    }
+                }
             }
         }
         drop(st);
@@ -891,16 +903,26 @@ fn transmission(conn: &Arc<Conn>, r: &mut impl Read, size: u64) -> io::Result<()
     }
 }
 
-/// Serves one client from handshake to close.
-fn serve(stream: Stream, dev: Arc<dyn BlockDevice>, name: &str, counters: Arc<Counters>) {
-    let peer = match &stream {
-        Stream::Unix(_) => "unix".to_string(),
-        Stream::Tcp(s) => s
+/// How a connection begins.
+#[derive(Clone, Copy)]
+enum Opening<'a> {
+    /// A client that negotiates the export (fixed newstyle) before transmission.
+    Handshake { name: &'a str },
+    /// The kernel's nbd driver after NBD_SET_SOCK: it sends requests straight away.
+    Transmission,
+}
+
+/// Serves one client from its first byte to close.
+fn serve(stream: Stream, dev: Arc<dyn BlockDevice>, opening: Opening, counters: Arc<Counters>) {
+    let peer = match (&stream, opening) {
+        (Stream::Unix(_), Opening::Transmission) => "kernel".to_string(),
+        (Stream::Unix(_), _) => "unix".to_string(),
+        (Stream::Tcp(s), _) => s
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "tcp".into()),
     };
-    if let Err(e) = serve_inner(&stream, dev, name, counters) {
+    if let Err(e) = serve_inner(&stream, dev, opening, counters) {
         match e.kind() {
             io::ErrorKind::InvalidData => warn!("nbd: closing {peer}: {e}"),
             _ => debug!("nbd: {peer}: {e}"),
@@ -913,20 +935,22 @@ fn serve(stream: Stream, dev: Arc<dyn BlockDevice>, name: &str, counters: Arc<Co
 fn serve_inner(
     stream: &Stream,
     dev: Arc<dyn BlockDevice>,
-    name: &str,
+    opening: Opening,
     counters: Arc<Counters>,
 ) -> io::Result<()> {
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut r = BufReader::with_capacity(READ_BUFFER, stream.try_clone()?);
     let mut w = stream.try_clone()?;
     let size = dev.size();
-    let export = Export {
-        name,
-        size,
-        flags: TRANSMISSION_FLAGS,
-    };
-    if handshake(&mut r, &mut w, &export)? == Negotiated::Abort {
-        return Ok(());
+    if let Opening::Handshake { name } = opening {
+        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let export = Export {
+            name,
+            size,
+            flags: TRANSMISSION_FLAGS,
+        };
+        if handshake(&mut r, &mut w, &export)? == Negotiated::Abort {
+            return Ok(());
+        }
     }
     stream.set_read_timeout(None)?;
     let conn = Arc::new(Conn {
@@ -953,6 +977,8 @@ struct Shared {
     name: String,
     counters: Arc<Counters>,
     stop: AtomicBool,
+    /// Identifies connections in `conns`.
+    next_id: AtomicU64,
     /// Open client sockets, to shut them down on `shutdown`.
     conns: Mutex<HashMap<u64, Stream>>,
     /// Connection threads still running.
@@ -1050,6 +1076,7 @@ impl NbdServer {
             name: export_name.to_string(),
             counters: Arc::new(Counters::default()),
             stop: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
             live: Mutex::new(0),
             live_cv: Condvar::new(),
@@ -1081,6 +1108,14 @@ impl NbdServer {
 
     pub fn stats(&self) -> NbdStats {
         self.shared.counters.snapshot()
+    }
+
+    /// Serves the export on `stream` from the transmission phase on, without a handshake: what
+    /// the kernel's nbd driver expects on the socket it was given with NBD_SET_SOCK (it knows
+    /// size and flags from its ioctls). Returns once the connection's thread runs; the
+    /// connection ends on NBD_CMD_DISC, when the other end closes, or on `shutdown`.
+    pub fn serve_kernel(&self, stream: UnixStream) -> io::Result<()> {
+        admit_client(&self.shared, Stream::Unix(stream), false)
     }
 
     /// Stop accepting, close every client connection, wait (bounded) for their threads and
@@ -1141,7 +1176,6 @@ fn accept_loop(
     tcp: Option<TcpListener>,
     wake: File,
 ) {
-    let mut next_id = 0u64;
     loop {
         let mut fds = vec![libc::pollfd {
             fd: wake.as_raw_fd(),
@@ -1176,29 +1210,23 @@ fn accept_loop(
         }
         if let Some(l) = &unix {
             while let Ok((s, _)) = l.accept() {
-                next_id += 1;
-                admit_client(
-                    shared,
-                    next_id,
-                    s.set_nonblocking(false).map(|_| Stream::Unix(s)),
-                );
+                accepted(shared, s.set_nonblocking(false).map(|_| Stream::Unix(s)));
             }
         }
         if let Some(l) = &tcp {
             while let Ok((s, _)) = l.accept() {
-                next_id += 1;
                 let s = s
                     .set_nonblocking(false)
                     .and_then(|_| s.set_nodelay(true))
                     .map(|_| Stream::Tcp(s));
-                admit_client(shared, next_id, s);
+                accepted(shared, s);
             }
         }
     }
 }
 
-/// Registers a new connection and starts its thread.
-fn admit_client(shared: &Arc<Shared>, id: u64, stream: io::Result<Stream>) {
+/// A client from a listener: it starts with the handshake.
+fn accepted(shared: &Arc<Shared>, stream: io::Result<Stream>) {
     let stream = match stream {
         Ok(s) => s,
         Err(e) => {
@@ -1206,12 +1234,21 @@ fn admit_client(shared: &Arc<Shared>, id: u64, stream: io::Result<Stream>) {
             return;
         }
     };
+    if let Err(e) = admit_client(shared, stream, true) {
+        warn!("nbd: {e}");
+    }
+}
+
+/// Registers a new connection and starts its thread; `handshake` false for the kernel.
+fn admit_client(shared: &Arc<Shared>, stream: Stream, handshake: bool) -> io::Result<()> {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     {
         let mut live = lock(&shared.live);
         if *live >= MAX_CONNECTIONS {
-            warn!("nbd: refusing a connection: {MAX_CONNECTIONS} already open");
             stream.shutdown();
-            return;
+            return Err(io::Error::other(format!(
+                "refusing a connection: {MAX_CONNECTIONS} already open"
+            )));
         }
         *live += 1;
     }
@@ -1226,18 +1263,27 @@ fn admit_client(shared: &Arc<Shared>, id: u64, stream: io::Result<Stream>) {
     let spawned = thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
-            serve(stream, Arc::clone(&s.dev), &s.name, Arc::clone(&s.counters));
+            let opening = if handshake {
+                Opening::Handshake { name: &s.name }
+            } else {
+                Opening::Transmission
+            };
+            serve(stream, Arc::clone(&s.dev), opening, Arc::clone(&s.counters));
             lock(&s.conns).remove(&id);
             *lock(&s.live) -= 1;
             s.live_cv.notify_all();
         });
     if let Err(e) = spawned {
-        warn!("nbd: cannot start a connection thread: {e}");
         if let Some(s) = lock(&shared.conns).remove(&id) {
             s.shutdown();
         }
         *lock(&shared.live) -= 1;
+        return Err(io::Error::new(
+            e.kind(),
+            format!("cannot start a connection thread: {e}"),
+        ));
     }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1274,7 +1320,7 @@ impl FileDevice {
         let actual = if ft.is_file() {
             meta.len()
         } else if ft.is_block_device() || ft.is_char_device() {
-            file.seek(SeekFrom::End(0))?
+            device_size(&mut file)?
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -1345,6 +1391,24 @@ impl FileDevice {
     fn sync_if(&self, fua: bool) -> io::Result<()> {
         if fua { self.file.sync_data() } else { Ok(()) }
     }
+}
+
+/// The size of a disk device.
+#[cfg(not(target_os = "freebsd"))]
+fn device_size(file: &mut File) -> io::Result<u64> {
+    file.seek(SeekFrom::End(0))
+}
+
+/// The size of a disk device: FreeBSD reports 0 for st_size and SEEK_END on disks.
+#[cfg(target_os = "freebsd")]
+fn device_size(file: &mut File) -> io::Result<u64> {
+    const DIOCGMEDIASIZE: libc::c_ulong = 0x4008_6481; // _IOR('d', 129, off_t)
+    let mut size: libc::off_t = 0;
+    // SAFETY: DIOCGMEDIASIZE writes one off_t through the pointer.
+    if unsafe { libc::ioctl(file.as_raw_fd(), DIOCGMEDIASIZE, &mut size) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 #[cfg(target_os = "linux")]

@@ -319,9 +319,14 @@ impl Link {
     /// Queue a request built from its sequence number; the completion reports the peer's acks.
     /// On a dead link the completion is already failed.
     pub fn submit(&self, make: impl FnOnce(u64) -> Message) -> Arc<Completion> {
+        self.submit_frame(|seq| make(seq).encode())
+    }
+
+    /// Like `submit`, with the frame already encoded (see `protocol::encode_write`).
+    pub fn submit_frame(&self, make: impl FnOnce(u64) -> Vec<u8>) -> Arc<Completion> {
         let c = Completion::new();
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let frame = make(seq).encode();
+        let frame = make(seq);
         let queued = match self.pending.lock() {
             Ok(mut p) if !p.dead => {
                 p.map.insert(seq, Arc::clone(&c));

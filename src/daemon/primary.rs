@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::activemap::Pending;
 use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::nbd::BlockDevice;
 use super::peer::{self, Completion, HandshakeError, Link, Outcome};
-use super::protocol::{GoodbyeCode, Message, Purpose};
+use super::protocol::{self, GoodbyeCode, Message, Purpose};
 use super::resource::{Connection, Shared};
 use super::{Role, sync};
 use crate::config::Replication;
@@ -56,7 +57,7 @@ impl Replicated {
         len: u64,
         fua: bool,
         local: impl FnOnce() -> io::Result<()>,
-        remote: impl FnOnce(u64) -> Message,
+        remote: impl FnOnce(u64) -> Vec<u8>,
     ) -> io::Result<()> {
         let s = &self.s;
         let am = s.disk.activemap();
@@ -70,7 +71,7 @@ impl Replicated {
             if fua {
                 s.disk.sync_data()?;
             }
-            s.link().map(|l| l.submit(remote))
+            s.link().map(|l| l.submit_frame(remote))
         };
         let Some(c) = completion else {
             guard.done(false);
@@ -100,24 +101,22 @@ impl Replicated {
             guard.done(false);
             return s.note_degraded_write();
         }
-        // memsync (received) or async (queued): the extents are released now; if the peer never
-        // writes the data, they are marked for resync when the request fails.
-        guard.done(true);
-        self.after_written(c, first, last, len);
+        // memsync (received) or async (queued): the writer is answered now, but the extents stay
+        // in flight (dirty, also on disk) until the peer has written the data, so a crash of
+        // this node before that still resyncs them.
+        self.after_written(c, guard.defer(), len);
         Ok(())
     }
 
-    fn after_written(&self, c: Arc<Completion>, first: u64, last: u64, len: u64) {
+    fn after_written(&self, c: Arc<Completion>, pending: Pending, len: u64) {
         let s = Arc::clone(&self.s);
         c.on_final(move |ok| {
+            s.disk.activemap().complete_pending(pending, ok);
             if ok {
                 s.counters
                     .bytes_replicated
                     .fetch_add(len, Ordering::Relaxed);
                 return;
-            }
-            for e in first..=last {
-                s.disk.activemap().set_needs_sync(e);
             }
             if let Err(e) = s.note_degraded_write() {
                 log::error!("{}: bumping the generation: {e}", s.name);
@@ -152,12 +151,7 @@ impl BlockDevice for Replicated {
             data.len() as u64,
             fua,
             || disk.write_at(data, offset),
-            |seq| Message::Write {
-                seq,
-                offset,
-                fua,
-                data: data.to_vec(),
-            },
+            |seq| protocol::encode_write(seq, offset, fua, data),
         )
     }
 
@@ -185,11 +179,14 @@ impl BlockDevice for Replicated {
             len,
             fua,
             || disk.punch(offset, len),
-            |seq| Message::Trim {
-                seq,
-                offset,
-                len,
-                fua,
+            |seq| {
+                Message::Trim {
+                    seq,
+                    offset,
+                    len,
+                    fua,
+                }
+                .encode()
             },
         )
     }
@@ -204,11 +201,14 @@ impl BlockDevice for Replicated {
                 disk.punch(offset, len)
             }
         };
-        self.modify(offset, len, fua, local, |seq| Message::WriteZeroes {
-            seq,
-            offset,
-            len,
-            fua,
+        self.modify(offset, len, fua, local, |seq| {
+            Message::WriteZeroes {
+                seq,
+                offset,
+                len,
+                fua,
+            }
+            .encode()
         })
     }
 }
@@ -218,12 +218,14 @@ impl BlockDevice for Replicated {
 pub fn connector(s: Arc<Shared>, stop: Arc<AtomicBool>) {
     let mut backoff = BACKOFF_MIN;
     let mut was_connected = false;
+    let mut last_refusal = None;
     while !stop.load(Ordering::Acquire) {
         s.set_conn(|c| c.connection = Connection::Connecting);
-        match connect_once(&s, &stop) {
+        match connect_once(&s, &stop, &mut last_refusal) {
             Ok(link) => {
                 backoff = BACKOFF_MIN;
                 was_connected = true;
+                last_refusal = None;
                 while !stop.load(Ordering::Acquire) && !link.wait_dead(Duration::from_millis(200)) {
                 }
                 let why = link.last_error().unwrap_or_default();
@@ -279,7 +281,11 @@ impl From<anyhow::Error> for ConnectError {
     }
 }
 
-fn connect_once(s: &Arc<Shared>, stop: &AtomicBool) -> Result<Arc<Link>, ConnectError> {
+fn connect_once(
+    s: &Arc<Shared>,
+    stop: &AtomicBool,
+    last_refusal: &mut Option<GoodbyeCode>,
+) -> Result<Arc<Link>, ConnectError> {
     let cfg = s.cfg();
     let Some(remote) = cfg.remote.as_deref() else {
         return Err(ConnectError::Refused(REFUSED_RETRY));
@@ -292,20 +298,31 @@ fn connect_once(s: &Arc<Shared>, stop: &AtomicBool) -> Result<Arc<Link>, Connect
         .map(|a| a.ip());
     let mut stream = peer::connect_from(to, from, Duration::from_secs(2).min(s.timeout))?;
     let me = s.node_state();
+    let secret = s.secret.get();
     let hello = peer::Hello {
         resource: &s.name,
         node: &s.node,
         purpose: Purpose::Replicate,
         mode: Replicated::mode_code(cfg.replication),
-        secret: &s.secret,
+        secret: &secret,
         state: me.clone(),
     };
     let theirs = match peer::handshake_connect(&mut stream, &hello, s.timeout) {
         Ok(t) => t,
         Err(HandshakeError::Refused(code, reason)) => {
+            s.set_conn(|c| {
+                c.peer_role = if code == GoodbyeCode::PeerPrimary {
+                    Some(Role::Primary)
+                } else {
+                    None
+                }
+            });
+            // Said once per change, not every retry.
+            let repeated = *last_refusal == Some(code);
+            *last_refusal = Some(code);
             match code {
+                _ if repeated => log::debug!("{}: peer {to} still refuses: {reason}", s.name),
                 GoodbyeCode::PeerPrimary => {
-                    s.set_conn(|c| c.peer_role = Some(Role::Primary));
                     log::warn!("{}: the peer is primary too: {reason}", s.name);
                 }
                 GoodbyeCode::AuthFailed => {
@@ -388,6 +405,13 @@ fn connect_once(s: &Arc<Shared>, stop: &AtomicBool) -> Result<Arc<Link>, Connect
         Ok(()) => {
             s.set_conn(|c| c.in_sync = true);
             *s.gen_bumped.lock().unwrap_or_else(|p| p.into_inner()) = false;
+            // A write that failed on a link dying right at the end of the sync may have found
+            // the flag still set and skipped its bump: bump now to be safe.
+            if link.is_dead()
+                && let Err(e) = s.note_degraded_write()
+            {
+                log::error!("{}: bumping the generation: {e}", s.name);
+            }
         }
         Err(e) => {
             log::warn!("{}: sync interrupted: {e:#}", s.name);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::Role;
-use super::auth::Secret;
+use super::auth::SharedSecret;
 use super::control::{Counters as CounterValues, ErrorKind, ResourceStatus};
 use super::generation::{self, Decision};
 use super::hooks::{Event, Hooks};
@@ -175,7 +175,7 @@ pub struct Shared {
     pub node: String,
     pub cfg: RwLock<Resource>,
     pub disk: Arc<Disk>,
-    pub secret: Arc<Secret>,
+    pub secret: SharedSecret,
     pub timeout: Duration,
     pub hooks: Hooks,
     pub role: RwLock<Role>,
@@ -312,6 +312,7 @@ impl Shared {
             local_gen: h.local_gen,
             peer_gen: h.peer_gen,
             inconsistent: h.inconsistent,
+            error: None,
             counters: CounterValues {
                 reads: cn.reads.load(Ordering::Relaxed),
                 writes: cn.writes.load(Ordering::Relaxed),
@@ -347,7 +348,7 @@ impl Handle {
 pub fn start(
     res: &Resource,
     node: &str,
-    secret: Arc<Secret>,
+    secret: SharedSecret,
     timeout: Duration,
     hooks: Hooks,
 ) -> Result<Handle> {
@@ -386,6 +387,7 @@ pub fn start(
             Owner {
                 shared: s,
                 nbd: None,
+                kernel: None,
                 connector: None,
             }
             .run(rx)
@@ -408,6 +410,8 @@ struct Connector {
 struct Owner {
     shared: Arc<Shared>,
     nbd: Option<NbdServer>,
+    /// The export attached to the kernel's `/dev/nbdN`, when the daemon does that itself.
+    kernel: Option<super::kernel_nbd::KernelAttach>,
     connector: Option<Connector>,
 }
 
@@ -513,9 +517,23 @@ impl Owner {
             ));
         }
         let peer = match probe(&self.shared, remote, cfg.peer_remote.as_deref()) {
-            Ok(p) => p,
-            Err(e) => {
-                log::info!("{name}: peer unreachable ({e}); becoming primary without it");
+            Probe::State(p) => p,
+            Probe::Unreachable(e) => {
+                log::info!("{name}: peer unreachable ({e:#}); becoming primary without it");
+                return Ok(());
+            }
+            Probe::Refused(why) if !force => {
+                // The peer answered but will not talk to us (wrong secret, other protocol
+                // version): a configuration error, not an absent peer.
+                return Err(RoleError::new(
+                    ErrorKind::Failed,
+                    format!(
+                        "{name}: the peer refused us ({why}); fix the configuration or use --force"
+                    ),
+                ));
+            }
+            Probe::Refused(why) => {
+                log::warn!("{name}: the peer refused us ({why}); promoting anyway (--force)");
                 return Ok(());
             }
         };
@@ -550,6 +568,28 @@ impl Owner {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let server = NbdServer::start(Some(&cfg.nbd), cfg.nbd_tcp, &cfg.name, dev)?;
+        // `device = "/dev/nbdN"` without an attach hook: the daemon attaches the export to the
+        // kernel itself. Without the nbd module the export stays on its socket only.
+        if cfg.attach.is_none() && cfg.device.to_string_lossy().starts_with("/dev/nbd") {
+            use super::kernel_nbd::{KernelAttach, available};
+            let (d, size) = (&cfg.device, self.shared.disk.data_size());
+            match available(d).and_then(|()| {
+                let flags = super::nbd::TRANSMISSION_FLAGS;
+                KernelAttach::attach(d, size, 4096, flags, |s| server.serve_kernel(s))
+                    .map_err(|e| format!("{e:#}"))
+            }) {
+                Ok(k) => {
+                    log::info!("{}: export attached to {}", cfg.name, d.display());
+                    self.kernel = Some(k);
+                }
+                Err(why) => log::warn!(
+                    "{}: {} not attached, the export is only on {}: {why}",
+                    cfg.name,
+                    d.display(),
+                    cfg.nbd.display()
+                ),
+            }
+        }
         self.nbd = Some(server);
         if cfg.remote.is_some() {
             let stop = Arc::new(AtomicBool::new(false));
@@ -566,6 +606,9 @@ impl Owner {
     /// Remove the export (waiting for in-flight requests), make everything durable locally and
     /// on the peer, then close the link.
     fn stop_primary(&mut self) {
+        if let Some(Err(e)) = self.kernel.take().map(|k| k.detach()) {
+            log::error!("{}: {e:#}", self.shared.name);
+        }
         if let Some(server) = self.nbd.take() {
             server.shutdown();
         }
@@ -611,8 +654,36 @@ impl Owner {
     }
 }
 
+/// What a probe of the peer found.
+pub enum Probe {
+    State(NodeState),
+    /// No answer (connection refused, timed out, closed): the peer may be down.
+    Unreachable(anyhow::Error),
+    /// The peer answered and refused (authentication, version).
+    Refused(String),
+}
+
 /// Ask the peer for its role and state (bounded by PROBE_TIMEOUT).
-pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeState> {
+pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Probe {
+    match probe_inner(shared, remote, from) {
+        Ok(s) => Probe::State(s),
+        Err(ProbeError::Refused(code, why)) => Probe::Refused(format!("{code:?}: {why}")),
+        Err(ProbeError::Other(e)) => Probe::Unreachable(e),
+    }
+}
+
+enum ProbeError {
+    Refused(GoodbyeCode, String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ProbeError {
+    fn from(e: anyhow::Error) -> Self {
+        ProbeError::Other(e)
+    }
+}
+
+fn probe_inner(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeState, ProbeError> {
     let to = peer::resolve(remote)?;
     let from_ip = from.and_then(|f| peer::resolve(f).ok()).map(|a| a.ip());
     let mut stream = peer::connect_from(to, from_ip, PROBE_TIMEOUT)?;
@@ -621,7 +692,7 @@ pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeSt
         node: &shared.node,
         purpose: Purpose::Probe,
         mode: 0,
-        secret: &shared.secret,
+        secret: &shared.secret.get(),
         state: shared.node_state(),
     };
     let r = peer::handshake_connect(&mut stream, &hello, PROBE_TIMEOUT);
@@ -634,9 +705,10 @@ pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeSt
     );
     match r {
         Ok(s) => Ok(s),
-        Err(HandshakeError::Refused(GoodbyeCode::AuthFailed, m)) => {
-            anyhow::bail!("authentication failed: {m}")
-        }
-        Err(e) => anyhow::bail!("{e}"),
+        Err(HandshakeError::Refused(
+            code @ (GoodbyeCode::AuthFailed | GoodbyeCode::Mismatch),
+            m,
+        )) => Err(ProbeError::Refused(code, m)),
+        Err(e) => Err(ProbeError::Other(anyhow::anyhow!("{e}"))),
     }
 }

@@ -170,10 +170,10 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
             nonce: ours,
         },
     )?;
+    let secret = s.secret.get();
     match protocol::read_message(&mut stream, MAX_FRAME_UNAUTHENTICATED) {
         Ok(Message::Auth { proof })
-            if s.secret
-                .verify(Side::Connect, &resource, &theirs, &ours, &proof) => {}
+            if secret.verify(Side::Connect, &resource, &theirs, &ours, &proof) => {}
         Ok(Message::Auth { .. }) => {
             goodbye(
                 &mut stream,
@@ -185,7 +185,7 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
         Ok(other) => bail!("{resource}: expected Auth, got {}", other.name()),
         Err(e) => bail!("{resource}: {e}"),
     }
-    let proof = s.secret.proof(Side::Accept, &resource, &ours, &theirs);
+    let proof = secret.proof(Side::Accept, &resource, &ours, &theirs);
     protocol::write_message(&mut stream, &Message::Auth { proof })?;
     let their_state = match protocol::read_message(&mut stream, MAX_FRAME) {
         Ok(Message::State(st)) => st,

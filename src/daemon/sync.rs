@@ -16,7 +16,7 @@ use anyhow::{Result, bail};
 use super::generation::Decision;
 use super::hooks::Event;
 use super::peer::{Completion, Link, Outcome};
-use super::protocol::{MAX_DATA, Message, NodeState};
+use super::protocol::{self, MAX_DATA, Message, NodeState};
 use super::resource::Shared;
 
 /// Bytes of sync data in flight at once.
@@ -120,12 +120,11 @@ pub fn run(
                     let mut off = start;
                     while off < start + len {
                         let n = chunk.min(start + len - off) as usize;
-                        let mut buf = vec![0u8; n];
-                        disk.read_at(&mut buf, off)?;
-                        comps.push(link.submit(|seq| Message::SyncChunk {
-                            seq,
-                            offset: off,
-                            data: buf,
+                        let mut frame =
+                            protocol::encode_sync_chunk(0, off, n, |b| disk.read_at(b, off))?;
+                        comps.push(link.submit_frame(|seq| {
+                            protocol::set_seq(&mut frame, seq);
+                            frame
                         }));
                         off += n as u64;
                     }

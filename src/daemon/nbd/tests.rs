@@ -551,3 +551,146 @@ fn shutdown_closes_clients_and_removes_the_socket() {
     server.shutdown();
     assert!(!f.sock.exists());
 }
+
+/// Not a test: fio against this server and against qemu-nbd on the same kind of file, printed
+/// side by side. Run with `cargo test --release bench_vs_qemu_nbd -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_vs_qemu_nbd() {
+    if !have("fio", "bench_vs_qemu_nbd") || !have("qemu-nbd", "bench_vs_qemu_nbd") {
+        return;
+    }
+    let size: u64 = 512 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let ours_img = dir.path().join("ours.img");
+    let qemu_img = dir.path().join("qemu.img");
+    let data = noise(size as usize, 5);
+    std::fs::write(&ours_img, &data).unwrap();
+    std::fs::write(&qemu_img, &data).unwrap();
+    drop(data);
+    let ours_sock = dir.path().join("ours.sock");
+    let qemu_sock = dir.path().join("qemu.sock");
+    let dev = Arc::new(FileDevice::open(&ours_img, None).unwrap());
+    let server = NbdServer::start(Some(&ours_sock), None, "", dev).unwrap();
+    /// Kills qemu-nbd even when the benchmark panics.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _qemu = Child(
+        Proc::new("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "--cache=writeback",
+                "--aio=threads",
+                "-t",
+                "-k",
+            ])
+            .arg(&qemu_sock)
+            .arg(&qemu_img)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..100 {
+        if UnixStream::connect(&qemu_sock).is_ok() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let jobs = [
+        ("seq write 1M qd16", "write", "1m", 16),
+        ("rand write 4k qd1", "randwrite", "4k", 1),
+        ("rand write 4k qd32", "randwrite", "4k", 32),
+        ("rand read 4k qd32", "randread", "4k", 32),
+    ];
+    for (label, rw, bs, depth) in jobs {
+        for (who, sock) in [("tandem", &ours_sock), ("qemu-nbd", &qemu_sock)] {
+            let out = run(Proc::new("fio")
+                .arg("--name=bench")
+                .arg("--ioengine=nbd")
+                .arg(format!("--uri=nbd+unix:///?socket={}", sock.display()))
+                .arg(format!("--rw={rw}"))
+                .arg(format!("--bs={bs}"))
+                .arg(format!("--iodepth={depth}"))
+                .arg(format!("--size={size}"))
+                .arg("--time_based=1")
+                .arg("--runtime=5")
+                .arg("--output-format=json"));
+            // fio may print notes before the JSON.
+            let start = out.stdout.iter().position(|&b| b == b'{').unwrap_or(0);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout[start..]).unwrap();
+            let side = if rw.contains("read") { "read" } else { "write" };
+            let j = &v["jobs"][0][side];
+            println!(
+                "{label:20} {who:9} {:>10.0} IOPS {:>8.1} MiB/s p50 {:>6} us",
+                j["iops"].as_f64().unwrap_or(0.0),
+                j["bw_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                j["clat_ns"]["percentile"]["50.000000"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    / 1000,
+            );
+        }
+    }
+    server.shutdown();
+}
+
+#[test]
+fn shutdown_during_pipelined_io_returns_and_closes() {
+    let mut f = Fixture::new();
+    let mut clients = Vec::new();
+    for c in 0..4u64 {
+        let mut s = raw_session(&f.sock);
+        let mut r = s.try_clone().unwrap();
+        // Keeps writing until the server hangs up.
+        let writer = thread::spawn(move || {
+            for i in 0..100_000u64 {
+                let off = ((c * 1000 + i) % 8000) * 4096;
+                let head = Request {
+                    flags: 0,
+                    kind: wire::CMD_WRITE,
+                    cookie: i,
+                    offset: off,
+                    len: 4096,
+                }
+                .encode();
+                if s.write_all(&head).is_err() || s.write_all(&[c as u8; 4096]).is_err() {
+                    return;
+                }
+            }
+        });
+        // Drains and counts replies so the server never blocks on us.
+        let answered = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&answered);
+        let reader = thread::spawn(move || {
+            let mut b = [0u8; 16];
+            while r.read_exact(&mut b).is_ok() {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        clients.push((writer, reader, answered));
+    }
+    // Wait until every client has had answers, then pull the export away.
+    let all_answered = || clients.iter().all(|c| c.2.load(Ordering::Relaxed) >= 10);
+    for _ in 0..6000 {
+        if all_answered() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(all_answered());
+    f.server.take().unwrap().shutdown();
+    assert!(!f.sock.exists());
+    for (w, r, _) in clients {
+        w.join().unwrap();
+        r.join().unwrap();
+    }
+    assert!(UnixStream::connect(&f.sock).is_err());
+}
