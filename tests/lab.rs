@@ -100,6 +100,16 @@ fn tandem_backend_works() -> bool {
     {
         return false;
     }
+    // The daemon refuses a secret file others can read.
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::set_permissions(
+        dir.path().join("key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .is_err()
+    {
+        return false;
+    }
     let created = Command::new(tandem_bin())
         .arg("-c")
         .arg(&conf)
