@@ -7,8 +7,9 @@
 #   return     then A comes back as secondary, resyncs only what changed; planned switch back
 #   flap       20 rapid stop/start cycles of A's ucarp while the client writes; never both
 #              mounted, the end state matches CARP, no acknowledged write lost
-#   partition  A's cable cut: both CARP masters; on heal the split-brain is reported and the
-#              newer primary's data is not overwritten (backend tandem only)
+#   partition  A leaves the network: both CARP masters; on heal the split-brain is reported and
+#              neither side's data is overwritten; then the operator resolves it with
+#              `tandem resolve --discard-local` on B (backend tandem only)
 #   watch      cold + loss with `tandem watch` instead of the switch in the ucarp scripts
 
 # JSON field of `tandem status --json share` on host $1 (first occurrence; numbers or strings).
@@ -190,8 +191,16 @@ sc_partition() {
 	# Nothing is resolved silently: still split-brain, never complete.
 	split_brain_reported || fail "split-brain no longer reported: A=$(status_field A state) B=$(status_field B state)"
 	log "split-brain reported on heal and left for the operator; both sides' writes intact"
-	# The client now sees A's side; what it wrote to B waits on B's disk for the operator
-	# (tandem resolve share --discard-local on the side whose writes are given up).
+	# The operator's way out: keep A's side (it serves), give up B's partition-time writes.
+	tandem B resolve share --discard-local || fail "tandem resolve on B failed"
+	tandem A wait-sync share --timeout 120s || fail "A: no resync to B after the resolve"
+	[ "$(status_field A state)" = complete ] || fail "A: state $(status_field A state) after resolve"
+	[ "$(status_field B state)" = complete ] || fail "B: state $(status_field B state) after resolve"
+	# Every file the client wrote outside the partition still reads back through the VIP.
+	grep -v '^partB' "$LAB/C/acked" >"$LAB/C/acked.kept"
+	mv "$LAB/C/acked.kept" "$LAB/C/acked"
+	cmd_verify
+	log "resolved by discarding B's side: the pair is complete again"
 }
 
 sc_watch() {
