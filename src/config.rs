@@ -217,6 +217,7 @@ pub struct Resource {
     pub attach: Option<String>,
     pub detach: Option<String>,
     pub replication: Replication,
+    #[serde(serialize_with = "ser_size")]
     pub extent_size: u64,
     pub nbd: PathBuf,
     pub nbd_tcp: Option<SocketAddr>,
@@ -266,6 +267,61 @@ impl Config {
         }
         Ok(out)
     }
+}
+
+/// The resolved configuration in the shape of the file (`[resource.NAME]`, `[[service]]`),
+/// every default filled in, each resource with this node's `local` and `remote`.
+pub fn to_toml(cfg: &Config) -> Result<String, toml::ser::Error> {
+    let mut top = toml::Table::try_from(cfg)?;
+    top.remove("file");
+    if let Some(toml::Value::Array(services)) = top.remove("services") {
+        top.insert("service".into(), toml::Value::Array(services));
+    }
+    if let Some(toml::Value::Array(resources)) = top.remove("resources") {
+        let mut by_name = toml::Table::new();
+        for r in resources {
+            if let toml::Value::Table(mut t) = r {
+                // This node's `local`/`remote` and the peer's address go back into their `on`
+                // sections (the peer's disk is its own business).
+                let mut on = toml::Table::new();
+                let mut mine = toml::Table::new();
+                for k in ["local", "remote"] {
+                    if let Some(v) = t.remove(k) {
+                        mine.insert(k.into(), v);
+                    }
+                }
+                if !mine.is_empty() {
+                    on.insert(cfg.node.clone(), toml::Value::Table(mine));
+                }
+                let peer_remote = t.remove("peer_remote");
+                if let Some(toml::Value::String(peer)) = t.remove("peer") {
+                    let mut theirs = toml::Table::new();
+                    if let Some(v) = peer_remote {
+                        theirs.insert("remote".into(), v);
+                    }
+                    on.insert(peer, toml::Value::Table(theirs));
+                }
+                if !on.is_empty() {
+                    t.insert("on".into(), toml::Value::Table(on));
+                }
+                if let Some(toml::Value::String(name)) = t.remove("name") {
+                    by_name.insert(name, toml::Value::Table(t));
+                }
+            }
+        }
+        top.insert("resource".into(), toml::Value::Table(by_name));
+    }
+    toml::to_string_pretty(&top)
+}
+
+fn ser_size<S: serde::Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+    let text = match *n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}G", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}M", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}K", n >> 10),
+        n => n.to_string(),
+    };
+    s.serialize_str(&text)
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -616,7 +672,17 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
 
     let mut resources = Vec::new();
     for (name, spanned) in &raw.resource {
-        resources.push(resolve_resource(&src, name, spanned, &node)?);
+        let r = resolve_resource(&src, name, spanned, &node)?;
+        if let Some((what, other)) = shared_path(&resources, &r) {
+            return Err(src.error(
+                spanned.span(),
+                format!(
+                    "resources {:?} and {:?} both use {what}: each resource needs its own",
+                    other, r.name
+                ),
+            ));
+        }
+        resources.push(r);
     }
 
     let mut services: Vec<Service> = Vec::new();
@@ -931,6 +997,37 @@ fn resolve_resource(
     })
 }
 
+/// A path that `r` would share with an earlier resource: two resources on one device, disk,
+/// socket or mountpoint would overwrite each other.
+fn shared_path(earlier: &[Resource], r: &Resource) -> Option<(String, String)> {
+    for o in earlier {
+        let same = |a: &Option<PathBuf>, b: &Option<PathBuf>| a.is_some() && a == b;
+        if o.device == r.device && o.pool.is_none() {
+            let hint = if r.backend == BackendKind::Tandem {
+                " (the default for backend \"tandem\" is /dev/nbd0: set device for each)"
+            } else {
+                ""
+            };
+            return Some((
+                format!("device {}{hint}", r.device.display()),
+                o.name.clone(),
+            ));
+        }
+        if same(&o.mountpoint, &r.mountpoint) {
+            let mp = r.mountpoint.as_deref().unwrap_or(Path::new(""));
+            return Some((format!("mountpoint {}", mp.display()), o.name.clone()));
+        }
+        if same(&o.local, &r.local) {
+            let l = r.local.as_deref().unwrap_or(Path::new(""));
+            return Some((format!("local disk {}", l.display()), o.name.clone()));
+        }
+        if r.backend == BackendKind::Tandem && o.backend == BackendKind::Tandem && o.nbd == r.nbd {
+            return Some((format!("nbd socket {}", r.nbd.display()), o.name.clone()));
+        }
+    }
+    None
+}
+
 /// `host`, `host:port`, `[v6]:port` → `host:port` with the default port filled in.
 fn normalize_remote(s: &str) -> Option<String> {
     let s = s.trim();
@@ -1085,6 +1182,39 @@ remote = "192.168.10.11"
                 .contains("needs both")
         );
         assert!(err("this is not toml").starts_with("/etc/tandem.toml:1:"));
+    }
+
+    #[test]
+    fn resources_do_not_share_devices_or_mountpoints() {
+        let two = |a: &str, b: &str| {
+            format!("[resource.r1]\nbackend=\"none\"\n{a}\n[resource.r2]\nbackend=\"none\"\n{b}\n")
+        };
+        let e = err(&two("device=\"/dev/x\"", "device=\"/dev/x\""));
+        assert!(
+            e.contains("\"r1\" and \"r2\" both use device /dev/x"),
+            "{e}"
+        );
+        assert!(e.starts_with("/etc/tandem.toml:4:1:"), "{e}");
+        let e = err(&two(
+            "device=\"/dev/x\"\nmountpoint=\"/m\"",
+            "device=\"/dev/y\"\nmountpoint=\"/m\"",
+        ));
+        assert!(e.contains("mountpoint /m"), "{e}");
+        p(&two("device=\"/dev/x\"", "device=\"/dev/y\"")).unwrap();
+    }
+
+    #[test]
+    fn resolved_config_prints_in_the_file_shape() {
+        let c = p(EXAMPLE).unwrap();
+        let text = to_toml(&c).unwrap();
+        assert!(text.contains("[resource.hast0]"), "{text}");
+        assert!(text.contains("[[service]]"), "{text}");
+        assert!(text.contains("remote = \"192.168.10.12:8457\""), "{text}");
+        assert!(text.contains("role_timeout = \"20s\""), "{text}");
+        // What it prints is itself a valid configuration with the same meaning.
+        let again = parse(Path::new("again"), &text, Some("s1")).unwrap();
+        assert_eq!(again.resources[0].remote, c.resources[0].remote);
+        assert_eq!(again.switch.role_timeout, c.switch.role_timeout);
     }
 
     #[test]

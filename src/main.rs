@@ -158,7 +158,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::CheckConfig => {
             let cfg = load(&cli)?;
-            let text = toml::to_string_pretty(&cfg)
+            let text = config::to_toml(&cfg)
                 .map_err(|e| anyhow::anyhow!("cannot print the configuration: {e}"))?;
             println!(
                 "# {} as resolved for node {:?}",

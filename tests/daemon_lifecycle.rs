@@ -37,7 +37,7 @@ fn notify_reload_and_clean_stop() {
         .unwrap();
     let mut text = std::fs::read_to_string(&p.a.conf).unwrap();
     text.push_str(&format!(
-        "\n[resource.r1]\nbackend = \"tandem\"\nnbd = \"{}\"\n[resource.r1.on.a]\nlocal = \"{}\"\nremote = \"127.0.0.3:9\"\n[resource.r1.on.b]\nlocal = \"{}\"\nremote = \"127.0.0.2:9\"\n",
+        "\n[resource.r1]\nbackend = \"tandem\"\ndevice = \"/dev/nbd1\"\nnbd = \"{}\"\n[resource.r1.on.a]\nlocal = \"{}\"\nremote = \"127.0.0.3:9\"\n[resource.r1.on.b]\nlocal = \"{}\"\nremote = \"127.0.0.2:9\"\n",
         p.dir.path().join("a1.nbd").display(),
         img.display(),
         img.display()

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::backend::{self, RoleCtx};
-use crate::config::{Config, Resource, Service, format_duration};
+use crate::config::{BackendKind, Config, Resource, Service, format_duration};
 use crate::host::{Cmd, fs, service, zfs};
 
 /// One step of a plan.
@@ -53,6 +53,14 @@ pub fn promote<'a>(cfg: &'a Config, resources: &[&'a Resource]) -> Vec<Step<'a>>
     for &r in resources {
         steps.push(Step::Role(r, true));
         steps.push(Step::Attach(r));
+        if r.mountpoint.is_none() && r.pool.is_none() {
+            // No filesystem here: nothing to check or mount. A tandem resource without an
+            // attach hook is used through its export socket; its device may never appear.
+            if r.backend != BackendKind::Tandem || r.attach.is_some() {
+                steps.push(Step::WaitDevice(r));
+            }
+            continue;
+        }
         steps.push(Step::WaitDevice(r));
         steps.push(Step::Fsck(r));
         steps.push(Step::Mkdir(r));
@@ -265,5 +273,20 @@ pool = "tank"
         let tank = vec![cfg.resource("tank").unwrap()];
         let l = lines(&cfg, &demote(&cfg, &tank));
         assert_eq!(l[0], "service samba_server onestop");
+    }
+
+    #[test]
+    fn no_filesystem_no_fsck_and_no_wait_for_a_bare_export() {
+        let text = "node = \"a\"\n[resource.raw]\nbackend = \"hast\"\n\
+                    [resource.r0]\nbackend = \"tandem\"\n\
+                    [resource.r0.on.a]\nlocal = \"/x\"\nremote = \"10.0.0.2\"\n\
+                    [resource.r0.on.b]\nlocal = \"/x\"\nremote = \"10.0.0.1\"\n";
+        let cfg = parse(Path::new("t.toml"), text, None).unwrap();
+        let all: Vec<&Resource> = cfg.resources.iter().collect();
+        let l = lines(&cfg, &promote(&cfg, &all));
+        assert!(l.iter().all(|l| !l.contains("fsck")), "{l:?}");
+        let waits: Vec<&String> = l.iter().filter(|l| l.starts_with("wait for ")).collect();
+        assert_eq!(waits.len(), 1, "{l:?}");
+        assert!(waits[0].starts_with("wait for /dev/hast/raw "), "{l:?}");
     }
 }
