@@ -1247,11 +1247,14 @@ remote = "192.168.10.11"
     #[test]
     fn watch_section() {
         let c = p("[watch]\naddress = \"198.18.0.10\"\ninterface = \"eth0\"\n").unwrap();
-        let w = c.watch.unwrap();
+        let w = c.watch.clone().unwrap();
         assert_eq!(w.address.to_string(), "198.18.0.10");
         assert_eq!(w.interface.as_deref(), Some("eth0"));
         assert_eq!(w.debounce, Duration::from_millis(200));
         assert!(p("").unwrap().watch.is_none());
+        // check-config prints it back in the file's shape.
+        let again = p(&to_toml(&c).unwrap()).unwrap().watch.unwrap();
+        assert_eq!((again.address, again.interface), (w.address, w.interface));
         assert!(err("[watch]\naddress = \"vip\"\n").starts_with("/etc/tandem.toml:2:11:"));
         assert!(err("[watch]\ninterface = \"eth0\"\n").contains("address"));
     }
