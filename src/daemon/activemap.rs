@@ -8,7 +8,10 @@
 //!
 //! Like hastd's `keepdirty`, the most recently written extents stay dirty after their writes
 //! completed, so a hot extent costs no metadata write per data write. Clears reach the disk
-//! lazily: with the next bitmap page that must be written anyway, or with [`ActiveMap::flush_clean`].
+//! only through [`ActiveMap::flush_clean`] (all of them) and [`ActiveMap::flush_idle`] (those
+//! of extents not written since its previous call), never with a page written for a new dirty
+//! bit: writing them there made a random workload over more extents than `keepdirty` re-dirty
+//! (write + fdatasync, under the map's lock) an extent on every other write.
 //!
 //! Memory: three bitmaps (in memory, as persisted, needs-sync), a map of in-flight write
 //! counts for the extents being written, and the `keepdirty` LRU: about 200 KiB for
@@ -48,6 +51,8 @@ struct Inner {
     inflight: HashMap<u64, u32>,
     /// The `keepdirty` most recently written extents, most recent first.
     lru: VecDeque<u64>,
+    /// Extents written since the last `flush_idle`: their on-disk dirty bits stay.
+    recent: Vec<u8>,
     keepdirty: usize,
 }
 
@@ -185,6 +190,7 @@ impl ActiveMap {
             *last &= (1u8 << (extents % 8)) - 1;
         }
         let needs_sync = dirty.clone();
+        let recent = vec![0u8; len];
         Ok(ActiveMap {
             file,
             bitmap_offset,
@@ -195,6 +201,7 @@ impl ActiveMap {
                 dirty,
                 ondisk,
                 needs_sync,
+                recent,
                 inflight: HashMap::new(),
                 lru: VecDeque::with_capacity(DEFAULT_KEEPDIRTY + 1),
                 keepdirty: DEFAULT_KEEPDIRTY,
@@ -223,10 +230,22 @@ impl ActiveMap {
         inner.trim_lru();
     }
 
-    /// Write the given bitmap pages as they are in memory and fdatasync. On failure the
-    /// "on disk" copy keeps only the bits that are set both before and after, so nothing
-    /// is believed persisted that may not be.
+    /// Write the given bitmap pages with the new dirty bits added (clears are left for
+    /// `flush_clean`/`flush_idle`) and fdatasync.
     fn persist_pages(&self, inner: &mut Inner, pages: &mut Vec<usize>) -> io::Result<()> {
+        self.write_pages(inner, pages, |dirty, ondisk, _| dirty | ondisk)
+    }
+
+    /// Write the given bitmap pages, byte i becoming `target(dirty[i], ondisk[i], recent[i])`
+    /// (always a superset of `dirty`), and fdatasync. On failure the "on disk" copy keeps
+    /// only the bits that are set both before and after, so nothing is believed persisted
+    /// that may not be.
+    fn write_pages(
+        &self,
+        inner: &mut Inner,
+        pages: &mut Vec<usize>,
+        target: impl Fn(u8, u8, u8) -> u8,
+    ) -> io::Result<()> {
         pages.sort_unstable();
         pages.dedup();
         let len = inner.dirty.len();
@@ -234,8 +253,15 @@ impl ActiveMap {
         for &p in pages.iter() {
             let r = page_range(len, p);
             old.push(inner.ondisk[r.clone()].to_vec());
-            let (dirty, ondisk) = (&inner.dirty, &mut inner.ondisk);
-            ondisk[r.clone()].copy_from_slice(&dirty[r]);
+            let Inner {
+                dirty,
+                ondisk,
+                recent,
+                ..
+            } = &mut *inner;
+            for i in r {
+                ondisk[i] = target(dirty[i], ondisk[i], recent[i]);
+            }
         }
         let result = pages
             .iter()
@@ -285,6 +311,7 @@ impl ActiveMap {
             *inner.inflight.entry(e).or_insert(0) += 1;
             inner.touch(e);
             set(&mut inner.dirty, e);
+            set(&mut inner.recent, e);
             if !get(&inner.ondisk, e) {
                 pages.push(page_of(e));
             }
@@ -381,7 +408,32 @@ impl ActiveMap {
         if pages.is_empty() {
             return Ok(());
         }
-        self.persist_pages(&mut inner, &mut pages)
+        self.write_pages(&mut inner, &mut pages, |dirty, _, _| dirty)
+    }
+
+    /// Persist the clears of extents that were not written since the previous call (call it
+    /// every few seconds): an extent that keeps being written keeps its on-disk dirty bit
+    /// even when it drops out of the `keepdirty` window, so it costs no metadata write when
+    /// written again; one left alone is clean on disk two periods later. No I/O when nothing
+    /// changed.
+    pub fn flush_idle(&self) -> io::Result<()> {
+        let mut inner = self.lock();
+        let len = inner.dirty.len();
+        let target = |dirty: u8, ondisk: u8, recent: u8| dirty | (ondisk & recent);
+        let mut pages: Vec<usize> = (0..len.div_ceil(PAGE))
+            .filter(|&p| {
+                page_range(len, p).any(|i| {
+                    target(inner.dirty[i], inner.ondisk[i], inner.recent[i]) != inner.ondisk[i]
+                })
+            })
+            .collect();
+        let result = if pages.is_empty() {
+            Ok(())
+        } else {
+            self.write_pages(&mut inner, &mut pages, target)
+        };
+        inner.recent.iter_mut().for_each(|b| *b = 0);
+        result
     }
 
     /// The dirty extents, sorted.
@@ -474,6 +526,7 @@ impl ActiveMap {
         let inner = self.lock();
         inner.dirty.capacity()
             + inner.ondisk.capacity()
+            + inner.recent.capacity()
             + inner.needs_sync.capacity()
             + inner.inflight.capacity() * 2 * std::mem::size_of::<u64>()
             + inner.lru.capacity() * std::mem::size_of::<u64>()
@@ -574,6 +627,32 @@ mod tests {
         // Rewriting a hot extent costs nothing and keeps the set.
         map.begin_write(199 * MIB, 1).unwrap().done(true);
         assert_eq!(map.dirty_extents(), dirty);
+    }
+
+    #[test]
+    fn clears_reach_the_disk_only_when_flushed() {
+        let (_d, path, disk) = clean_disk(256 * MIB);
+        let map = disk.activemap();
+        map.set_keepdirty(2);
+        for e in 0..4 {
+            map.begin_write(e * MIB, 4096).unwrap().done(true);
+        }
+        assert_eq!(map.dirty_extents(), vec![2, 3]);
+        // A new dirty bit in the same page does not write the clears of 0 and 1.
+        map.begin_write(100 * MIB, 1).unwrap().done(true);
+        assert_eq!(dirty_on_disk(&path), vec![0, 1, 2, 3, 100]);
+        // Extent 0 is written again: no longer in the window, but still dirty on disk.
+        map.begin_write(0, 1).unwrap().done(true);
+        // The first flush_idle keeps everything written since the start.
+        map.flush_idle().unwrap();
+        assert_eq!(dirty_on_disk(&path), vec![0, 1, 2, 3, 100]);
+        // Only 0 is written in the next period: the idle clean extents become clean on disk.
+        map.begin_write(0, 1).unwrap().done(true);
+        map.flush_idle().unwrap();
+        assert_eq!(map.dirty_extents(), vec![0, 100]);
+        assert_eq!(dirty_on_disk(&path), vec![0, 100]);
+        map.flush_idle().unwrap();
+        assert_eq!(dirty_on_disk(&path), vec![0, 100]);
     }
 
     #[test]

@@ -29,10 +29,21 @@ pub fn decide(p: &NodeState, s: &NodeState) -> Decision {
     if p.discard_local || p.inconsistent {
         return Decision::Stale;
     }
+    // A node that never completed a sync and has local_gen > 0 was written as a primary on
+    // its own: its data is the only copy of those writes and must not be overwritten blindly.
+    let p_written = p.local_gen > 0;
+    let s_written = !s.ever_synced && s.local_gen > 0;
     if !p.ever_synced && !s.ever_synced {
-        return Decision::FullSync { skip_zero: s.fresh };
+        return match (p_written, s_written) {
+            (true, true) => Decision::SplitBrain,
+            (false, true) => Decision::Stale,
+            _ => Decision::FullSync { skip_zero: s.fresh },
+        };
     }
     if !s.ever_synced {
+        if s_written {
+            return Decision::SplitBrain;
+        }
         return Decision::FullSync { skip_zero: s.fresh };
     }
     if !p.ever_synced {
@@ -121,6 +132,43 @@ mod tests {
         assert_eq!(
             decide(&node(3, 3), &fresh),
             Decision::FullSync { skip_zero: true }
+        );
+    }
+
+    #[test]
+    fn fresh_node_never_overwrites_a_peer_written_alone() {
+        let written_alone = NodeState {
+            local_gen: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            decide(&NodeState::default(), &written_alone),
+            Decision::Stale
+        );
+        // The other way round is the initial sync.
+        assert_eq!(
+            decide(&written_alone, &NodeState::default()),
+            Decision::FullSync { skip_zero: false }
+        );
+    }
+
+    #[test]
+    fn both_written_alone_before_any_sync_is_split_brain() {
+        let w = NodeState {
+            local_gen: 1,
+            ..Default::default()
+        };
+        assert_eq!(decide(&w, &w), Decision::SplitBrain);
+        // A synced primary meeting a new disk that was written as primary on its own.
+        assert_eq!(decide(&node(3, 3), &w), Decision::SplitBrain);
+        // ... unless that node's data was discarded by resolve.
+        let discarded = NodeState {
+            discard_local: true,
+            ..w
+        };
+        assert_eq!(
+            decide(&node(3, 3), &discarded),
+            Decision::FullSync { skip_zero: false }
         );
     }
 

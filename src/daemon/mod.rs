@@ -288,6 +288,13 @@ fn tandem_resources(cfg: &Config) -> Vec<Resource> {
 
 /// `tandem daemon`: run in the foreground until SIGTERM or SIGINT.
 pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
+    // glibc gives threads their own malloc arenas (up to 8 per core), each keeping the 1 MiB
+    // payload buffers freed in it: VmHWM 62 MiB instead of 39 MiB after 1 MiB writes at qd16.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let secret = SharedSecret::new(Secret::load(&cfg.daemon.secret)?);
     // Signals are taken synchronously by this thread; every thread started below inherits
     // the blocked mask, so none of them is interrupted.
@@ -353,7 +360,33 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
                     log::warn!("daemon.listen changed; restart the daemon to apply it");
                     listen = new.daemon.listen.clone();
                 }
-                let wanted = tandem_resources(&new);
+                let mut wanted = tandem_resources(&new);
+                for w in wanted.iter_mut() {
+                    let Some(o) = current.iter().find(|o| o.name == w.name) else {
+                        continue;
+                    };
+                    let role = daemon
+                        .handles
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&w.name)
+                        .map(|h| h.shared.role());
+                    if o.local != w.local && matches!(role, Some(r) if r != Role::Init) {
+                        // Restarting would pull the export (or the replication target) from
+                        // under its users: keep the old disk until the role is init.
+                        log::error!(
+                            "{}: local disk changed, but the role is {}; keeping {} until `tandem role init {}` and another reload",
+                            w.name,
+                            role.map(Role::name).unwrap_or("?"),
+                            o.local
+                                .as_deref()
+                                .map(|l| l.display().to_string())
+                                .unwrap_or_default(),
+                            w.name
+                        );
+                        w.local = o.local.clone();
+                    }
+                }
                 for old in &current {
                     if !wanted.iter().any(|w| w.name == old.name) {
                         log::info!("{}: removed from the configuration; stopping it", old.name);

@@ -1121,12 +1121,18 @@ impl NbdServer {
     /// Stop accepting, close every client connection, wait (bounded) for their threads and
     /// remove the unix socket file.
     pub fn shutdown(mut self) {
-        self.stop();
+        self.stop(SHUTDOWN_WAIT);
     }
 
-    fn stop(&mut self) {
+    /// `shutdown`, waiting up to `wait` for requests in flight (a replicated write may wait
+    /// for the peer as long as the dead-peer timeout). False if some were still running.
+    pub fn shutdown_within(mut self, wait: Duration) -> bool {
+        self.stop(wait)
+    }
+
+    fn stop(&mut self, wait: Duration) -> bool {
         let Some(acceptor) = self.acceptor.take() else {
-            return;
+            return true;
         };
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(mut w) = self.wake.take() {
@@ -1136,12 +1142,14 @@ impl NbdServer {
         for s in lock(&self.shared.conns).values() {
             s.shutdown();
         }
-        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        let deadline = Instant::now() + wait;
         let mut live = lock(&self.shared.live);
+        let mut drained = true;
         while *live > 0 {
             let now = Instant::now();
             if now >= deadline {
                 warn!("nbd: {} connection(s) still busy after shutdown", *live);
+                drained = false;
                 break;
             }
             live = self
@@ -1161,12 +1169,13 @@ impl NbdServer {
             }
         }
         info!("nbd: export '{}' stopped", self.shared.name);
+        drained
     }
 }
 
 impl Drop for NbdServer {
     fn drop(&mut self) {
-        self.stop();
+        self.stop(SHUTDOWN_WAIT);
     }
 }
 

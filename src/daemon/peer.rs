@@ -44,14 +44,17 @@ pub struct Completion {
     cv: Condvar,
     /// Called once with `true` when written on the peer, `false` when it failed.
     on_final: Mutex<Option<Callback>>,
+    /// Frame bytes, counted in `Pending::bytes` while the request is pending.
+    bytes: usize,
 }
 
 impl Completion {
-    fn new() -> Arc<Completion> {
+    fn new(bytes: usize) -> Arc<Completion> {
         Arc::new(Completion {
             state: Mutex::new(Outcome::Pending),
             cv: Condvar::new(),
             on_final: Mutex::new(None),
+            bytes,
         })
     }
 
@@ -124,6 +127,16 @@ impl Completion {
 struct Pending {
     dead: bool,
     map: HashMap<u64, Arc<Completion>>,
+    /// Frame bytes of the requests in `map`.
+    bytes: usize,
+}
+
+impl Pending {
+    fn remove(&mut self, seq: u64) -> Option<Arc<Completion>> {
+        let c = self.map.remove(&seq)?;
+        self.bytes -= c.bytes;
+        Some(c)
+    }
 }
 
 /// A live replication connection to the secondary.
@@ -157,6 +170,7 @@ impl Link {
             pending: Mutex::new(Pending {
                 dead: false,
                 map: HashMap::new(),
+                bytes: 0,
             }),
             next_seq: AtomicU64::new(1),
             dead: AtomicBool::new(false),
@@ -207,7 +221,7 @@ impl Link {
                             let c = match l.pending.lock() {
                                 Ok(mut p) => {
                                     if kind == AckKind::Written || status != 0 {
-                                        p.map.remove(&seq)
+                                        p.remove(seq)
                                     } else {
                                         p.map.get(&seq).cloned()
                                     }
@@ -258,6 +272,11 @@ impl Link {
         self.pending.lock().map(|p| p.map.len()).unwrap_or(0)
     }
 
+    /// Frame bytes of the requests sent and not yet acknowledged as written.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending.lock().map(|p| p.bytes).unwrap_or(0)
+    }
+
     pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
     }
@@ -274,6 +293,7 @@ impl Link {
                     return;
                 }
                 p.dead = true;
+                p.bytes = 0;
                 p.map.drain().map(|(_, c)| c).collect()
             }
             Err(_) => Vec::new(),
@@ -324,12 +344,13 @@ impl Link {
 
     /// Like `submit`, with the frame already encoded (see `protocol::encode_write`).
     pub fn submit_frame(&self, make: impl FnOnce(u64) -> Vec<u8>) -> Arc<Completion> {
-        let c = Completion::new();
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let frame = make(seq);
+        let c = Completion::new(frame.len());
         let queued = match self.pending.lock() {
             Ok(mut p) if !p.dead => {
                 p.map.insert(seq, Arc::clone(&c));
+                p.bytes += c.bytes;
                 match self.tx.lock() {
                     Ok(tx) => tx.as_ref().map(|t| t.send(frame).is_ok()).unwrap_or(false),
                     Err(_) => false,
@@ -339,7 +360,7 @@ impl Link {
         };
         if !queued {
             if let Ok(mut p) = self.pending.lock() {
-                p.map.remove(&seq);
+                p.remove(seq);
             }
             c.set(Outcome::Failed);
         }

@@ -280,11 +280,14 @@ impl<'a> Dec<'a> {
         Ok(a)
     }
     fn bytes(&mut self) -> Result<Vec<u8>, ProtocolError> {
+        Ok(self.slice()?.to_vec())
+    }
+    fn slice(&mut self) -> Result<&'a [u8], ProtocolError> {
         let n = self.u32()? as usize;
         if n > MAX_DATA {
             return Err(ProtocolError::BadValue("data length"));
         }
-        Ok(self.take(n)?.to_vec())
+        self.take(n)
     }
     fn str(&mut self) -> Result<String, ProtocolError> {
         String::from_utf8(self.bytes()?).map_err(|_| ProtocolError::BadValue("string"))
@@ -599,6 +602,72 @@ pub fn set_seq(frame: &mut [u8], seq: u64) {
     }
 }
 
+/// A data-carrying frame decoded in place: the payload borrows the frame buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DataFrame<'a> {
+    Write {
+        seq: u64,
+        offset: u64,
+        fua: bool,
+        data: &'a [u8],
+    },
+    SyncChunk {
+        seq: u64,
+        offset: u64,
+        data: &'a [u8],
+    },
+}
+
+/// Decode a `Write` or `SyncChunk` frame body (type + fields, as `read_frame` returns it)
+/// without copying its payload; None for every other message type.
+pub fn decode_data(frame: &[u8]) -> Option<Result<DataFrame<'_>, ProtocolError>> {
+    let t = *frame.first()?;
+    if t != ty::WRITE && t != ty::SYNC_CHUNK {
+        return None;
+    }
+    let mut d = Dec(&frame[1..]);
+    let parsed = (|| {
+        let f = if t == ty::WRITE {
+            DataFrame::Write {
+                seq: d.u64()?,
+                offset: d.u64()?,
+                fua: d.bool()?,
+                data: d.slice()?,
+            }
+        } else {
+            DataFrame::SyncChunk {
+                seq: d.u64()?,
+                offset: d.u64()?,
+                data: d.slice()?,
+            }
+        };
+        d.end()?;
+        Ok(f)
+    })();
+    Some(parsed)
+}
+
+/// Read one frame of at most `max` bytes into `buf` and return its body (type + fields).
+/// `buf` is reused from frame to frame and never shrinks, so a stream of large frames costs
+/// neither an allocation nor zeroing per frame.
+pub fn read_frame<'a>(
+    r: &mut impl Read,
+    max: usize,
+    buf: &'a mut Vec<u8>,
+) -> Result<&'a [u8], ProtocolError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > max {
+        return Err(ProtocolError::BadLength(len));
+    }
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    r.read_exact(&mut buf[..len])?;
+    Ok(&buf[..len])
+}
+
 /// Read one frame of at most `max` bytes (type + body) and decode it.
 pub fn read_message(r: &mut impl Read, max: usize) -> Result<Message, ProtocolError> {
     let mut len = [0u8; 4];
@@ -620,6 +689,61 @@ pub fn write_message(w: &mut impl Write, msg: &Message) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_frames_decode_in_place_like_decode() {
+        let w = Message::Write {
+            seq: 9,
+            offset: 4096,
+            fua: true,
+            data: vec![7u8; 5000],
+        };
+        let c = Message::SyncChunk {
+            seq: 10,
+            offset: 1 << 20,
+            data: vec![3u8; 100],
+        };
+        let mut stream = w.encode();
+        stream.extend(c.encode());
+        stream.extend(Message::Flush { seq: 11 }.encode());
+        let mut r = &stream[..];
+        let mut buf = Vec::new();
+        let f = read_frame(&mut r, MAX_FRAME, &mut buf).unwrap();
+        assert_eq!(Message::decode(f).unwrap(), w);
+        assert_eq!(
+            decode_data(f).unwrap().unwrap(),
+            DataFrame::Write {
+                seq: 9,
+                offset: 4096,
+                fua: true,
+                data: &[7u8; 5000][..]
+            }
+        );
+        let f = read_frame(&mut r, MAX_FRAME, &mut buf).unwrap();
+        assert_eq!(
+            decode_data(f).unwrap().unwrap(),
+            DataFrame::SyncChunk {
+                seq: 10,
+                offset: 1 << 20,
+                data: &[3u8; 100][..]
+            }
+        );
+        let f = read_frame(&mut r, MAX_FRAME, &mut buf).unwrap();
+        assert!(decode_data(f).is_none());
+        assert_eq!(Message::decode(f).unwrap(), Message::Flush { seq: 11 });
+        // Truncated or padded data frames are refused like `decode` refuses them.
+        let mut bad = w.encode()[4..].to_vec();
+        bad.push(0);
+        assert!(matches!(
+            decode_data(&bad),
+            Some(Err(ProtocolError::TrailingBytes))
+        ));
+        let short = &w.encode()[4..100];
+        assert!(matches!(
+            decode_data(short),
+            Some(Err(ProtocolError::Truncated))
+        ));
+    }
 
     fn samples() -> Vec<Message> {
         vec![

@@ -457,7 +457,21 @@ impl Owner {
         // Leave the current role.
         match current {
             Role::Primary => self.stop_primary(),
-            Role::Secondary => super::secondary::end_session(&self.shared),
+            Role::Secondary => {
+                // The listener installs a session only while it sees role secondary under the
+                // session lock: change the role under that lock first, then end whatever
+                // session got in before, so none can start after (which would apply the old
+                // primary's writes while this node serves its own export).
+                {
+                    let _slot = self
+                        .shared
+                        .session
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    *self.shared.role.write().unwrap_or_else(|p| p.into_inner()) = role;
+                }
+                super::secondary::end_session(&self.shared)
+            }
             Role::Init => {}
         }
         *self.shared.role.write().unwrap_or_else(|p| p.into_inner()) = role;
@@ -610,7 +624,16 @@ impl Owner {
             log::error!("{}: {e:#}", self.shared.name);
         }
         if let Some(server) = self.nbd.take() {
-            server.shutdown();
+            // A replicated write waits for the peer at most the dead-peer timeout: wait for
+            // that, so no request of the old role is still running when the role changes.
+            let wait = self.shared.timeout + Duration::from_secs(10);
+            if !server.shutdown_within(wait) {
+                log::error!(
+                    "{}: requests of the export still running {}s after demote began (local disk hung?)",
+                    self.shared.name,
+                    wait.as_secs()
+                );
+            }
         }
         let dev = Replicated::new(Arc::clone(&self.shared));
         if let Err(e) = super::nbd::BlockDevice::flush(&dev) {
@@ -649,6 +672,12 @@ impl Owner {
         })
         .map_err(|e| RoleError::new(ErrorKind::Failed, format!("{name}: writing metadata: {e}")))?;
         self.shared.set_conn(|c| c.stale = false);
+        // Whatever this node writes from now on (if it is forced up) is new to the peer.
+        *self
+            .shared
+            .gen_bumped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = false;
         log::warn!("{name}: local data will be discarded and fully resynced from the peer");
         Ok(())
     }

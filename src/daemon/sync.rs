@@ -21,6 +21,8 @@ use super::resource::Shared;
 
 /// Bytes of sync data in flight at once.
 const WINDOW: u64 = 16 << 20;
+/// Sync data after which the peer is asked to make it durable (see `commit` in `run`).
+const FLUSH_EVERY: u64 = 256 << 20;
 /// Largest sync chunk.
 const CHUNK: u64 = 1 << 20;
 
@@ -81,6 +83,27 @@ pub fn run(
             s.hooks.fire(Event::SyncStart, &s.name, &[]);
         }
         let mut window: VecDeque<(u64, u64, bool, Vec<Arc<Completion>>)> = VecDeque::new();
+        // Extents the peer acknowledged as written but has not yet made durable: they are
+        // marked synced only after a Flush acknowledged by the peer covers them, so a power
+        // loss on the peer mid-sync cannot leave extents clean here that it never persisted.
+        let written = std::cell::RefCell::new(Vec::new());
+        let mut unflushed = 0u64;
+        let commit = || -> Result<()> {
+            if written.borrow().is_empty() {
+                return Ok(());
+            }
+            let c = link.submit(|seq| Message::Flush { seq });
+            if !c.wait(Outcome::Written) {
+                bail!(
+                    "the peer did not make sync data durable: {}",
+                    link.last_error().unwrap_or_default()
+                );
+            }
+            for e in written.borrow_mut().drain(..) {
+                am.mark_synced(e)?;
+            }
+            Ok(())
+        };
         let mut in_flight = 0u64;
         let finish = |w: (u64, u64, bool, Vec<Arc<Completion>>)| -> Result<u64> {
             let (e, len, zero, comps) = w;
@@ -92,7 +115,7 @@ pub fn run(
                     );
                 }
             }
-            am.mark_synced(e)?;
+            written.borrow_mut().push(e);
             s.sync.done.fetch_add(len, Ordering::Relaxed);
             if !zero {
                 s.counters.bytes_resynced.fetch_add(len, Ordering::Relaxed);
@@ -105,10 +128,15 @@ pub fn run(
             }
             let start = e * es;
             let len = ext_len(e);
-            let zero = disk.is_zero_extent(e)?;
             let mut comps = Vec::new();
-            {
+            #[cfg(test)]
+            tests::before_lock(e);
+            let zero = {
                 let _x = s.locks.exclusive(e);
+                // Decided under the lock: an application write that lands before we hold it
+                // is already queued to the peer, and must not be followed by a SyncZero that
+                // wipes it there.
+                let zero = disk.is_zero_extent(e)?;
                 if zero {
                     comps.push(link.submit(|seq| Message::SyncZero {
                         seq,
@@ -129,7 +157,8 @@ pub fn run(
                         off += n as u64;
                     }
                 }
-            }
+                zero
+            };
             window.push_back((e, len, zero, comps));
             in_flight += if zero { 0 } else { len };
             while in_flight > WINDOW || window.len() > 64 {
@@ -137,11 +166,17 @@ pub fn run(
                 let zero = w.2;
                 let len = finish(w)?;
                 in_flight -= if zero { 0 } else { len };
+                unflushed += len;
+            }
+            if unflushed >= FLUSH_EVERY {
+                commit()?;
+                unflushed = 0;
             }
         }
         while let Some(w) = window.pop_front() {
             finish(w)?;
         }
+        commit()?;
         am.flush_clean()?;
         let local_gen = disk.header().local_gen;
         let c = link.submit(|seq| Message::SyncDone { seq, local_gen });
@@ -168,7 +203,169 @@ pub fn run(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::cell::RefCell;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use crate::daemon::auth::{Secret, SharedSecret};
+    use crate::daemon::generation::Decision;
+    use crate::daemon::hooks::Hooks;
+    use crate::daemon::peer::Link;
+    use crate::daemon::protocol::{self, AckKind, MAX_FRAME, Message, NodeState};
+
+    type Hook = Box<dyn FnMut(u64)>;
+    /// The fake secondary's thread; it returns what it was sent (kind, offset).
+    type FakePeer = std::thread::JoinHandle<Vec<(&'static str, u64)>>;
+
+    thread_local! {
+        static BEFORE_LOCK: RefCell<Option<Hook>> = RefCell::new(None);
+    }
+
+    /// Called by `run` just before it takes an extent's stripe lock (tests only).
+    pub(crate) fn before_lock(e: u64) {
+        BEFORE_LOCK.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f(e)
+            }
+        });
+    }
+
+    /// A primary of a 16 MiB disk (1 MiB extents, all dirty as after `create`) and a fake
+    /// secondary that acknowledges sync data as written and records what it was sent; with
+    /// `lose_power`, it drops the connection instead of acknowledging a Flush or SyncDone
+    /// (the moment its data would have become durable).
+    fn setup(
+        dir: &std::path::Path,
+        lose_power: bool,
+    ) -> (crate::daemon::resource::Handle, Arc<Link>, FakePeer) {
+        let img = dir.join("a.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        crate::daemon::metadata::create(&img, "r0", 1 << 20, false).unwrap();
+        let text = format!(
+            "node = \"a\"\n[daemon]\nlisten = [\"127.0.0.1:1\"]\n\
+             [resource.r0]\nbackend = \"tandem\"\nextent_size = \"1M\"\n\
+             nbd = \"{nbd}\"\n\
+             [resource.r0.on.a]\nlocal = \"{img}\"\nremote = \"127.0.0.1:1\"\n\
+             [resource.r0.on.b]\nlocal = \"{img}\"\nremote = \"127.0.0.1:2\"\n",
+            nbd = dir.join("a.nbd").display(),
+            img = img.display()
+        );
+        let cfg = crate::config::parse(&dir.join("t.toml"), &text, Some("a")).unwrap();
+        let res = cfg.resource("r0").unwrap().clone();
+        let handle = crate::daemon::resource::start(
+            &res,
+            "a",
+            SharedSecret::new(Secret::from_bytes(b"k")),
+            Duration::from_secs(10),
+            Hooks::new(None),
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let fake = std::thread::spawn(move || {
+            let mut w = server.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(server);
+            let mut seen = Vec::new();
+            while let Ok(m) = protocol::read_message(&mut r, MAX_FRAME) {
+                let seq = match &m {
+                    Message::SyncZero { seq, offset, .. } => {
+                        seen.push(("zero", *offset));
+                        *seq
+                    }
+                    Message::SyncChunk { seq, offset, .. } => {
+                        seen.push(("data", *offset));
+                        *seq
+                    }
+                    Message::SyncDone { .. } | Message::Flush { .. } if lose_power => {
+                        let _ = w.shutdown(std::net::Shutdown::Both);
+                        break;
+                    }
+                    Message::SyncDone { seq, .. } | Message::Flush { seq } => *seq,
+                    _ => continue,
+                };
+                let ack = Message::Ack {
+                    seq,
+                    kind: AckKind::Written,
+                    status: 0,
+                };
+                if w.write_all(&ack.encode()).is_err() {
+                    break;
+                }
+            }
+            seen
+        });
+        let link = Link::start(client, Duration::from_secs(10)).unwrap();
+        (handle, link, fake)
+    }
+
+    /// An application write that lands on a zero extent just before the sync locks it must
+    /// not be followed by a SyncZero for that extent (the secondary, which already received
+    /// the write, would zero it; the extent would then be marked in sync).
+    #[test]
+    fn write_racing_the_zero_check_is_sent_as_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, link, fake) = setup(dir.path(), false);
+        let s = Arc::clone(&handle.shared);
+        let disk = Arc::clone(&s.disk);
+        BEFORE_LOCK.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |e| {
+                if e == 3 {
+                    disk.write_at(&[0x5a; 4096], 3 << 20).unwrap();
+                }
+            }))
+        });
+        let stop = AtomicBool::new(false);
+        super::run(
+            &s,
+            &link,
+            Decision::FullSync { skip_zero: false },
+            &NodeState::default(),
+            &stop,
+        )
+        .unwrap();
+        BEFORE_LOCK.with(|h| *h.borrow_mut() = None);
+        link.kill("test done");
+        let seen = fake.join().unwrap();
+        handle.stop();
+        assert!(
+            seen.contains(&("data", 3 << 20)) && !seen.contains(&("zero", 3 << 20)),
+            "extent 3 was written before the sync locked it, yet was sent as: {:?}",
+            seen.iter().filter(|x| x.1 == 3 << 20).collect::<Vec<_>>()
+        );
+    }
+
+    /// Sync data the peer acknowledged but never made durable (it lost power before the
+    /// flush) must stay dirty here: the next resync has to send it again.
+    #[test]
+    fn extents_stay_dirty_until_the_peer_made_them_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, link, fake) = setup(dir.path(), true);
+        let s = Arc::clone(&handle.shared);
+        let count = s.disk.extent_count();
+        let stop = AtomicBool::new(false);
+        let r = super::run(&s, &link, Decision::DirtySync, &NodeState::default(), &stop);
+        assert!(r.is_err(), "the sync cannot complete without the peer");
+        let seen = fake.join().unwrap();
+        assert_eq!(seen.len() as u64, count, "every extent was sent: {seen:?}");
+        let dirty = s.disk.activemap().dirty_count();
+        handle.stop();
+        assert_eq!(
+            dirty, count,
+            "extents the peer never made durable were marked in sync"
+        );
+    }
+
     #[test]
     fn bitmap_to_extents() {
         assert_eq!(
