@@ -51,6 +51,19 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub services: Vec<Service>,
     pub resources: Vec<Resource>,
+    /// `[watch]`: what `tandem watch` looks for; None without the section.
+    pub watch: Option<WatchConfig>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WatchConfig {
+    /// The virtual IP: present on this host means master.
+    pub address: std::net::IpAddr,
+    /// Only count the address on this interface.
+    pub interface: Option<String>,
+    /// A change must hold this long before it is acted on.
+    #[serde(serialize_with = "ser_duration")]
+    pub debounce: Duration,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -402,6 +415,15 @@ struct RawConfig {
     service: Vec<Spanned<RawService>>,
     #[serde(default)]
     resource: BTreeMap<String, Spanned<RawResource>>,
+    watch: Option<RawWatch>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    address: Spanned<String>,
+    interface: Option<String>,
+    debounce: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -726,6 +748,23 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
         });
     }
 
+    let watch = match &raw.watch {
+        None => None,
+        Some(w) => Some(WatchConfig {
+            address: w.address.get_ref().parse().map_err(|_| {
+                src.error(
+                    w.address.span(),
+                    format!(
+                        "watch address {:?} is not an IP address",
+                        w.address.get_ref()
+                    ),
+                )
+            })?,
+            interface: w.interface.clone().filter(|i| !i.is_empty()),
+            debounce: src.duration(&w.debounce, Duration::from_millis(200))?,
+        }),
+    };
+
     Ok(Config {
         file: path.to_path_buf(),
         node,
@@ -734,6 +773,7 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
         daemon,
         services,
         resources,
+        watch,
     })
 }
 
@@ -1202,6 +1242,21 @@ remote = "192.168.10.11"
         assert_eq!(normalize_remote("s2:99").as_deref(), Some("s2:99"));
         assert_eq!(normalize_remote("::1").as_deref(), Some("[::1]:8457"));
         assert_eq!(normalize_remote("s2:port"), None);
+    }
+
+    #[test]
+    fn watch_section() {
+        let c = p("[watch]\naddress = \"198.18.0.10\"\ninterface = \"eth0\"\n").unwrap();
+        let w = c.watch.clone().unwrap();
+        assert_eq!(w.address.to_string(), "198.18.0.10");
+        assert_eq!(w.interface.as_deref(), Some("eth0"));
+        assert_eq!(w.debounce, Duration::from_millis(200));
+        assert!(p("").unwrap().watch.is_none());
+        // check-config prints it back in the file's shape.
+        let again = p(&to_toml(&c).unwrap()).unwrap().watch.unwrap();
+        assert_eq!((again.address, again.interface), (w.address, w.interface));
+        assert!(err("[watch]\naddress = \"vip\"\n").starts_with("/etc/tandem.toml:2:11:"));
+        assert!(err("[watch]\ninterface = \"eth0\"\n").contains("address"));
     }
 
     #[test]

@@ -16,6 +16,8 @@ mod logging;
 mod nbd_client;
 mod status;
 mod switch;
+#[cfg(target_os = "linux")]
+mod watch;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -127,7 +129,11 @@ enum Command {
         discard_local: bool,
     },
     /// Watch rtnetlink for the VIP and run `switch` when it comes or goes (Linux).
-    Watch,
+    Watch {
+        /// Also be slave while this link has no carrier.
+        #[arg(long, value_name = "IFACE")]
+        carrier: Option<String>,
+    },
     /// A complete two-node pair on loopback: sync, writes, failover, resync.
     Demo,
 }
@@ -186,7 +192,13 @@ fn run(cli: Cli) -> Result<()> {
             daemon::control::cmd_wait_sync(&cfg, &resources, timeout)
         }
         Command::Resolve { resource, .. } => daemon::control::cmd_resolve(&cfg, &resource),
-        Command::Watch => Err(anyhow::anyhow!("watch: not implemented yet")),
+        #[cfg(target_os = "linux")]
+        Command::Watch { carrier } => watch::cmd_watch(&cfg, carrier.as_deref()),
+        #[cfg(not(target_os = "linux"))]
+        Command::Watch { .. } => Err(Usage(
+            "tandem watch is for Linux; on FreeBSD devd calls tandem switch".into(),
+        )
+        .into()),
         Command::CheckConfig | Command::Demo => Err(Usage("unreachable".into()).into()),
     }
 }

@@ -124,7 +124,7 @@ fn tandem_toml_5_documents_every_key() {
         let k = match k.as_str() {
             "service" => "[[service]]".to_string(),
             "resource" => "[resource.".to_string(),
-            "log" | "switch" | "daemon" => format!("[{k}]"),
+            "log" | "switch" | "daemon" | "watch" => format!("[{k}]"),
             _ => format!(".It Ic {k} No"),
         };
         assert!(man.contains(&k), "tandem.toml.5 lacks {k}");
