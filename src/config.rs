@@ -99,6 +99,9 @@ pub struct DaemonConfig {
     /// A peer that sent nothing for this long is dead.
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
+    /// How long `role primary` tries to reach the peer before deciding it is gone.
+    #[serde(serialize_with = "ser_duration")]
+    pub probe_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -454,6 +457,7 @@ struct RawDaemon {
     secret: Option<PathBuf>,
     exec: Option<String>,
     timeout: Option<Spanned<String>>,
+    probe_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -659,6 +663,7 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
         }),
         exec: raw.daemon.exec.clone().filter(|s| !s.trim().is_empty()),
         timeout: src.duration(&raw.daemon.timeout, Duration::from_secs(20))?,
+        probe_timeout: src.duration(&raw.daemon.probe_timeout, Duration::from_secs(2))?,
     };
     if daemon.timeout < Duration::from_millis(100) {
         let span = raw

@@ -70,6 +70,7 @@ struct Daemon {
     node: String,
     secret: SharedSecret,
     timeout: std::time::Duration,
+    probe_timeout: std::time::Duration,
     hooks: Hooks,
     handles: Mutex<HashMap<String, Handle>>,
     /// Resources that could not start (no metadata, disk missing), with the reason.
@@ -84,6 +85,7 @@ impl Daemon {
             &self.node,
             self.secret.clone(),
             self.timeout,
+            self.probe_timeout,
             self.hooks.clone(),
         ) {
             Ok(h) => {
@@ -308,6 +310,7 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
         node: cfg.node.clone(),
         secret,
         timeout: cfg.daemon.timeout,
+        probe_timeout: cfg.daemon.probe_timeout,
         hooks: Hooks::new(cfg.daemon.exec.clone()),
         handles: Mutex::new(HashMap::new()),
         failed: Mutex::new(HashMap::new()),

@@ -27,9 +27,6 @@ use super::protocol::{GoodbyeCode, NodeState, Purpose};
 use super::secondary::Session;
 use crate::config::{Replication, Resource};
 
-/// How long `role primary` tries to reach the peer before deciding alone.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// A control-socket error with the kind the CLI maps to an exit status.
 #[derive(Debug)]
 pub struct RoleError {
@@ -177,6 +174,8 @@ pub struct Shared {
     pub disk: Arc<Disk>,
     pub secret: SharedSecret,
     pub timeout: Duration,
+    /// How long `role primary` tries to reach the peer before deciding alone.
+    pub probe_timeout: Duration,
     pub hooks: Hooks,
     pub role: RwLock<Role>,
     /// The primary's replication link, present while connected and handshaken.
@@ -350,6 +349,7 @@ pub fn start(
     node: &str,
     secret: SharedSecret,
     timeout: Duration,
+    probe_timeout: Duration,
     hooks: Hooks,
 ) -> Result<Handle> {
     let local: PathBuf = res
@@ -364,6 +364,7 @@ pub fn start(
         disk: Arc::new(disk),
         secret,
         timeout,
+        probe_timeout,
         hooks,
         role: RwLock::new(Role::Init),
         link: RwLock::new(None),
@@ -700,7 +701,7 @@ pub enum Probe {
     Refused(String),
 }
 
-/// Ask the peer for its role and state (bounded by PROBE_TIMEOUT).
+/// Ask the peer for its role and state (bounded by `daemon.probe_timeout`).
 pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Probe {
     match probe_inner(shared, remote, from) {
         Ok(s) => Probe::State(s),
@@ -723,7 +724,7 @@ impl From<anyhow::Error> for ProbeError {
 fn probe_inner(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeState, ProbeError> {
     let to = peer::resolve(remote)?;
     let from_ip = from.and_then(|f| peer::resolve(f).ok()).map(|a| a.ip());
-    let mut stream = peer::connect_from(to, from_ip, PROBE_TIMEOUT)?;
+    let mut stream = peer::connect_from(to, from_ip, shared.probe_timeout)?;
     let hello = peer::Hello {
         resource: &shared.name,
         node: &shared.node,
@@ -732,7 +733,7 @@ fn probe_inner(shared: &Shared, remote: &str, from: Option<&str>) -> Result<Node
         secret: &shared.secret.get(),
         state: shared.node_state(),
     };
-    let r = peer::handshake_connect(&mut stream, &hello, PROBE_TIMEOUT);
+    let r = peer::handshake_connect(&mut stream, &hello, shared.probe_timeout);
     let _ = super::protocol::write_message(
         &mut stream,
         &super::protocol::Message::Goodbye {

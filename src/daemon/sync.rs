@@ -264,6 +264,7 @@ pub(crate) mod tests {
             "a",
             SharedSecret::new(Secret::from_bytes(b"k")),
             Duration::from_secs(10),
+            Duration::from_secs(2),
             Hooks::new(None),
         )
         .unwrap();
