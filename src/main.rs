@@ -3,9 +3,6 @@
 //! The command line: one function per subcommand; each loads the config it needs and hands
 //! over to the module that owns the job.
 
-// Modules are being filled in by parallel work; remove once every module is wired.
-#![allow(dead_code)]
-
 mod backend;
 mod config;
 mod daemon;

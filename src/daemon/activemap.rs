@@ -17,7 +17,6 @@
 //! counts for the extents being written, and the `keepdirty` LRU: about 200 KiB for
 //! 1 TiB with 2 MiB extents. Not owned here: the sync itself, which the engine drives with
 //! [`ActiveMap::dirty_extents`] and [`ActiveMap::mark_synced`].
-#![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -215,14 +214,12 @@ impl ActiveMap {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    #[cfg(test)]
     pub fn extent_count(&self) -> u64 {
         self.extents
     }
 
-    pub fn extent_size(&self) -> u64 {
-        self.extent_size
-    }
-
+    #[cfg(test)]
     /// Change how many recently written extents stay dirty.
     pub fn set_keepdirty(&self, n: usize) {
         let mut inner = self.lock();
@@ -352,6 +349,7 @@ impl ActiveMap {
         }
     }
 
+    #[cfg(test)]
     /// The peer missed data for this extent: it stays dirty until `mark_synced`. The dirty
     /// bit is normally on disk already (a write began there); if not, it is written now and a
     /// failure is logged.
@@ -494,6 +492,7 @@ impl ActiveMap {
         out
     }
 
+    #[cfg(test)]
     /// The first dirty extent at or after `from`: walks the map without allocating (a 1 TiB
     /// disk with every extent dirty makes `dirty_extents` a 4 MiB vector).
     pub fn next_dirty(&self, from: u64) -> Option<u64> {
@@ -509,10 +508,12 @@ impl ActiveMap {
         None
     }
 
+    #[cfg(test)]
     pub fn is_dirty(&self, extent: u64) -> bool {
         extent < self.extents && get(&self.lock().dirty, extent)
     }
 
+    #[cfg(test)]
     pub fn dirty_count(&self) -> u64 {
         self.lock()
             .dirty
@@ -562,6 +563,7 @@ impl ActiveMap {
         self.lock().dirty.clone()
     }
 
+    #[cfg(test)]
     /// Approximate heap memory held by the map, in bytes.
     pub fn memory_bytes(&self) -> usize {
         let inner = self.lock();

@@ -63,6 +63,7 @@ pub struct ControlError {
 }
 
 impl ControlError {
+    #[cfg(test)]
     pub fn exit_code(&self) -> i32 {
         match self.kind {
             ErrorKind::Stale | ErrorKind::PeerPrimary | ErrorKind::SplitBrain => 3,
@@ -159,73 +160,6 @@ pub fn exit_error(e: ControlError) -> anyhow::Error {
 /// How long the CLI waits for the daemon to answer a role change (a demote waits for in-flight
 /// writes, a promote probes the peer).
 const CLI_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The daemon's status of one resource.
-pub fn status_of(socket: &Path, resource: &str, timeout: Duration) -> Result<ResourceStatus> {
-    let req = Request::Status {
-        resources: vec![resource.to_string()],
-    };
-    let resp = request(socket, &req, timeout)?;
-    if let Some(e) = resp.error {
-        return Err(exit_error(e));
-    }
-    resp.resources
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("{resource}: the daemon does not know this resource"))
-}
-
-/// Make `resource` primary, as the switch's promote needs it: while the peer is still primary,
-/// retry until `role_timeout`, then refuse (exit 3); stale data and split-brain are refused at
-/// once unless `force`. Each request is bounded by `request_timeout`.
-pub fn promote(
-    socket: &Path,
-    resource: &str,
-    force: bool,
-    role_timeout: Duration,
-    request_timeout: Duration,
-) -> Result<()> {
-    let start = Instant::now();
-    let req = Request::Role {
-        role: Role::Primary,
-        resources: vec![resource.to_string()],
-        force,
-    };
-    loop {
-        let resp = request(socket, &req, request_timeout)?;
-        match resp.error {
-            None => return Ok(()),
-            Some(e) if e.kind == ErrorKind::PeerPrimary && start.elapsed() < role_timeout => {
-                log::info!("{resource}: the peer is still primary; waiting for it to step down");
-                thread::sleep(Duration::from_millis(500));
-            }
-            Some(e) if e.kind == ErrorKind::PeerPrimary => {
-                return Err(exit_error(ControlError {
-                    kind: e.kind,
-                    message: format!(
-                        "{} (still after {:?}; demote it there first)",
-                        e.message, role_timeout
-                    ),
-                }));
-            }
-            Some(e) => return Err(exit_error(e)),
-        }
-    }
-}
-
-/// Make `resource` secondary (the export disappears first; in-flight writes finish and are
-/// flushed on both nodes).
-pub fn demote(socket: &Path, resource: &str, request_timeout: Duration) -> Result<()> {
-    let req = Request::Role {
-        role: Role::Secondary,
-        resources: vec![resource.to_string()],
-        force: false,
-    };
-    match request(socket, &req, request_timeout)?.error {
-        None => Ok(()),
-        Some(e) => Err(exit_error(e)),
-    }
-}
 
 /// `tandem role ROLE RES…|all`.
 pub fn cmd_role(
@@ -537,10 +471,21 @@ mod tests {
         let t = serve(&path, Arc::new(Fake), Arc::clone(&stop)).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let st = status_of(&path, "r0", Duration::from_secs(5)).unwrap();
-        assert_eq!(st.state, "complete");
-        wait_sync(&path, &[], Duration::from_secs(5), false).unwrap();
-        let err = promote(&path, "r0", false, Duration::ZERO, Duration::from_secs(5)).unwrap_err();
+        let t5 = Duration::from_secs(5);
+        let status = Request::Status {
+            resources: vec!["r0".into()],
+        };
+        let st = request(&path, &status, t5).unwrap();
+        assert_eq!(st.resources[0].state, "complete");
+        wait_sync(&path, &[], t5, false).unwrap();
+        let promote = Request::Role {
+            role: Role::Primary,
+            resources: vec!["r0".into()],
+            force: false,
+        };
+        let e = request(&path, &promote, t5).unwrap().error.unwrap();
+        assert_eq!(e.exit_code(), crate::exit::REFUSED);
+        let err = exit_error(e);
         assert_eq!(crate::exit::code_for(&err), crate::exit::REFUSED);
         // Garbage gets a usage error, not a hang or a crash.
         let mut s = UnixStream::connect(&path).unwrap();

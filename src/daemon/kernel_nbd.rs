@@ -125,10 +125,13 @@ mod imp {
     // The ioctls of linux/nbd.h, all `_IO(0xab, N)` whatever their argument.
     pub const NBD_SET_SOCK: u32 = request_code_none!(0xab, 0) as u32;
     pub const NBD_SET_BLKSIZE: u32 = request_code_none!(0xab, 1) as u32;
+    #[allow(dead_code)] // unused, but part of the table a test checks
     pub const NBD_SET_SIZE: u32 = request_code_none!(0xab, 2) as u32;
     pub const NBD_DO_IT: u32 = request_code_none!(0xab, 3) as u32;
     pub const NBD_CLEAR_SOCK: u32 = request_code_none!(0xab, 4) as u32;
+    #[allow(dead_code)] // unused, but part of the table a test checks
     pub const NBD_CLEAR_QUE: u32 = request_code_none!(0xab, 5) as u32;
+    #[allow(dead_code)] // unused, but part of the table a test checks
     pub const NBD_PRINT_DEBUG: u32 = request_code_none!(0xab, 6) as u32;
     pub const NBD_SET_SIZE_BLOCKS: u32 = request_code_none!(0xab, 7) as u32;
     pub const NBD_DISCONNECT: u32 = request_code_none!(0xab, 8) as u32;

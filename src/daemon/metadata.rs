@@ -9,7 +9,6 @@
 //! [`Disk`] is the daemon's only handle on the local disk: positional data I/O bounded by
 //! `data_size`, the header (generations, flags, previous role) and the [`ActiveMap`].
 //! It does not decide anything about roles or sync direction; the engine does.
-#![allow(dead_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -22,7 +21,8 @@ use anyhow::{Context, bail};
 use super::activemap::ActiveMap;
 
 pub const FORMAT_VERSION: u32 = 1;
-pub const DEFAULT_EXTENT_SIZE: u64 = 2 * 1024 * 1024;
+#[cfg(test)]
+use crate::config::DEFAULT_EXTENT_SIZE;
 
 /// Magic at offset 0 of the header block.
 pub const MAGIC: &[u8; 8] = b"TANDEMM1";
@@ -119,6 +119,7 @@ impl Layout {
         })
     }
 
+    #[cfg(test)]
     /// Total size of the metadata (bitmap and header).
     pub fn meta_size(&self) -> u64 {
         self.bitmap_len + BLOCK
@@ -373,6 +374,7 @@ fn full_bitmap(extents: u64, len: u64) -> Vec<u8> {
     v
 }
 
+#[cfg(test)]
 /// Read and validate the header of `path` read-only, whatever resource it belongs to (for
 /// `status`/`dump` without taking the disk). Does not check the resource name.
 pub fn read_header(path: &Path) -> anyhow::Result<Header> {
@@ -475,10 +477,7 @@ impl Disk {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
+    #[cfg(test)]
     pub fn layout(&self) -> Layout {
         self.layout
     }
@@ -661,6 +660,7 @@ impl Disk {
     }
 }
 
+#[cfg(test)]
 /// `hexdump -C`-style dump, with `*` for repeated lines, of `data` placed at `base`.
 pub fn hexdump(data: &[u8], base: u64) -> String {
     let mut out = String::new();

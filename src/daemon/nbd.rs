@@ -7,6 +7,9 @@
 //! (locally and on the peer). [`FileDevice`] is the plain local implementation.
 //!
 //! Protocol reference: <https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>.
+
+// `FileDevice`, the stats and the TCP address are what the tests and benchmarks of the export
+// use; the daemon itself serves a `Replicated` device and keeps its own counters.
 #![allow(dead_code)]
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
