@@ -416,6 +416,7 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
                 continue;
             }
         };
+        let zeroes = matches!(msg, Message::WriteZeroes { .. });
         match msg {
             Message::Write { .. } | Message::SyncChunk { .. } => {
                 bail!("internal: data frame not decoded in place")
@@ -425,17 +426,8 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
                 offset,
                 len,
                 fua,
-            } => {
-                if memsync {
-                    ack(&mut w, seq, AckKind::Received, Ok(()))?;
-                }
-                if fua {
-                    w.flush()?;
-                }
-                let res = durable(fua, disk.punch(offset, len));
-                ack(&mut w, seq, AckKind::Written, res)?;
             }
-            Message::WriteZeroes {
+            | Message::WriteZeroes {
                 seq,
                 offset,
                 len,
@@ -447,8 +439,12 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
                 if fua {
                     w.flush()?;
                 }
-                let res = durable(fua, disk.write_zeroes(offset, len));
-                ack(&mut w, seq, AckKind::Written, res)?;
+                let res = if zeroes {
+                    disk.write_zeroes(offset, len)
+                } else {
+                    disk.punch(offset, len)
+                };
+                ack(&mut w, seq, AckKind::Written, durable(fua, res))?;
             }
             Message::Flush { seq } => {
                 w.flush()?;
