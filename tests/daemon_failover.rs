@@ -27,8 +27,7 @@ fn rounds() -> usize {
 
 #[test]
 fn acknowledged_writes_survive_primary_crash() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let mut p = synced_pair("fullsync");

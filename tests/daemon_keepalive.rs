@@ -10,8 +10,7 @@ use daemon_common::*;
 
 #[test]
 fn hung_secondary_is_dropped_after_the_timeout_and_resynced_later() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let p = synced_pair("fullsync");

@@ -10,8 +10,7 @@ use daemon_common::*;
 
 #[test]
 fn writes_through_the_export_reach_the_secondary() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let p = synced_pair("fullsync");
@@ -55,8 +54,7 @@ fn writes_through_the_export_reach_the_secondary() {
 
 #[test]
 fn killed_secondary_is_resynced_from_dirty_extents_only() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let mut p = synced_pair("fullsync");
@@ -117,8 +115,7 @@ fn killed_secondary_is_resynced_from_dirty_extents_only() {
 
 #[test]
 fn demote_removes_the_export_and_promote_on_the_peer_serves_the_same_data() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let p = synced_pair("memsync");
@@ -136,8 +133,7 @@ fn demote_removes_the_export_and_promote_on_the_peer_serves_the_same_data() {
 
 #[test]
 fn async_mode_ships_writes_in_order_and_flush_waits_for_the_peer() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let p = synced_pair("async");

@@ -28,8 +28,7 @@ fn region_is(img: &std::path::Path, offset: u64, len: usize, byte: u8) -> bool {
 /// is reachable is refused as stale, instead of a "initial full sync" that zeroes the data.
 #[test]
 fn fresh_peer_cannot_wipe_a_node_written_alone() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let mut p = Pair::new("fullsync");
@@ -65,8 +64,7 @@ fn fresh_peer_cannot_wipe_a_node_written_alone() {
 /// initial sync that silently throws one node's data away.
 #[test]
 fn two_nodes_written_alone_before_their_first_sync_are_split_brain() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let mut p = Pair::new("fullsync");
@@ -97,8 +95,7 @@ fn two_nodes_written_alone_before_their_first_sync_are_split_brain() {
 /// them.
 #[test]
 fn sync_target_still_records_its_later_degraded_writes() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let mut p = synced_pair("fullsync");
@@ -205,8 +202,7 @@ fn demote_during_connect_leaves_no_link_behind() {
 /// in use (its filesystem would see I/O errors and the role silently fall back to init).
 #[test]
 fn reload_does_not_swap_the_disk_under_a_live_primary() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let mut p = Pair::new("fullsync");

@@ -143,8 +143,7 @@ fn hello_frame(resource: &str) -> Vec<u8> {
 
 #[test]
 fn promote_refused_over_a_live_primary_and_on_stale_data() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let mut p = synced_pair("fullsync");
@@ -185,8 +184,7 @@ fn promote_refused_over_a_live_primary_and_on_stale_data() {
 
 #[test]
 fn split_brain_is_detected_on_both_and_resolved_by_discarding_one_side() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let mut p = synced_pair("fullsync");

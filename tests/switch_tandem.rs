@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use daemon_common::{BIN, Node, Pair, have};
+use daemon_common::{BIN, Node, Pair, need};
 use switch_util::{Run, root_with};
 
 /// A pair whose configs also have a `[switch]` section (own lock per node, `role_timeout`)
@@ -394,8 +394,7 @@ fn connect_from_b(port: u16) -> std::io::Result<TcpStream> {
 
 #[test]
 fn stale_data_is_not_promoted_unless_forced() {
-    if !have("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (apt-get install qemu-utils)");
+    if !need("qemu-io", "qemu-utils") {
         return;
     }
     let mut p = configure("2s", |_| String::new());

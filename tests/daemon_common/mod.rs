@@ -29,6 +29,15 @@ pub struct Pair {
 }
 
 /// Is `tool` on PATH? Tests that need it print why they skip.
+/// Is `tool` installed? If not, say which test skips and which Debian package brings it.
+pub fn need(tool: &str, package: &str) -> bool {
+    let ok = have(tool);
+    if !ok {
+        eprintln!("skipping: {tool} not installed (apt-get install {package})");
+    }
+    ok
+}
+
 pub fn have(tool: &str) -> bool {
     Command::new("sh")
         .arg("-c")
