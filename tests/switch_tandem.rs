@@ -10,6 +10,7 @@ mod switch_util;
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -362,34 +363,16 @@ fn pump(mut r: TcpStream, mut w: TcpStream, budget: Option<Arc<AtomicU64>>) {
 
 /// Connect to a's port from b's address, as b itself would.
 fn connect_from_b(port: u16) -> std::io::Result<TcpStream> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let sin = |ip: [u8; 4], port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(ip),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket(2), bind(2), connect(2) on a descriptor we own, with sockaddr_in
-    // values that outlive the calls.
-    unsafe {
-        let raw = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let fd = OwnedFd::from_raw_fd(raw);
-        let from = sin([127, 0, 0, 3], 0);
-        if libc::bind(raw, (&raw const from).cast(), len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let to = sin([127, 0, 0, 2], port);
-        if libc::connect(raw, (&raw const to).cast(), len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(TcpStream::from(fd))
-    }
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 3, 0))?;
+    connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 2, port))?;
+    Ok(TcpStream::from(fd))
 }
 
 #[test]

@@ -15,12 +15,14 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 /// The block major of the nbd driver (`NBD_MAJOR` in linux/major.h).
+#[cfg(target_os = "linux")]
 pub const NBD_MAJOR: u64 = 43;
 
 /// Requests the kernel has not answered within this time fail and the device is shut down.
 /// Longer than any wait of the replicated device (a dead peer is noticed within the
 /// resource's `timeout`, 20 s by default, and writes then go on degraded), so only a daemon
 /// that is wedged trips it; a daemon that dies closes the socket and the kernel notices at once.
+#[cfg(target_os = "linux")]
 pub const KERNEL_TIMEOUT_SECS: u32 = 120;
 
 /// Why attaching `device` to the kernel cannot work here; Ok when it can (Linux, the nbd module
@@ -754,11 +756,13 @@ mod tests {
     }
 
     /// Aligned memory for O_DIRECT.
+    #[cfg(target_os = "linux")]
     struct Aligned {
         ptr: *mut u8,
         layout: std::alloc::Layout,
     }
 
+    #[cfg(target_os = "linux")]
     impl Aligned {
         fn new(len: usize) -> Aligned {
             let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
@@ -773,6 +777,7 @@ mod tests {
         }
     }
 
+    #[cfg(target_os = "linux")]
     impl Drop for Aligned {
         fn drop(&mut self) {
             // SAFETY: allocated in `new` with this layout.
@@ -783,13 +788,13 @@ mod tests {
     /// The whole path on a host with the nbd module, as root: the kernel device shows the
     /// export's bytes, and bytes written through it (O_DIRECT) reach the backing file.
     #[test]
+    #[cfg(target_os = "linux")]
     fn kernel_attach_writes_and_reads_through_dev_nbd0() {
         let device = Path::new("/dev/nbd0");
         if let Err(why) = available(device) {
             eprintln!("skipping kernel attach test: {why}");
             return;
         }
-        #[cfg(target_os = "linux")]
         {
             use crate::daemon::nbd::BlockDevice;
             use std::fs::OpenOptions;

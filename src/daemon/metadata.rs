@@ -12,13 +12,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{Context, bail};
 
 use super::activemap::ActiveMap;
+use super::diskio;
 
 pub const FORMAT_VERSION: u32 = 1;
 #[cfg(test)]
@@ -256,24 +257,20 @@ pub fn crc32c(data: &[u8]) -> u32 {
     !crc
 }
 
-nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
-
-/// Size in bytes of a block device or regular file.
+/// Size in bytes of a disk device or regular file, and whether it is a disk.
 fn device_size(file: &File, path: &Path) -> anyhow::Result<(u64, bool)> {
     let md = file
         .metadata()
         .with_context(|| format!("cannot stat {}", path.display()))?;
-    if md.file_type().is_block_device() {
-        let mut size = 0u64;
-        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
-        unsafe { blkgetsize64(std::os::fd::AsRawFd::as_raw_fd(file), &mut size) }
-            .with_context(|| format!("cannot get the size of block device {}", path.display()))?;
+    if diskio::is_disk(&md.file_type()) {
+        let size = diskio::disk_size(file)
+            .with_context(|| format!("cannot get the size of disk device {}", path.display()))?;
         Ok((size, true))
     } else if md.is_file() {
         Ok((md.len(), false))
     } else {
         bail!(
-            "{} is neither a block device nor a regular file",
+            "{} is neither a disk device nor a regular file",
             path.display()
         )
     }
@@ -565,9 +562,7 @@ impl Disk {
         if len == 0 {
             return Ok(());
         }
-        let flags = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match nix::fcntl::fallocate(&self.file, flags, offset as i64, len as i64) {
+        match diskio::fallocate(&self.file, diskio::PUNCH_HOLE, offset, len) {
             Ok(()) => Ok(()),
             Err(_) => self.write_zeroes_slow(offset, len),
         }
@@ -579,9 +574,7 @@ impl Disk {
         if len == 0 {
             return Ok(());
         }
-        let flags = nix::fcntl::FallocateFlags::FALLOC_FL_ZERO_RANGE
-            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match nix::fcntl::fallocate(&self.file, flags, offset as i64, len as i64) {
+        match diskio::fallocate(&self.file, diskio::ZERO_RANGE, offset, len) {
             Ok(()) => Ok(()),
             Err(_) => self.write_zeroes_slow(offset, len),
         }

@@ -8,6 +8,7 @@
 pub mod activemap;
 pub mod auth;
 pub mod control;
+pub mod diskio;
 pub mod generation;
 pub mod hooks;
 pub mod kernel_nbd;

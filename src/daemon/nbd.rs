@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, IoSlice, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use log::{debug, info, warn};
 use serde::Serialize;
+
+use super::diskio;
 
 #[cfg(test)]
 mod tests;
@@ -1321,7 +1323,7 @@ impl FileDevice {
     /// large. Without it, the whole file or device is exported.
     pub fn open(path: impl AsRef<Path>, size: Option<u64>) -> io::Result<FileDevice> {
         let path = path.as_ref();
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(size.is_some())
@@ -1332,7 +1334,7 @@ impl FileDevice {
         let actual = if ft.is_file() {
             meta.len()
         } else if ft.is_block_device() || ft.is_char_device() {
-            device_size(&mut file)?
+            diskio::disk_size(&file)?
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -1386,7 +1388,7 @@ impl FileDevice {
         if !enabled.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        match fallocate(&self.file, mode, offset, len) {
+        match diskio::fallocate(&self.file, mode, offset, len) {
             Ok(()) => Ok(true),
             Err(e) => match e.raw_os_error() {
                 Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENODEV) => {
@@ -1403,55 +1405,6 @@ impl FileDevice {
     fn sync_if(&self, fua: bool) -> io::Result<()> {
         if fua { self.file.sync_data() } else { Ok(()) }
     }
-}
-
-/// The size of a disk device.
-#[cfg(not(target_os = "freebsd"))]
-fn device_size(file: &mut File) -> io::Result<u64> {
-    file.seek(SeekFrom::End(0))
-}
-
-/// The size of a disk device: FreeBSD reports 0 for st_size and SEEK_END on disks.
-#[cfg(target_os = "freebsd")]
-fn device_size(file: &mut File) -> io::Result<u64> {
-    const DIOCGMEDIASIZE: libc::c_ulong = 0x4008_6481; // _IOR('d', 129, off_t)
-    let mut size: libc::off_t = 0;
-    // SAFETY: DIOCGMEDIASIZE writes one off_t through the pointer.
-    if unsafe { libc::ioctl(file.as_raw_fd(), DIOCGMEDIASIZE, &mut size) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    u64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-#[cfg(target_os = "linux")]
-const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-#[cfg(target_os = "linux")]
-const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-#[cfg(not(target_os = "linux"))]
-const PUNCH_HOLE: i32 = 0;
-#[cfg(not(target_os = "linux"))]
-const ZERO_RANGE: i32 = 0;
-
-#[cfg(target_os = "linux")]
-fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    };
-    loop {
-        // SAFETY: plain system call on an open descriptor.
-        if unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn fallocate(_file: &File, _mode: i32, _offset: u64, _len: u64) -> io::Result<()> {
-    Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
 }
 
 impl BlockDevice for FileDevice {
@@ -1474,15 +1427,16 @@ impl BlockDevice for FileDevice {
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         // Trimmed ranges read back as zeroes on both nodes, whatever each one's storage can do.
-        if !self.try_fallocate(&self.punch_hole, PUNCH_HOLE, offset, len)? {
+        if !self.try_fallocate(&self.punch_hole, diskio::PUNCH_HOLE, offset, len)? {
             self.write_zero_bytes(offset, len)?;
         }
         self.sync_if(fua)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> io::Result<()> {
-        let done = (!no_hole && self.try_fallocate(&self.punch_hole, PUNCH_HOLE, offset, len)?)
-            || self.try_fallocate(&self.zero_range, ZERO_RANGE, offset, len)?;
+        let done = (!no_hole
+            && self.try_fallocate(&self.punch_hole, diskio::PUNCH_HOLE, offset, len)?)
+            || self.try_fallocate(&self.zero_range, diskio::ZERO_RANGE, offset, len)?;
         if !done {
             self.write_zero_bytes(offset, len)?;
         }

@@ -1,0 +1,109 @@
+//! The few disk calls that differ between Linux and FreeBSD: the size of a disk device,
+//! whether a file is a disk at all, and fallocate. Everything else the daemon does to a disk
+//! is positional read/write and fdatasync, which are the same on both.
+//!
+//! On Linux disks are block devices and BLKGETSIZE64 gives their size. On FreeBSD every disk
+//! (`/dev/ada0p3`, `/dev/gpt/x`, `/dev/zvol/...`) is a character device, `st_size` and
+//! `SEEK_END` report 0 on it, and DIOCGMEDIASIZE gives the size.
+
+use std::fs::{File, FileType};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+
+/// Whether a file of this type is a disk device on this platform.
+pub fn is_disk(ft: &FileType) -> bool {
+    if cfg!(target_os = "freebsd") {
+        ft.is_char_device()
+    } else {
+        ft.is_block_device()
+    }
+}
+
+#[cfg(target_os = "linux")]
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+
+/// The size in bytes of a disk device (see [`is_disk`]).
+#[cfg(target_os = "linux")]
+pub fn disk_size(file: &File) -> io::Result<u64> {
+    let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
+    unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
+    Ok(size)
+}
+
+/// DIOCGMEDIASIZE from FreeBSD's `sys/disk.h`: `_IOR('d', 129, off_t)`.
+#[cfg(any(test, target_os = "freebsd"))]
+pub const DIOCGMEDIASIZE: u64 = ioc_out(b'd', 129, 8);
+
+/// FreeBSD's `_IOR(group, num, len)` (`sys/ioccom.h`): IOC_OUT | (len & IOCPARM_MASK) << 16 |
+/// group << 8 | num.
+#[cfg(any(test, target_os = "freebsd"))]
+pub const fn ioc_out(group: u8, num: u8, len: u64) -> u64 {
+    const IOC_OUT: u64 = 0x4000_0000;
+    const IOCPARM_MASK: u64 = (1 << 13) - 1;
+    IOC_OUT | ((len & IOCPARM_MASK) << 16) | ((group as u64) << 8) | num as u64
+}
+
+/// The size in bytes of a disk device (see [`is_disk`]).
+#[cfg(target_os = "freebsd")]
+pub fn disk_size(file: &File) -> io::Result<u64> {
+    let mut size: libc::off_t = 0;
+    // SAFETY: DIOCGMEDIASIZE writes one off_t through the pointer, which is valid.
+    if unsafe { libc::ioctl(file.as_raw_fd(), DIOCGMEDIASIZE as libc::c_ulong, &mut size) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// The size in bytes of a disk device: unsupported on this platform.
+#[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
+pub fn disk_size(_file: &File) -> io::Result<u64> {
+    Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+}
+
+/// fallocate mode that discards a range and keeps the size (reads return zeroes after).
+#[cfg(target_os = "linux")]
+pub const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+/// fallocate mode that makes a range read as zeroes and keeps the size.
+#[cfg(target_os = "linux")]
+pub const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+#[cfg(not(target_os = "linux"))]
+pub const PUNCH_HOLE: i32 = 0;
+#[cfg(not(target_os = "linux"))]
+pub const ZERO_RANGE: i32 = 0;
+
+/// Linux fallocate(2) with `mode`, retried on EINTR.
+#[cfg(target_os = "linux")]
+pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    loop {
+        // SAFETY: plain system call on an open descriptor.
+        if unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// No fallocate modes elsewhere: EOPNOTSUPP, and callers write zeroes instead.
+#[cfg(not(target_os = "linux"))]
+pub fn fallocate(_file: &File, _mode: i32, _offset: u64, _len: u64) -> io::Result<()> {
+    Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diocgmediasize_matches_freebsd_header() {
+        // sys/disk.h: #define DIOCGMEDIASIZE _IOR('d', 129, off_t), 0x40086481 on amd64.
+        assert_eq!(DIOCGMEDIASIZE, 0x4008_6481);
+    }
+}
