@@ -7,6 +7,7 @@
 //! the sync-direction table in `generation.rs`, hook events in `hooks.rs`.
 pub mod activemap;
 pub mod auth;
+pub mod conflict;
 pub mod control;
 pub mod diskio;
 pub mod generation;

@@ -55,7 +55,8 @@ impl Replicated {
     }
 
     /// Run a modifying request: mark its extents dirty, apply it locally and queue it to the
-    /// peer under the extent locks, then wait as the mode says.
+    /// peer under the extent locks and with its byte range claimed (so overlapping writes reach
+    /// both disks in the same order), then wait as the mode says.
     fn modify(
         &self,
         offset: u64,
@@ -71,15 +72,15 @@ impl Replicated {
             return Ok(());
         };
         let completion = {
+            let _order = s.conflicts.claim(offset, len);
             let _locks = s.locks.shared(first, last);
             local()?;
-            // Queued before the local fdatasync of a FUA write, so both run at the same time.
-            let c = s.link().map(|l| l.submit_frame(remote));
-            if fua {
-                s.disk.sync_data()?;
-            }
-            c
+            s.link().map(|l| l.submit_frame(remote))
         };
+        // Queued before the local fdatasync of a FUA write, so both run at the same time.
+        if fua {
+            s.disk.sync_data()?;
+        }
         let Some(c) = completion else {
             guard.done(false);
             return s.note_degraded_write();

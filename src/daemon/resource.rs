@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 
 use super::Role;
 use super::auth::SharedSecret;
+use super::conflict::Conflicts;
 use super::control::{Counters as CounterValues, ErrorKind, ResourceStatus};
 use super::generation::{self, Decision};
 use super::hooks::{Event, Hooks};
@@ -184,6 +185,8 @@ pub struct Shared {
     pub counters: Counters,
     pub sync: SyncProgress,
     pub locks: ExtentLocks,
+    /// Overlapping application writes apply locally and queue to the peer one at a time.
+    pub conflicts: Conflicts,
     /// local_gen was bumped since the last completed sync (the bump happens once per outage).
     pub gen_bumped: Mutex<bool>,
     /// The secondary's current session with the primary.
@@ -377,6 +380,7 @@ pub fn start(
         counters: Counters::default(),
         sync: SyncProgress::default(),
         locks: ExtentLocks::new(),
+        conflicts: Conflicts::default(),
         gen_bumped: Mutex::new(false),
         session: Mutex::new(None),
     });
