@@ -47,16 +47,35 @@ pub struct Session {
 pub fn end_session(s: &Shared) {
     let session = s.session.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(sess) = session {
-        let _ = protocol::write_message(
-            &mut &sess.stream,
-            &Message::Goodbye {
-                code: GoodbyeCode::NotReady,
-                reason: "role change".into(),
-            },
-        );
-        let _ = sess.stream.shutdown(Shutdown::Both);
-        let _ = sess.thread.join();
+        close_session(sess, "role change");
     }
+}
+
+fn close_session(sess: Session, reason: &str) {
+    let _ = protocol::write_message(
+        &mut &sess.stream,
+        &Message::Goodbye {
+            code: GoodbyeCode::NotReady,
+            reason: reason.into(),
+        },
+    );
+    let _ = sess.stream.shutdown(Shutdown::Both);
+    let _ = sess.thread.join();
+}
+
+/// Start a session in `slot` (the resource's session lock is held by the caller). A session
+/// already there, from an accept that raced this one, is ended and its thread joined first:
+/// two sessions applying writes at once would let the older one write into the disk after a
+/// role change ended only the newer.
+fn start_session(
+    slot: &mut Option<Session>,
+    start: impl FnOnce() -> Result<Session>,
+) -> Result<()> {
+    if let Some(old) = slot.take() {
+        close_session(old, "replaced by a newer connection");
+    }
+    *slot = Some(start()?);
+    Ok(())
 }
 
 /// Accept peer connections on `addr` until `stop` is set.
@@ -301,31 +320,32 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
     });
     log::info!("{resource}: primary {node} connected from {from}");
     s.hooks.fire(Event::Connect, &resource, &[]);
-    let thread = thread::Builder::new()
-        .name(format!("sec-{resource}"))
-        .spawn(move || {
-            let r = session(&s2, stream, memsync);
-            let syncing = s2.sync.active.swap(false, Ordering::AcqRel);
-            s2.set_conn(|c| {
-                c.connection = Connection::Disconnected;
-                c.peer_role = None;
-                c.in_sync = false;
-            });
-            match r {
-                Ok(()) => log::info!("{}: primary disconnected", s2.name),
-                Err(e) => log::warn!("{}: primary connection lost: {e:#}", s2.name),
-            }
-            if syncing {
-                s2.hooks.fire(Event::SyncIntr, &s2.name, &[]);
-            }
-            s2.hooks.fire(Event::Disconnect, &s2.name, &[]);
+    start_session(&mut slot, move || {
+        let thread = thread::Builder::new()
+            .name(format!("sec-{resource}"))
+            .spawn(move || {
+                let r = session(&s2, stream, memsync);
+                let syncing = s2.sync.active.swap(false, Ordering::AcqRel);
+                s2.set_conn(|c| {
+                    c.connection = Connection::Disconnected;
+                    c.peer_role = None;
+                    c.in_sync = false;
+                });
+                match r {
+                    Ok(()) => log::info!("{}: primary disconnected", s2.name),
+                    Err(e) => log::warn!("{}: primary connection lost: {e:#}", s2.name),
+                }
+                if syncing {
+                    s2.hooks.fire(Event::SyncIntr, &s2.name, &[]);
+                }
+                s2.hooks.fire(Event::Disconnect, &s2.name, &[]);
+            })
+            .context("starting the session thread")?;
+        Ok(Session {
+            stream: keep,
+            thread,
         })
-        .context("starting the session thread")?;
-    *slot = Some(Session {
-        stream: keep,
-        thread,
-    });
-    Ok(())
+    })
 }
 
 fn errno(e: &io::Error) -> u32 {
@@ -521,8 +541,56 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::holds_frame;
-    use crate::daemon::protocol::Message;
+    use super::*;
+
+    /// A session whose thread reads its end of a loopback connection until it is closed, and
+    /// records that it ended.
+    fn reading_session(ended: Arc<AtomicBool>) -> Session {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let keep = server.try_clone().unwrap();
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut r = &server;
+            while io::Read::read(&mut r, &mut buf)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {}
+            ended.store(true, Ordering::SeqCst);
+            drop(client);
+        });
+        Session {
+            stream: keep,
+            thread,
+        }
+    }
+
+    /// Two accepts that raced: the second one's session replaces the first, which is ended and
+    /// joined before the second starts, so at most one session applies writes at a time.
+    #[test]
+    fn a_new_session_ends_the_one_it_replaces() {
+        let mut slot = None;
+        let first = Arc::new(AtomicBool::new(false));
+        let f = Arc::clone(&first);
+        start_session(&mut slot, || Ok(reading_session(f))).unwrap();
+        assert!(!first.load(Ordering::SeqCst));
+        let second = Arc::new(AtomicBool::new(false));
+        let s2 = Arc::clone(&second);
+        let f = Arc::clone(&first);
+        start_session(&mut slot, move || {
+            assert!(
+                f.load(Ordering::SeqCst),
+                "the old session still runs while the new one starts"
+            );
+            Ok(reading_session(s2))
+        })
+        .unwrap();
+        assert!(first.load(Ordering::SeqCst));
+        assert!(!second.load(Ordering::SeqCst));
+        close_session(slot.take().unwrap(), "test");
+        assert!(second.load(Ordering::SeqCst));
+    }
 
     #[test]
     fn holds_frame_needs_the_whole_body() {
