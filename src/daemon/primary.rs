@@ -329,16 +329,11 @@ fn connect_once(
     last_refusal: &mut Option<GoodbyeCode>,
 ) -> Result<Arc<Link>, ConnectError> {
     let cfg = s.cfg();
-    let Some(remote) = cfg.remote.as_deref() else {
+    let addrs = s.addrs();
+    let Some(to) = addrs.remote else {
         return Err(ConnectError::Refused(REFUSED_RETRY));
     };
-    let to = peer::resolve(remote)?;
-    let from = cfg
-        .peer_remote
-        .as_deref()
-        .and_then(|f| peer::resolve(f).ok())
-        .map(|a| a.ip());
-    let mut stream = peer::connect_from(to, from, Duration::from_secs(2).min(s.timeout))?;
+    let mut stream = peer::connect_from(to, addrs.from, Duration::from_secs(2).min(s.timeout))?;
     let me = s.node_state();
     let secret = s.secret.get();
     let hello = peer::Hello {

@@ -5,6 +5,7 @@
 //! the primary's connector. Other threads (NBD workers, the peer link, the secondary session,
 //! the control socket's status) read and update the `Shared` state under its small locks.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -167,11 +168,47 @@ impl ExtentLocks {
     }
 }
 
+/// The peer's addresses, resolved when the configuration is loaded (start and SIGHUP) and
+/// never in the data path, where a slow or dead DNS server would stall connects, accepts and
+/// the pre-promote probe with no timeout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerAddrs {
+    /// `remote`; None when it is not set or did not resolve (the log says which).
+    pub remote: Option<SocketAddr>,
+    /// `peer_remote`, this node's address as the peer knows it: connections start from it.
+    pub from: Option<IpAddr>,
+}
+
+impl PeerAddrs {
+    pub fn resolve(res: &Resource) -> PeerAddrs {
+        let lookup = |key: &str, addr: &str| match peer::resolve(addr) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                log::error!(
+                    "{}: {key} {addr:?}: {e:#}; fix it and reload (SIGHUP): until then this resource cannot reach its peer",
+                    res.name
+                );
+                None
+            }
+        };
+        PeerAddrs {
+            remote: res.remote.as_deref().and_then(|r| lookup("remote", r)),
+            from: res
+                .peer_remote
+                .as_deref()
+                .and_then(|r| lookup("the peer's remote", r))
+                .map(|a| a.ip()),
+        }
+    }
+}
+
 /// State shared by every thread working for one resource.
 pub struct Shared {
     pub name: String,
     pub node: String,
     pub cfg: RwLock<Resource>,
+    /// Resolved with `cfg`, replaced with it on reload.
+    pub addrs: RwLock<PeerAddrs>,
     pub disk: Arc<Disk>,
     pub secret: SharedSecret,
     pub timeout: Duration,
@@ -200,6 +237,10 @@ impl Shared {
 
     pub fn cfg(&self) -> Resource {
         self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn addrs(&self) -> PeerAddrs {
+        *self.addrs.read().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn mode(&self) -> Replication {
@@ -364,6 +405,7 @@ pub fn start(
         name: res.name.clone(),
         node: node.to_string(),
         cfg: RwLock::new(res.clone()),
+        addrs: RwLock::new(PeerAddrs::resolve(res)),
         disk: Arc::new(disk),
         secret,
         timeout,
@@ -436,7 +478,9 @@ impl Owner {
                 }
                 Msg::Reload(res) => {
                     log::info!("{}: configuration reloaded", self.shared.name);
+                    let addrs = PeerAddrs::resolve(&res);
                     *self.shared.cfg.write().unwrap_or_else(|p| p.into_inner()) = *res;
+                    *self.shared.addrs.write().unwrap_or_else(|p| p.into_inner()) = addrs;
                 }
                 Msg::Stop => break,
             }
@@ -522,9 +566,9 @@ impl Owner {
             ));
         }
         let cfg = self.shared.cfg();
-        let Some(remote) = cfg.remote.as_deref() else {
+        if cfg.remote.is_none() {
             return Ok(());
-        };
+        }
         // A secondary connected to a live primary knows the answer without asking.
         if self.shared.role() == Role::Secondary
             && self.shared.conn().connection == Connection::Connected
@@ -535,7 +579,7 @@ impl Owner {
                 format!("{name}: the peer is primary"),
             ));
         }
-        let peer = match probe(&self.shared, remote, cfg.peer_remote.as_deref()) {
+        let peer = match probe(&self.shared) {
             Probe::State(p) => p,
             Probe::Unreachable(e) => {
                 log::info!("{name}: peer unreachable ({e:#}); becoming primary without it");
@@ -706,8 +750,8 @@ pub enum Probe {
 }
 
 /// Ask the peer for its role and state (bounded by `daemon.probe_timeout`).
-pub fn probe(shared: &Shared, remote: &str, from: Option<&str>) -> Probe {
-    match probe_inner(shared, remote, from) {
+pub fn probe(shared: &Shared) -> Probe {
+    match probe_inner(shared) {
         Ok(s) => Probe::State(s),
         Err(ProbeError::Refused(code, why)) => Probe::Refused(format!("{code:?}: {why}")),
         Err(ProbeError::Other(e)) => Probe::Unreachable(e),
@@ -725,10 +769,12 @@ impl From<anyhow::Error> for ProbeError {
     }
 }
 
-fn probe_inner(shared: &Shared, remote: &str, from: Option<&str>) -> Result<NodeState, ProbeError> {
-    let to = peer::resolve(remote)?;
-    let from_ip = from.and_then(|f| peer::resolve(f).ok()).map(|a| a.ip());
-    let mut stream = peer::connect_from(to, from_ip, shared.probe_timeout)?;
+fn probe_inner(shared: &Shared) -> Result<NodeState, ProbeError> {
+    let addrs = shared.addrs();
+    let to = addrs
+        .remote
+        .context("the peer's address did not resolve when the configuration was loaded")?;
+    let mut stream = peer::connect_from(to, addrs.from, shared.probe_timeout)?;
     let hello = peer::Hello {
         resource: &shared.name,
         node: &shared.node,
@@ -752,5 +798,50 @@ fn probe_inner(shared: &Shared, remote: &str, from: Option<&str>) -> Result<Node
             m,
         )) => Err(ProbeError::Refused(code, m)),
         Err(e) => Err(ProbeError::Other(anyhow::anyhow!("{e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PeerAddrs;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::path::Path;
+
+    fn resource(remote: &str, peer_remote: &str) -> crate::config::Resource {
+        let text = format!(
+            r#"node = "a"
+[resource.r0]
+backend = "tandem"
+[resource.r0.on.a]
+local = "/dev/null"
+remote = "{remote}"
+[resource.r0.on.b]
+local = "/dev/null"
+remote = "{peer_remote}"
+"#
+        );
+        let cfg = crate::config::parse(Path::new("test.toml"), &text, None).unwrap();
+        cfg.resources.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn peer_addresses_are_resolved_once_from_the_configuration() {
+        let a = PeerAddrs::resolve(&resource("198.18.0.2:7789", "198.18.0.1:7789"));
+        assert_eq!(
+            a.remote,
+            Some("198.18.0.2:7789".parse::<SocketAddr>().unwrap())
+        );
+        assert_eq!(a.from, Some(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))));
+        let h = PeerAddrs::resolve(&resource("localhost:7789", "198.18.0.1:7789"));
+        assert!(
+            h.remote
+                .is_some_and(|r| r.ip().is_loopback() && r.port() == 7789)
+        );
+    }
+
+    #[test]
+    fn an_unresolvable_remote_is_none_not_an_error() {
+        let a = PeerAddrs::resolve(&resource("no-such-host.invalid:7789", "also.invalid:1"));
+        assert_eq!(a, PeerAddrs::default());
     }
 }

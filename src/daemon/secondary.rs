@@ -20,7 +20,6 @@ use super::Role;
 use super::auth::{self, Side};
 use super::generation::{self, Decision};
 use super::hooks::Event;
-use super::peer;
 use super::protocol::{
     self, AckKind, DataFrame, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message,
     PROTOCOL_VERSION, Purpose,
@@ -129,10 +128,9 @@ pub fn listen(addr: &str, registry: Registry, stop: Arc<AtomicBool>) -> Result<J
     Ok(t)
 }
 
-/// Whether `ip` may be the remote of some resource, decided without DNS so the listener never
-/// blocks: strangers are dropped before they can hold one of the MAX_HANDSHAKES slots (which
-/// would lock the real primary out). Remotes given as host names are checked per connection
-/// in `accept`, so any address may be one of them.
+/// Whether `ip` is the remote of some resource (resolved at load, so no DNS here and the
+/// listener never blocks): strangers are dropped before they can hold one of the
+/// MAX_HANDSHAKES slots (which would lock the real primary out).
 fn may_be_a_peer(registry: &Registry, ip: std::net::IpAddr) -> bool {
     let shared: Vec<Arc<Shared>> = registry
         .lock()
@@ -140,13 +138,9 @@ fn may_be_a_peer(registry: &Registry, ip: std::net::IpAddr) -> bool {
         .values()
         .cloned()
         .collect();
-    shared.iter().any(|s| match s.cfg().remote {
-        Some(r) => r
-            .parse::<SocketAddr>()
-            .map(|a| a.ip() == ip)
-            .unwrap_or(true),
-        None => false,
-    })
+    shared
+        .iter()
+        .any(|s| s.addrs().remote.is_some_and(|a| a.ip() == ip))
 }
 
 fn goodbye(stream: &mut TcpStream, code: GoodbyeCode, reason: &str) {
@@ -187,11 +181,7 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
         bail!("unknown resource {resource:?}");
     };
     let cfg = s.cfg();
-    let allowed = cfg
-        .remote
-        .as_deref()
-        .and_then(|r| peer::resolve(r).ok())
-        .map(|a| a.ip());
+    let allowed = s.addrs().remote.map(|a| a.ip());
     if allowed != Some(from.ip()) {
         bail!(
             "{resource}: connection from {} but the configured remote is {}",
