@@ -75,7 +75,11 @@ impl Replicated {
             let _order = s.conflicts.claim(offset, len);
             let _locks = s.locks.shared(first, last);
             local()?;
-            s.link().map(|l| l.submit_frame(remote))
+            let c = s.link().map(|l| l.submit_frame(remote));
+            if c.is_some() {
+                s.writes_queued.fetch_add(1, Ordering::AcqRel);
+            }
+            c
         };
         // Queued before the local fdatasync of a FUA write, so both run at the same time.
         if fua {
@@ -167,20 +171,20 @@ impl BlockDevice for Replicated {
 
     fn flush(&self) -> io::Result<()> {
         self.s.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        // The peer processes in order: its flush ack covers every write queued before. It is
-        // queued before the local fdatasync so that the two run at the same time.
-        let remote = self
-            .s
-            .link()
-            .map(|l| l.submit(|seq| Message::Flush { seq }));
-        self.s.disk.sync_data()?;
-        if let Some(c) = remote
-            && !c.wait(Outcome::Written)
+        // The peer processes in order: its flush ack covers every write queued before. It runs
+        // on another thread, at the same time as the local fdatasync.
+        let s = &self.s;
+        let remote = s.link().map(|l| s.queue_peer_flush(&l));
+        s.disk.sync_data()?;
+        if let Some(f) = remote
+            && !f.wait(s)
         {
             log::warn!(
                 "{}: flush did not reach the peer; continuing degraded",
-                self.s.name
+                s.name
             );
+            // Acknowledged to the client only once the generation says what the peer may lack.
+            s.peer_may_have_lost_writes()?;
         }
         Ok(())
     }
@@ -246,9 +250,7 @@ pub fn connector(s: Arc<Shared>, stop: Arc<AtomicBool>) {
                         last_idle = Instant::now();
                         // Clear bits only for data durable on both nodes.
                         let barrier = || match s.disk.sync_data() {
-                            Ok(()) => link
-                                .submit(|seq| Message::Flush { seq })
-                                .wait(Outcome::Written),
+                            Ok(()) => s.peer_flush(&link),
                             Err(e) => {
                                 log::warn!(
                                     "{}: fdatasync before cleaning the dirty map: {e}",
@@ -266,9 +268,9 @@ pub fn connector(s: Arc<Shared>, stop: Arc<AtomicBool>) {
                     // A role change may have found no link to close while this one was still
                     // being set up: close it here, or its pings would keep it alive forever.
                     link.close("role change");
-                } else {
+                } else if let Err(e) = s.peer_may_have_lost_writes() {
                     // The peer went away: what it had not flushed may be gone with it.
-                    s.disk.activemap().resync_unflushed();
+                    log::error!("{}: bumping the generation: {e}", s.name);
                 }
                 let why = link.last_error().unwrap_or_default();
                 *s.link.write().unwrap_or_else(|p| p.into_inner()) = None;

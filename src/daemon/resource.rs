@@ -23,9 +23,9 @@ use super::generation::{self, Decision};
 use super::hooks::{Event, Hooks};
 use super::metadata::{Disk, PrevRole};
 use super::nbd::NbdServer;
-use super::peer::{self, HandshakeError, Link};
+use super::peer::{self, HandshakeError, Link, Outcome};
 use super::primary::{self, Replicated};
-use super::protocol::{GoodbyeCode, NodeState, Purpose};
+use super::protocol::{GoodbyeCode, Message, NodeState, Purpose};
 use super::secondary::Session;
 use crate::config::{Replication, Resource};
 
@@ -202,6 +202,23 @@ impl PeerAddrs {
     }
 }
 
+/// A FLUSH queued to the peer.
+pub struct PeerFlush {
+    covers: u64,
+    done: Arc<peer::Completion>,
+}
+
+impl PeerFlush {
+    /// True when the peer made everything queued before the FLUSH durable.
+    pub fn wait(self, s: &Shared) -> bool {
+        let ok = self.done.wait(Outcome::Written);
+        if ok {
+            s.writes_flushed.fetch_max(self.covers, Ordering::AcqRel);
+        }
+        ok
+    }
+}
+
 /// State shared by every thread working for one resource.
 pub struct Shared {
     pub name: String,
@@ -226,6 +243,10 @@ pub struct Shared {
     pub conflicts: Conflicts,
     /// local_gen was bumped since the last completed sync (the bump happens once per outage).
     pub gen_bumped: Mutex<bool>,
+    /// Modifying requests queued to the peer so far, and how many of them the last peer FLUSH
+    /// confirmed covers: the peer may lack the difference after a power cut of its machine.
+    pub writes_queued: AtomicU64,
+    pub writes_flushed: AtomicU64,
     /// The secondary's current session with the primary.
     pub session: Mutex<Option<Session>>,
 }
@@ -287,6 +308,38 @@ impl Shared {
             extent_size: self.disk.extent_size(),
             dirty: self.disk.activemap().bitmap_bytes(),
         }
+    }
+
+    /// A FLUSH to the peer: true when the peer confirmed that everything queued before it is
+    /// durable there.
+    pub fn peer_flush(&self, link: &Link) -> bool {
+        self.queue_peer_flush(link).wait(self)
+    }
+
+    /// Queue a FLUSH to the peer; `wait` on it later (so a local fdatasync can run meanwhile).
+    pub fn queue_peer_flush(&self, link: &Link) -> PeerFlush {
+        // Read before queueing: every write counted here was queued before the FLUSH.
+        let covers = self.writes_queued.load(Ordering::Acquire);
+        PeerFlush {
+            covers,
+            done: link.submit(|seq| Message::Flush { seq }),
+        }
+    }
+
+    /// The link to the peer ended, or a FLUSH to it failed. Writes it acknowledged but no
+    /// FLUSH covered may be gone from its disk (a power cut of its machine): resync every
+    /// extent still dirty here, and if there were such writes, treat them as written without
+    /// the peer (bump the generation). Otherwise a peer promoted after losing them would later
+    /// resync over this node's only copy instead of reporting split-brain.
+    pub fn peer_may_have_lost_writes(&self) -> std::io::Result<()> {
+        self.disk.activemap().resync_unflushed();
+        let queued = self.writes_queued.load(Ordering::Acquire);
+        if self.writes_flushed.load(Ordering::Acquire) >= queued {
+            return Ok(());
+        }
+        self.note_degraded_write()?;
+        self.writes_flushed.fetch_max(queued, Ordering::AcqRel);
+        Ok(())
     }
 
     /// A write completed without reaching the peer: the first one since the last completed
@@ -424,6 +477,8 @@ pub fn start(
         locks: ExtentLocks::new(),
         conflicts: Conflicts::default(),
         gen_bumped: Mutex::new(false),
+        writes_queued: AtomicU64::new(0),
+        writes_flushed: AtomicU64::new(0),
         session: Mutex::new(None),
     });
     let (tx, rx) = mpsc::channel();
@@ -689,12 +744,12 @@ impl Owner {
         if let Err(e) = self.shared.disk.sync_data() {
             log::error!("{}: fdatasync on demote: {e}", self.shared.name);
         }
-        let peer_flushed = self.shared.link().is_some_and(|l| {
-            l.submit(|seq| super::protocol::Message::Flush { seq })
-                .wait(super::peer::Outcome::Written)
-        });
-        if !peer_flushed {
-            self.shared.disk.activemap().resync_unflushed();
+        let peer_flushed = self
+            .shared
+            .link()
+            .is_some_and(|l| self.shared.peer_flush(&l));
+        if !peer_flushed && let Err(e) = self.shared.peer_may_have_lost_writes() {
+            log::error!("{}: bumping the generation: {e}", self.shared.name);
         }
         if let Some(c) = self.connector.take() {
             c.stop.store(true, Ordering::Release);
