@@ -142,6 +142,16 @@ pub fn parse_hastctl(text: &str, name: &str) -> Result<HastList> {
     }
 }
 
+/// pgrep(1)'s exit status: 0 a process matched, 1 none did, 2 a syntax error, 3 a fatal
+/// error. Only 1 says the secondary worker is gone; an error must not pass for that.
+pub fn pgrep_found(code: i32) -> Result<bool> {
+    match code {
+        0 => Ok(true),
+        1 => Ok(false),
+        _ => anyhow::bail!("pgrep exited with status {code}"),
+    }
+}
+
 impl Hast {
     pub fn new(name: &str) -> Hast {
         Hast {
@@ -188,8 +198,10 @@ impl Hast {
             Ok(false)
         } else {
             let pattern = format!("^hastd: {} \\(secondary\\)", self.name);
-            let out = Cmd::new("pgrep", &["-f", &pattern]).output()?;
-            Ok(out.status.success())
+            let pgrep = Cmd::new("pgrep", &["-f", &pattern]);
+            let out = pgrep.output()?;
+            pgrep_found(out.code())
+                .with_context(|| format!("`{}`: {}", pgrep.line(), out.stderr.trim()))
         }
     }
 }
@@ -422,6 +434,17 @@ nosuch:
         assert!(msg.contains("line 1") && msg.contains("RESOURCE:"), "{msg}");
         let msg = e("shared:\n  error: ENOENT\n");
         assert!(msg.contains("error is not a number"), "{msg}");
+    }
+
+    #[test]
+    fn pgrep_exit_status() {
+        assert!(pgrep_found(0).unwrap());
+        assert!(!pgrep_found(1).unwrap());
+        assert_eq!(
+            pgrep_found(2).unwrap_err().to_string(),
+            "pgrep exited with status 2"
+        );
+        assert!(pgrep_found(3).is_err());
     }
 
     #[test]
