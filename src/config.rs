@@ -1129,6 +1129,20 @@ remote = "192.168.10.11"
         assert_eq!(r.peer.as_deref(), Some("s1"));
     }
 
+    /// The node name comes from gethostname(3) on both targets (no sysctl); on FreeBSD that is
+    /// kern.hostname, which rc.conf's `hostname=` usually sets to the FQDN.
+    #[test]
+    fn hostname_forms() {
+        assert!(names_this_node("s1", "s1.example.org"));
+        assert!(names_this_node("s1.example.org", "s1"));
+        assert!(names_this_node("s1.example.org", "s1.example.org"));
+        assert!(names_this_node("s1", "s1.example.org."));
+        assert!(!names_this_node("s1", "s10.example.org"));
+        assert!(!names_this_node("s2", "s1.example.org"));
+        // gethostname() failed: the empty name designates no section.
+        assert!(!names_this_node("s1", ""));
+    }
+
     #[test]
     fn unknown_key_names_line_and_column() {
         let e = err("node = \"s1\"\n[switch]\nrole_timout = \"5s\"\n");

@@ -205,3 +205,95 @@ fn devd_rules_call_switch() {
     let k = repo("systemd/keepalived-notify.example");
     assert!(k.contains("notify_master \"/usr/sbin/tandem switch master\""));
 }
+
+/// devd/rc.d/tandem: `sh -n` clean, rc.subr(8) style, and run under a stand-in for
+/// /etc/rc.subr that prints what run_rc_command would start: `$command $rc_flags
+/// $command_args`, as rc.subr's start does (rc_flags comes from ${name}_flags).
+#[test]
+fn rc_d_script_follows_rc_subr() {
+    if !have("sh") {
+        eprintln!("skipped: sh is not installed");
+        return;
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("devd/rc.d/tandem");
+    let out = Command::new("sh").arg("-n").arg(&path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "sh -n {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = repo("devd/rc.d/tandem");
+    let lines: Vec<&str> = script.lines().map(str::trim).collect();
+    let at = |want: &str| {
+        lines
+            .iter()
+            .position(|l| *l == want)
+            .unwrap_or_else(|| panic!("devd/rc.d/tandem has no line {want:?}"))
+    };
+    for key in [
+        "PROVIDE: tandem",
+        "REQUIRE: NETWORKING",
+        "KEYWORD: shutdown",
+    ] {
+        assert!(script.contains(&format!("# {key}\n")), "no `# {key}`");
+    }
+    let subr = at(". /etc/rc.subr");
+    let rcvar = at("rcvar=\"tandem_enable\"");
+    let load = at("load_rc_config $name");
+    let default = at(": ${tandem_enable:=\"NO\"}");
+    assert!(subr < rcvar && rcvar < load && load < default);
+    at("name=\"tandem\"");
+    at("command=\"/usr/sbin/daemon\"");
+    at("procname=\"/usr/local/sbin/tandem\"");
+    at("pidfile=\"/var/run/${name}.pid\"");
+    at("required_modules=\"geom_gate\"");
+    assert_eq!(
+        lines.iter().rev().find(|l| !l.is_empty()),
+        Some(&"run_rc_command \"$1\"")
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let stub = dir.path().join("rc.subr");
+    std::fs::write(
+        &stub,
+        "load_rc_config() { :; }\n\
+         run_rc_command() {\n\
+         \techo \"$1: $command $tandem_flags $command_args\"\n\
+         \techo \"pidfile=$pidfile procname=$procname modules=$required_modules\"\n\
+         }\n",
+    )
+    .unwrap();
+    let local = dir.path().join("tandem");
+    std::fs::write(
+        &local,
+        script.replace(". /etc/rc.subr", &format!(". {}", stub.display())),
+    )
+    .unwrap();
+    let run = |env: &[(&str, &str)]| {
+        let out = Command::new("sh")
+            .arg(&local)
+            .arg("start")
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        run(&[]),
+        "start: /usr/sbin/daemon  -f -S -T tandem -p /var/run/tandem.pid /usr/local/sbin/tandem \
+         -c /usr/local/etc/tandem.toml  daemon\n\
+         pidfile=/var/run/tandem.pid procname=/usr/local/sbin/tandem modules=geom_gate\n"
+    );
+    // tandem_args reach tandem, before the subcommand (global options).
+    let out = run(&[
+        ("tandem_args", "--node s1 -v"),
+        ("tandem_config", "/etc/t.toml"),
+    ]);
+    assert!(
+        out.contains(" /usr/local/sbin/tandem -c /etc/t.toml --node s1 -v daemon\n"),
+        "{out}"
+    );
+}

@@ -58,6 +58,69 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
         .collect()
 }
 
+/// Parse `mount -p` (FreeBSD): one fstab(5)-style line per mounted filesystem, as printed by
+/// putfsent() in sbin/mount/mount.c (FreeBSD 13 and 14 alike):
+///
+/// ```text
+/// printf("%s%s%s%s", from, l < 8 ? "\t" : "", l < 16 ? "\t" : "", l < 24 ? "\t" : " ");
+/// printf("%s%s%s%s", on,   (the same padding));
+/// printf("%s\t", fstype); printf("%s%s", opts, l < 8 ? "\t" : " "); printf("\t%u %u\n", ...);
+/// ```
+///
+/// The names are printed raw, not escaped (unlike Linux's `\040`), so a mount point may hold
+/// spaces: the line is taken apart from its right end, where the fields never do, and the
+/// source ends at the first tab (or, for a source of 24 bytes or more, at its one space).
+pub fn parse_mount_p(text: &str) -> Result<Vec<MountEntry>> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            parse_mount_p_line(l).with_context(|| format!("`mount -p` line {}: {l:?}", i + 1))
+        })
+        .collect()
+}
+
+fn parse_mount_p_line(line: &str) -> Result<MountEntry> {
+    let (rest, dump_pass) = line
+        .rsplit_once('\t')
+        .context("no tab before the dump and pass numbers")?;
+    let numbers: Vec<&str> = dump_pass.split(' ').collect();
+    if numbers.len() != 2 || numbers.iter().any(|n| n.parse::<u32>().is_err()) {
+        anyhow::bail!("expected the dump and pass numbers at the end, found {dump_pass:?}");
+    }
+    let (rest, opts) = rest
+        .trim_end_matches(['\t', ' '])
+        .rsplit_once('\t')
+        .context("no tab between the filesystem type and the options")?;
+    if opts.is_empty() || opts.contains(' ') {
+        anyhow::bail!("bad mount options {opts:?}");
+    }
+    let (rest, fstype) = rest
+        .rsplit_once(['\t', ' '])
+        .context("no mount point before the filesystem type")?;
+    if fstype.is_empty() {
+        anyhow::bail!("empty filesystem type");
+    }
+    let rest = rest.trim_end_matches('\t');
+    let (source, target) = match rest.split_once('\t') {
+        Some((source, target)) => (source, target.trim_start_matches('\t')),
+        // A source of 24 bytes or more is followed by one space, and a mount point is absolute.
+        None => rest
+            .char_indices()
+            .find(|&(i, c)| c == ' ' && i >= 24 && rest[i + 1..].starts_with('/'))
+            .map(|(i, _)| (&rest[..i], &rest[i + 1..]))
+            .context("cannot tell the source from the mount point")?,
+    };
+    if source.is_empty() || !target.starts_with('/') {
+        anyhow::bail!("expected a source and an absolute mount point, found {rest:?}");
+    }
+    Ok(MountEntry {
+        source: source.to_string(),
+        target: PathBuf::from(target),
+        fstype: fstype.to_string(),
+    })
+}
+
 /// The mount table, in mount order.
 pub fn mounts() -> Result<Vec<MountEntry>> {
     if cfg!(target_os = "linux") {
@@ -65,20 +128,7 @@ pub fn mounts() -> Result<Vec<MountEntry>> {
             .context("cannot read /proc/self/mountinfo")?;
         Ok(parse_mountinfo(&text))
     } else {
-        // `mount -p` prints fstab lines: source target fstype options dump pass.
-        let out = Cmd::new("mount", &["-p"]).run()?;
-        Ok(out
-            .stdout
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split_whitespace();
-                Some(MountEntry {
-                    source: unescape(f.next()?),
-                    target: PathBuf::from(unescape(f.next()?)),
-                    fstype: f.next()?.to_string(),
-                })
-            })
-            .collect())
+        parse_mount_p(&Cmd::new("mount", &["-p"]).run()?.stdout)
     }
 }
 
@@ -222,26 +272,54 @@ fn comm(pid: i32) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// The access letters fuser(1) prints after a pid: usr.bin/fstat/fuser.c, uflags[] then fflags[].
+const FUSER_LETTERS: &str = "rcjtxmywadse";
+
+/// Parse the stdout of FreeBSD's `fuser -c MP`. usr.bin/fstat/fuser.c prints each pid as
+/// `fprintf(stdout, "%6d", pid)` and the access letters and names on stderr, so stdout is
+/// only space-padded pids; letters glued to a pid (`1234c`, both streams in one) are
+/// accepted too. Anything else is an error: a misread pid would be killed.
+pub fn parse_fuser(stdout: &str) -> Result<Vec<i32>> {
+    stdout
+        .split_whitespace()
+        .map(|word| {
+            let digits = word.trim_end_matches(|c| FUSER_LETTERS.contains(c));
+            digits
+                .parse::<i32>()
+                .ok()
+                .filter(|&pid| pid > 0)
+                .with_context(|| format!("`fuser -c` printed {word:?} where a pid belongs"))
+        })
+        .collect()
+}
+
 /// The processes that have a file, directory or mapping open on the filesystem at `mp`.
-#[cfg(not(target_os = "linux"))]
 pub fn holders(mp: &Path) -> Result<Vec<i32>> {
-    // FreeBSD: fuser -c prints the pids on stdout (the names on stderr).
-    let out = Cmd::new("fuser", &["-c", &mp.display().to_string()]).output()?;
-    Ok(out
-        .stdout
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|w| w.parse().ok())
-        .collect())
+    if cfg!(target_os = "linux") {
+        proc_holders(mp)
+    } else {
+        // -c: the whole filesystem mounted at MP; -m: mapped files too, as /proc/PID/maps.
+        let out = Cmd::new("fuser", &["-c", "-m", &mp.display().to_string()]).run()?;
+        parse_fuser(&out.stdout).with_context(|| format!("processes holding {}", mp.display()))
+    }
+}
+
+/// Linux's major and minor of a device number (glibc's gnu_dev_major/gnu_dev_minor), to
+/// match the MAJ:MIN of /proc/PID/maps.
+fn linux_major_minor(dev: nix::libc::dev_t) -> (u64, u64) {
+    (
+        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+        (dev & 0xff) | ((dev >> 12) & !0xff),
+    )
 }
 
 /// The processes that have a file, directory or mapping open on the filesystem at `mp`:
 /// every /proc/PID whose cwd, root, exe, open file or mapped file lives on its device.
-#[cfg(target_os = "linux")]
-pub fn holders(mp: &Path) -> Result<Vec<i32>> {
+fn proc_holders(mp: &Path) -> Result<Vec<i32>> {
     let dev = nix::sys::stat::stat(mp)
         .with_context(|| format!("stat {}", mp.display()))?
         .st_dev;
-    let (maj, min) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let (maj, min) = linux_major_minor(dev);
     let me = std::process::id() as i32;
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -292,6 +370,117 @@ mod tests {
         assert_eq!(m[0].target, PathBuf::from("/mnt/with space"));
         assert_eq!(m[0].fstype, "ext3");
         assert_eq!(m[1].source, "/dev/loop0");
+    }
+
+    /// `mount -p` on a FreeBSD 14 ZFS-on-root install with a HAST resource mounted, as
+    /// putfsent() in sbin/mount/mount.c prints it (tab padding to 8/16/24 columns, options
+    /// padded to 8, then "\tDUMP PASS"; FreeBSD 13 prints the same).
+    const MOUNT_P_ZFS: &str = "zroot/ROOT/default\t/\t\t\tzfs\trw,noatime,nfsv4acls \t0 0\n\
+        devfs\t\t\t/dev\t\t\tdevfs\trw\t\t0 0\n\
+        tmpfs\t\t\t/tmp\t\t\ttmpfs\trw,nosuid \t0 0\n\
+        zroot/usr/home\t\t/usr/home\t\tzfs\trw,noatime,nfsv4acls \t0 0\n\
+        fdescfs\t\t\t/dev/fd\t\t\tfdescfs\trw\t\t0 0\n\
+        /dev/hast/shared\t/export\t\t\tufs\trw\t\t2 2\n";
+
+    /// The same on a UFS install; names with spaces are printed raw (no `\040`), and a name of
+    /// 24 bytes or more is followed by one space instead of tabs.
+    const MOUNT_P_UFS: &str = "/dev/ada0p2\t\t/\t\t\tufs\trw\t\t1 1\n\
+        devfs\t\t\t/dev\t\t\tdevfs\trw\t\t0 0\n\
+        /dev/hast/shared\t/export/Shared Docs\tufs\trw,noatime \t2 2\n\
+        /dev/gpt/a-very-long-label-name /mnt/a very long mount point name ufs\tro\t\t0 0\n";
+
+    #[test]
+    fn mount_p_zfs_root() {
+        let m = parse_mount_p(MOUNT_P_ZFS).unwrap();
+        let got: Vec<(&str, &Path, &str)> = m
+            .iter()
+            .map(|e| (e.source.as_str(), e.target.as_path(), e.fstype.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("zroot/ROOT/default", Path::new("/"), "zfs"),
+                ("devfs", Path::new("/dev"), "devfs"),
+                ("tmpfs", Path::new("/tmp"), "tmpfs"),
+                ("zroot/usr/home", Path::new("/usr/home"), "zfs"),
+                ("fdescfs", Path::new("/dev/fd"), "fdescfs"),
+                ("/dev/hast/shared", Path::new("/export"), "ufs"),
+            ]
+        );
+    }
+
+    #[test]
+    fn mount_p_ufs_and_spaces() {
+        let m = parse_mount_p(MOUNT_P_UFS).unwrap();
+        assert_eq!(m.len(), 4);
+        assert_eq!(
+            (m[0].source.as_str(), m[0].fstype.as_str()),
+            ("/dev/ada0p2", "ufs")
+        );
+        assert_eq!(m[2].source, "/dev/hast/shared");
+        assert_eq!(m[2].target, PathBuf::from("/export/Shared Docs"));
+        assert_eq!(m[3].source, "/dev/gpt/a-very-long-label-name");
+        assert_eq!(
+            m[3].target,
+            PathBuf::from("/mnt/a very long mount point name")
+        );
+        assert_eq!(m[3].fstype, "ufs");
+        // Raw, not escaped: a backslash in a name stays a backslash.
+        let m = parse_mount_p("/dev/md0\t\t/mnt/a\\040b\t\tufs\trw\t\t2 2\n").unwrap();
+        assert_eq!(m[0].target, PathBuf::from("/mnt/a\\040b"));
+    }
+
+    #[test]
+    fn mount_p_malformed() {
+        let e = |t: &str| format!("{:#}", parse_mount_p(t).unwrap_err());
+        // The Linux `mount` listing is not `mount -p`.
+        let msg = e("/dev/sda1 on / type ext4 (rw,relatime)\n");
+        assert!(msg.contains("`mount -p` line 1"), "{msg}");
+        assert!(msg.contains("no tab"), "{msg}");
+        // Truncated before the dump and pass numbers.
+        let msg = e("devfs\t\t\t/dev\t\t\tdevfs\trw\t\t0 0\n/dev/ada0p2\t\t/\t\t\tufs\trw");
+        assert!(msg.contains("line 2"), "{msg}");
+        assert!(msg.contains("dump and pass"), "{msg}");
+        // No options.
+        let msg = e("devfs\t/dev devfs\t\t0 0\n");
+        assert!(msg.contains("line 1"), "{msg}");
+        // A relative mount point.
+        let msg = e("devfs\t\t\tdev\t\t\tdevfs\trw\t\t0 0\n");
+        assert!(msg.contains("absolute mount point"), "{msg}");
+        // Blank lines are no entries, not errors.
+        assert!(parse_mount_p("\n\n").unwrap().is_empty());
+    }
+
+    /// `fuser -c /export` with three processes on the filesystem: fuser.c writes the pids
+    /// with "%6d" on stdout and the names and access letters on stderr
+    /// (listings like "/export:  1234c  5678rw" are the two streams merged).
+    #[test]
+    fn fuser_output() {
+        assert_eq!(
+            parse_fuser("  1234  5678 98765").unwrap(),
+            [1234, 5678, 98765]
+        );
+        // Merged with stderr's letters (r c j t x m y w a d s e).
+        assert_eq!(parse_fuser("  1234c  5678rw\n").unwrap(), [1234, 5678]);
+        // Nobody holds it.
+        assert!(parse_fuser("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn fuser_malformed() {
+        let e = |t: &str| format!("{:#}", parse_fuser(t).unwrap_err());
+        // The name prefix belongs to stderr; on stdout it means the streams are mixed up.
+        assert!(e("/export:  1234c").contains("\"/export:\""));
+        assert!(e("  1234  12o4").contains("\"12o4\""));
+        assert!(e("  -1").contains("where a pid belongs"));
+        assert!(e("  0").contains("\"0\""));
+    }
+
+    #[test]
+    fn linux_device_numbers() {
+        // makedev(259, 1) and makedev(8, 300), as glibc encodes them.
+        assert_eq!(linux_major_minor(0x10301), (259, 1));
+        assert_eq!(linux_major_minor(1_050_668), (8, 300));
     }
 
     #[test]
