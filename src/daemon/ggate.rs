@@ -15,9 +15,11 @@
 //! the destroy logic are unit-tested on Linux with a fake kernel. The real implementation
 //! (`Ggctl`) is compiled on FreeBSD only.
 //!
-//! References: FreeBSD `sys/geom/gate/g_gate.h` (G_GATE_VERSION 3, FreeBSD 9 to 15),
-//! `sys/geom/gate/g_gate.c` (what START/DONE/DESTROY do), `sbin/hastd/primary.c` (init_ggate,
-//! ggate_recv_thread) and `sbin/ggate/ggatel` (buffer growth on ENOMEM).
+//! References: FreeBSD `sys/geom/gate/g_gate.h` (G_GATE_VERSION 3 since FreeBSD 9, still in
+//! the 2023 freebsd-src consulted, so FreeBSD 13 and 14),
+//! `sys/geom/gate/g_gate.c` (what START/DONE/DESTROY do; START answers ENOMEM with the length
+//! needed when a WRITE or DELETE is longer than the buffer and keeps it queued, so the buffer
+//! grows and START is asked again) and `sbin/hastd/primary.c` (init_ggate, ggate_recv_thread).
 
 use std::ffi::c_void;
 use std::io;
