@@ -968,8 +968,7 @@ fn resolve_resource(
             BackendKind::Hast => PathBuf::from(format!("/dev/hast/{name}")),
             // DRBD 9's udev rules create this link; set `device` for /dev/drbdN.
             BackendKind::Drbd => PathBuf::from(format!("/dev/drbd/by-res/{name}/0")),
-            // Here the kernel has no nbd module: the attach hook produces the device.
-            BackendKind::Tandem => PathBuf::from("/dev/nbd0"),
+            BackendKind::Tandem => PathBuf::from(default_tandem_device(name)),
             BackendKind::None => {
                 return Err(err("backend = \"none\" needs device = \"/dev/…\"".into()));
             }
@@ -1002,13 +1001,25 @@ fn resolve_resource(
     })
 }
 
+/// The device of backend "tandem" when `device` is not set. On FreeBSD the daemon creates the
+/// GEOM Gate provider `/dev/tandem/NAME` itself (src/daemon/ggate.rs), one per resource. On
+/// Linux it attaches the export to `/dev/nbd0` when the nbd module is loaded (a second
+/// resource needs its own `device`); without the module an attach hook produces the device.
+pub fn default_tandem_device(name: &str) -> String {
+    if cfg!(target_os = "freebsd") {
+        format!("/dev/tandem/{name}")
+    } else {
+        "/dev/nbd0".to_string()
+    }
+}
+
 /// A path that `r` would share with an earlier resource: two resources on one device, disk,
 /// socket or mountpoint would overwrite each other.
 fn shared_path(earlier: &[Resource], r: &Resource) -> Option<(String, String)> {
     for o in earlier {
         let same = |a: &Option<PathBuf>, b: &Option<PathBuf>| a.is_some() && a == b;
         if o.device == r.device && o.pool.is_none() {
-            let hint = if r.backend == BackendKind::Tandem {
+            let hint = if r.backend == BackendKind::Tandem && !cfg!(target_os = "freebsd") {
                 " (the default for backend \"tandem\" is /dev/nbd0: set device for each)"
             } else {
                 ""
@@ -1119,6 +1130,18 @@ remote = "192.168.10.11"
         assert_eq!(c.switch.role_timeout, Duration::from_secs(20));
         assert_eq!(c.switch.lock, PathBuf::from(DEFAULT_LOCK));
         assert_eq!(c.services[0].unit.as_deref(), Some("smbd.service"));
+        assert_eq!(r.device, PathBuf::from(default_tandem_device("hast0")));
+    }
+
+    #[test]
+    fn tandem_device_default_per_platform() {
+        // FreeBSD: the daemon's own GEOM Gate provider, one per resource, like /dev/hast/NAME.
+        let want = if cfg!(target_os = "freebsd") {
+            "/dev/tandem/r1"
+        } else {
+            "/dev/nbd0"
+        };
+        assert_eq!(default_tandem_device("r1"), want);
     }
 
     #[test]

@@ -36,13 +36,29 @@ pub fn disk_size(file: &File) -> io::Result<u64> {
 #[cfg(any(test, target_os = "freebsd"))]
 pub const DIOCGMEDIASIZE: u64 = ioc_out(b'd', 129, 8);
 
-/// FreeBSD's `_IOR(group, num, len)` (`sys/ioccom.h`): IOC_OUT | (len & IOCPARM_MASK) << 16 |
-/// group << 8 | num.
+/// DIOCGSECTORSIZE from FreeBSD's `sys/disk.h`: `_IOR('d', 128, u_int)`.
+#[cfg(any(test, target_os = "freebsd"))]
+pub const DIOCGSECTORSIZE: u64 = ioc_out(b'd', 128, 4);
+
+/// FreeBSD's `_IOC(inout, group, num, len)` (`sys/ioccom.h`): inout | (len & IOCPARM_MASK) << 16
+/// | group << 8 | num.
+#[cfg(any(test, target_os = "freebsd"))]
+const fn ioc(inout: u64, group: u8, num: u8, len: u64) -> u64 {
+    const IOCPARM_MASK: u64 = (1 << 13) - 1;
+    inout | ((len & IOCPARM_MASK) << 16) | ((group as u64) << 8) | num as u64
+}
+
+/// FreeBSD's `_IOR(group, num, len)`: the kernel copies `len` bytes out (IOC_OUT).
 #[cfg(any(test, target_os = "freebsd"))]
 pub const fn ioc_out(group: u8, num: u8, len: u64) -> u64 {
-    const IOC_OUT: u64 = 0x4000_0000;
-    const IOCPARM_MASK: u64 = (1 << 13) - 1;
-    IOC_OUT | ((len & IOCPARM_MASK) << 16) | ((group as u64) << 8) | num as u64
+    ioc(0x4000_0000, group, num, len)
+}
+
+/// FreeBSD's `_IOWR(group, num, len)`: the kernel copies `len` bytes in and back out
+/// (IOC_INOUT = IOC_IN | IOC_OUT).
+#[cfg(any(test, target_os = "freebsd"))]
+pub const fn ioc_inout(group: u8, num: u8, len: u64) -> u64 {
+    ioc(0xC000_0000, group, num, len)
 }
 
 /// The size in bytes of a disk device (see [`is_disk`]).
@@ -54,6 +70,25 @@ pub fn disk_size(file: &File) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     u64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// The sector size of a disk device (see [`is_disk`]): I/O on a FreeBSD disk must be aligned
+/// to it.
+#[cfg(target_os = "freebsd")]
+pub fn sector_size(file: &File) -> io::Result<u32> {
+    let mut size: libc::c_uint = 0;
+    // SAFETY: DIOCGSECTORSIZE writes one u_int through the pointer, which is valid.
+    if unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            DIOCGSECTORSIZE as libc::c_ulong,
+            &mut size,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
 }
 
 /// The size in bytes of a disk device: unsupported on this platform.
@@ -105,5 +140,15 @@ mod tests {
     fn diocgmediasize_matches_freebsd_header() {
         // sys/disk.h: #define DIOCGMEDIASIZE _IOR('d', 129, off_t), 0x40086481 on amd64.
         assert_eq!(DIOCGMEDIASIZE, 0x4008_6481);
+        // #define DIOCGSECTORSIZE _IOR('d', 128, u_int): 0x40000000 | 4 << 16 | 0x64 << 8 | 128.
+        assert_eq!(DIOCGSECTORSIZE, 0x4004_6480);
+    }
+
+    #[test]
+    fn ioc_inout_is_freebsd_iowr() {
+        // _IOWR('m', 4, 56 bytes): IOC_INOUT 0xc0000000 | 56 << 16 | 'm' (0x6d) << 8 | 4.
+        assert_eq!(ioc_inout(b'm', 4, 56), 0xc038_6d04);
+        // The length is masked to 13 bits (IOCPARM_MASK).
+        assert_eq!(ioc_inout(b'm', 0, 0x2000 + 8), 0xc008_6d00);
     }
 }

@@ -520,6 +520,17 @@ impl Disk {
         self.extent_size
     }
 
+    /// The sector size of the disk (512 for a regular file): I/O to a FreeBSD disk must be
+    /// aligned to it, so the GEOM Gate export advertises at least this much.
+    #[cfg(target_os = "freebsd")]
+    pub fn sector_size(&self) -> io::Result<u32> {
+        if self.is_block {
+            diskio::sector_size(&self.file)
+        } else {
+            Ok(512)
+        }
+    }
+
     pub fn extent_count(&self) -> u64 {
         self.layout.data_size.div_ceil(self.extent_size)
     }

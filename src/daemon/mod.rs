@@ -4,13 +4,18 @@
 //! (`secondary.rs`), the control socket (`control.rs`) and then turns signals into actions:
 //! SIGHUP reloads the configuration, SIGTERM/SIGINT stop cleanly. The primary side lives in
 //! `primary.rs` and `sync.rs`, the wire format in `protocol.rs`, authentication in `auth.rs`,
-//! the sync-direction table in `generation.rs`, hook events in `hooks.rs`.
+//! the sync-direction table in `generation.rs`, hook events in `hooks.rs`. The primary's
+//! export is an NBD socket (`nbd.rs`), attached to `/dev/nbdN` on Linux (`kernel_nbd.rs`) and
+//! shown as `/dev/tandem/RES` through GEOM Gate on FreeBSD (`ggate.rs`).
 pub mod activemap;
 pub mod auth;
 pub mod conflict;
 pub mod control;
 pub mod diskio;
 pub mod generation;
+// The GEOM Gate export exists on FreeBSD; its dispatch is unit-tested everywhere.
+#[cfg(any(test, target_os = "freebsd"))]
+pub mod ggate;
 pub mod hooks;
 pub mod kernel_nbd;
 pub mod metadata;

@@ -1,8 +1,9 @@
 //! One replicated resource of this node: its shared state and the thread that owns its role.
 //!
 //! The owner thread receives `Msg`s (role changes and `resolve` from the control socket,
-//! reload, stop) and is the only one that changes the role, starts or stops the NBD export and
-//! the primary's connector. Other threads (NBD workers, the peer link, the secondary session,
+//! reload, stop) and is the only one that changes the role, starts or stops the NBD export (and
+//! the kernel device in front of it: `/dev/nbdN` on Linux, the GEOM Gate provider
+//! `/dev/tandem/RES` on FreeBSD) and the primary's connector. Other threads (NBD workers, the peer link, the secondary session,
 //! the control socket's status) read and update the `Shared` state under its small locks.
 
 use std::net::{IpAddr, SocketAddr};
@@ -490,6 +491,8 @@ pub fn start(
                 shared: s,
                 nbd: None,
                 kernel: None,
+                #[cfg(target_os = "freebsd")]
+                gate: None,
                 connector: None,
             }
             .run(rx)
@@ -514,6 +517,9 @@ struct Owner {
     nbd: Option<NbdServer>,
     /// The export attached to the kernel's `/dev/nbdN`, when the daemon does that itself.
     kernel: Option<super::kernel_nbd::KernelAttach>,
+    /// The GEOM Gate provider (`/dev/tandem/RES`) serving the replicated device.
+    #[cfg(target_os = "freebsd")]
+    gate: Option<super::ggate::Export>,
     connector: Option<Connector>,
 }
 
@@ -681,11 +687,12 @@ impl Owner {
 
     fn start_primary(&mut self) -> Result<()> {
         let cfg = self.shared.cfg();
-        let dev = Arc::new(Replicated::new(Arc::clone(&self.shared)));
+        let dev: Arc<dyn super::nbd::BlockDevice> =
+            Arc::new(Replicated::new(Arc::clone(&self.shared)));
         if let Some(dir) = cfg.nbd.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let server = NbdServer::start(Some(&cfg.nbd), cfg.nbd_tcp, &cfg.name, dev)?;
+        let server = NbdServer::start(Some(&cfg.nbd), cfg.nbd_tcp, &cfg.name, Arc::clone(&dev))?;
         // `device = "/dev/nbdN"` without an attach hook: the daemon attaches the export to the
         // kernel itself. Without the nbd module the export stays on its socket only.
         if cfg.attach.is_none() && cfg.device.to_string_lossy().starts_with("/dev/nbd") {
@@ -709,6 +716,16 @@ impl Owner {
             }
         }
         self.nbd = Some(server);
+        // `device = "/dev/tandem/X"` (the default on FreeBSD) without an attach hook: the
+        // daemon creates that GEOM Gate provider, as hastd creates /dev/hast/X. It is the
+        // device the switch mounts, so promoting fails without it.
+        #[cfg(target_os = "freebsd")]
+        if cfg.attach.is_none()
+            && let Some(provider) = super::ggate::provider_name(&cfg.device)
+        {
+            self.gate = Some(self.start_gate(&provider, dev)?);
+            log::info!("{}: export shown as {}", cfg.name, cfg.device.display());
+        }
         if cfg.remote.is_some() {
             let stop = Arc::new(AtomicBool::new(false));
             let (s, st) = (Arc::clone(&self.shared), Arc::clone(&stop));
@@ -721,9 +738,36 @@ impl Owner {
         Ok(())
     }
 
+    /// Creates the GEOM Gate provider `provider` (`tandem/RES`) and its workers.
+    #[cfg(target_os = "freebsd")]
+    fn start_gate(
+        &self,
+        provider: &str,
+        dev: Arc<dyn super::nbd::BlockDevice>,
+    ) -> Result<super::ggate::Export> {
+        use super::ggate::{Export, Ggctl, WORKERS, geometry};
+        let disk = &self.shared.disk;
+        let sector = disk
+            .sector_size()
+            .with_context(|| format!("{}: the sector size of the local disk", self.shared.name))?;
+        let (media, sector) =
+            geometry(disk.data_size(), sector).map_err(|e| anyhow::anyhow!("{provider}: {e}"))?;
+        let ctl = Ggctl::create(provider, media, sector)?;
+        Export::start(Arc::new(ctl), dev, provider, WORKERS)
+    }
+
     /// Remove the export (waiting for in-flight requests), make everything durable locally and
     /// on the peer, then close the link.
     fn stop_primary(&mut self) {
+        // The provider goes first, as hastd's does: unforced while it is open (the switch
+        // unmounts before it demotes), forced after the dead-peer timeout.
+        #[cfg(target_os = "freebsd")]
+        if let Some(gate) = self.gate.take() {
+            let wait = self.shared.timeout + Duration::from_secs(10);
+            if let Err(e) = gate.stop(self.shared.timeout, wait) {
+                log::error!("{}: {e:#}", self.shared.name);
+            }
+        }
         if let Some(Err(e)) = self.kernel.take().map(|k| k.detach()) {
             log::error!("{}: {e:#}", self.shared.name);
         }
