@@ -23,8 +23,8 @@ use anyhow::{Context, Result, bail};
 
 use super::auth::{self, Secret, Side};
 use super::protocol::{
-    self, AckKind, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message, NodeState,
-    PROTOCOL_VERSION, Purpose,
+    self, AckKind, DIGEST_LEN, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message,
+    NodeState, PROTOCOL_VERSION, Purpose,
 };
 
 /// The outcome a waiter sees.
@@ -46,16 +46,29 @@ pub struct Completion {
     on_final: Mutex<Option<Callback>>,
     /// Frame bytes, counted in `Pending::bytes` while the request is pending.
     bytes: usize,
+    /// For a `VerifyRequest`: the extent asked about. Such a request is answered only by a
+    /// `VerifyReply` for that extent (or a failed `Ack`).
+    verify_extent: Option<u64>,
+    /// The peer's digest from its `VerifyReply`, set before the request becomes Written.
+    digest: Mutex<Option<[u8; DIGEST_LEN]>>,
 }
 
 impl Completion {
-    fn new(bytes: usize) -> Arc<Completion> {
+    fn new(bytes: usize, verify_extent: Option<u64>) -> Arc<Completion> {
         Arc::new(Completion {
             state: Mutex::new(Outcome::Pending),
             cv: Condvar::new(),
             on_final: Mutex::new(None),
             bytes,
+            verify_extent,
+            digest: Mutex::new(None),
         })
+    }
+
+    /// The digest the peer answered a `VerifyRequest` with (None until it did, and for every
+    /// other request).
+    pub fn digest(&self) -> Option<[u8; DIGEST_LEN]> {
+        *self.digest.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set(&self, o: Outcome) {
@@ -235,12 +248,42 @@ impl Link {
                                 l.kill(&format!("peer failed request {seq} with errno {status}"));
                                 return;
                             }
+                            if let Some(c) = c.as_ref().filter(|c| c.verify_extent.is_some()) {
+                                c.set(Outcome::Failed);
+                                l.kill(&format!(
+                                    "protocol error: Ack for verify request {seq}, expected a VerifyReply"
+                                ));
+                                return;
+                            }
                             if let Some(c) = c {
                                 c.set(if kind == AckKind::Written {
                                     Outcome::Written
                                 } else {
                                     Outcome::Received
                                 });
+                            }
+                        }
+                        Ok(Message::VerifyReply {
+                            seq,
+                            extent,
+                            digest,
+                        }) => {
+                            let c = l.pending.lock().ok().and_then(|mut p| p.remove(seq));
+                            match c {
+                                Some(c) if c.verify_extent == Some(extent) => {
+                                    *c.digest.lock().unwrap_or_else(|p| p.into_inner()) =
+                                        Some(digest);
+                                    c.set(Outcome::Written);
+                                }
+                                other => {
+                                    if let Some(c) = other {
+                                        c.set(Outcome::Failed);
+                                    }
+                                    l.kill(&format!(
+                                        "protocol error: VerifyReply for extent {extent} answers request {seq}, which is no pending verify of that extent"
+                                    ));
+                                    return;
+                                }
                             }
                         }
                         Ok(Message::Pong) | Ok(Message::Ping) => {}
@@ -344,9 +387,26 @@ impl Link {
 
     /// Like `submit`, with the frame already encoded (see `protocol::encode_write`).
     pub fn submit_frame(&self, make: impl FnOnce(u64) -> Vec<u8>) -> Arc<Completion> {
+        self.queue(make, None)
+    }
+
+    /// Queue a `VerifyRequest` for `extent`; once Written, `digest()` holds the peer's answer.
+    /// Called under the extent's exclusive stripe lock (see `verify.rs`).
+    pub fn submit_verify(&self, extent: u64) -> Arc<Completion> {
+        self.queue(
+            |seq| Message::VerifyRequest { seq, extent }.encode(),
+            Some(extent),
+        )
+    }
+
+    fn queue(
+        &self,
+        make: impl FnOnce(u64) -> Vec<u8>,
+        verify_extent: Option<u64>,
+    ) -> Arc<Completion> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let frame = make(seq);
-        let c = Completion::new(frame.len());
+        let c = Completion::new(frame.len(), verify_extent);
         let queued = match self.pending.lock() {
             Ok(mut p) if !p.dead => {
                 p.map.insert(seq, Arc::clone(&c));

@@ -183,6 +183,10 @@ pub struct Shared {
     pub conn: Mutex<ConnInfo>,
     pub counters: Counters,
     pub sync: SyncProgress,
+    /// Progress of the running (or last) online verify.
+    pub verify: SyncProgress,
+    /// Held by the running online verify: one at a time per resource.
+    pub verifying: Mutex<()>,
     pub locks: ExtentLocks,
     /// local_gen was bumped since the last completed sync (the bump happens once per outage).
     pub gen_bumped: Mutex<bool>,
@@ -268,6 +272,7 @@ impl Shared {
         let c = self.conn();
         let role = self.role();
         let syncing = self.sync.active.load(Ordering::Acquire);
+        let verifying = self.verify.active.load(Ordering::Acquire);
         let state = if h.split_brain {
             "split-brain"
         } else if syncing {
@@ -301,6 +306,9 @@ impl Shared {
             sync_bytes_total: total,
             sync_bytes_done: done,
             sync_rate_bps: if syncing { self.sync.rate() } else { 0 },
+            verifying,
+            verify_bytes_total: self.verify.total.load(Ordering::Relaxed),
+            verify_bytes_done: self.verify.done.load(Ordering::Relaxed),
             stale: c.stale || h.inconsistent || h.discard_local,
             peer_role: c.peer_role.map(|r| r.name().to_string()),
             nbd: if role == Role::Primary {
@@ -376,6 +384,8 @@ pub fn start(
         }),
         counters: Counters::default(),
         sync: SyncProgress::default(),
+        verify: SyncProgress::default(),
+        verifying: Mutex::new(()),
         locks: ExtentLocks::new(),
         gen_bumped: Mutex::new(false),
         session: Mutex::new(None),

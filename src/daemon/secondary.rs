@@ -22,10 +22,11 @@ use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::peer;
 use super::protocol::{
-    self, AckKind, DataFrame, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message,
-    PROTOCOL_VERSION, Purpose,
+    self, AckKind, DataFrame, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED,
+    MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Purpose,
 };
 use super::resource::{Connection, Shared};
+use super::verify;
 
 /// A peer must complete hello and authentication within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -180,15 +181,19 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
             cfg.remote.as_deref().unwrap_or("(none)")
         );
     }
-    if version != PROTOCOL_VERSION {
+    // An older peer is answered in its own version (it never sends what it does not know);
+    // a newer one is refused, as it may send messages this node cannot handle.
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
         goodbye(&mut stream, GoodbyeCode::Mismatch, "protocol version");
-        bail!("{resource}: peer speaks protocol version {version}, we speak {PROTOCOL_VERSION}");
+        bail!(
+            "{resource}: peer speaks protocol version {version}, we speak {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+        );
     }
     let ours = auth::nonce()?;
     protocol::write_message(
         &mut stream,
         &Message::Hello {
-            version: PROTOCOL_VERSION,
+            version,
             purpose,
             mode,
             resource: resource.clone(),
@@ -506,6 +511,27 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
                         log::info!("{}: sync from the primary complete", s.name);
                         s.hooks.fire(Event::SyncDone, &s.name, &[]);
                     }
+                }
+            }
+            Message::VerifyRequest { seq, extent } => {
+                // Hashed here, in frame order: the digest covers every write the primary
+                // queued before the request and none after it (see verify.rs).
+                if extent >= disk.extent_count() {
+                    bail!(
+                        "protocol error: VerifyRequest for extent {extent}, but the disk has {} extents",
+                        disk.extent_count()
+                    );
+                }
+                match verify::hash_extent(disk, extent) {
+                    Ok(digest) => w.write_all(
+                        &Message::VerifyReply {
+                            seq,
+                            extent,
+                            digest,
+                        }
+                        .encode(),
+                    )?,
+                    Err(e) => ack(&mut w, seq, AckKind::Written, Err(e))?,
                 }
             }
             Message::Ping => w.write_all(&Message::Pong.encode())?,
