@@ -684,3 +684,92 @@ pub fn sleep_unless(stop: &AtomicBool, d: Duration) -> bool {
     }
     stop.load(Ordering::Acquire)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use super::{Link, Outcome};
+    use crate::daemon::protocol::{self, AckKind, DIGEST_LEN, MAX_FRAME, Message};
+
+    /// A link to a fake secondary that answers the first frame it reads with `answer(frame)`.
+    fn link_answered_by(
+        answer: impl FnOnce(Message) -> Message + Send + 'static,
+    ) -> std::sync::Arc<Link> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(server.try_clone().unwrap());
+            let m = protocol::read_message(&mut r, MAX_FRAME).unwrap();
+            let _ = server.write_all(&answer(m).encode());
+            // Keep the socket open until the link closes it.
+            let _ = protocol::read_message(&mut r, MAX_FRAME);
+        });
+        Link::start(client, Duration::from_secs(10)).unwrap()
+    }
+
+    fn seq_extent(m: &Message) -> (u64, u64) {
+        match m {
+            Message::VerifyRequest { seq, extent } => (*seq, *extent),
+            other => panic!("expected a VerifyRequest, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_verify_reply_delivers_its_digest() {
+        let link = link_answered_by(|m| {
+            let (seq, extent) = seq_extent(&m);
+            Message::VerifyReply {
+                seq,
+                extent,
+                digest: [9; DIGEST_LEN],
+            }
+        });
+        let c = link.submit_verify(4);
+        assert!(c.wait(Outcome::Written));
+        assert_eq!(c.digest(), Some([9; DIGEST_LEN]));
+        assert!(!link.is_dead());
+        link.kill("test done");
+    }
+
+    /// A reply for another extent, an unsolicited reply and a plain Ack for a verify request
+    /// are protocol errors: the link dies and the request fails, nothing panics.
+    #[test]
+    fn unexpected_verify_answers_kill_the_link() {
+        let answers: Vec<Box<dyn FnOnce(Message) -> Message + Send>> = vec![
+            Box::new(|m| {
+                let (seq, extent) = seq_extent(&m);
+                Message::VerifyReply {
+                    seq,
+                    extent: extent + 1,
+                    digest: [0; DIGEST_LEN],
+                }
+            }),
+            Box::new(|m| {
+                let (seq, extent) = seq_extent(&m);
+                Message::VerifyReply {
+                    seq: seq + 100,
+                    extent,
+                    digest: [0; DIGEST_LEN],
+                }
+            }),
+            Box::new(|m| Message::Ack {
+                seq: seq_extent(&m).0,
+                kind: AckKind::Written,
+                status: 0,
+            }),
+        ];
+        for answer in answers {
+            let link = link_answered_by(answer);
+            let c = link.submit_verify(4);
+            assert!(!c.wait(Outcome::Written));
+            assert_eq!(c.digest(), None);
+            assert!(link.wait_dead(Duration::from_secs(5)));
+            let why = link.last_error().unwrap_or_default();
+            assert!(why.contains("protocol error"), "{why}");
+        }
+    }
+}
