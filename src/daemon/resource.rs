@@ -760,3 +760,35 @@ fn probe_inner(shared: &Shared, remote: &str, from: Option<&str>) -> Result<Node
         Err(e) => Err(ProbeError::Other(anyhow::anyhow!("{e}"))),
     }
 }
+
+/// A resource of node `node` ("a" or "b") on a 16 MiB file disk with 1 MiB extents in `dir`,
+/// fresh metadata, role init; its remote (the peer's address) is on 127.0.0.1 (tests only).
+#[cfg(test)]
+pub(crate) fn start_for_test(dir: &std::path::Path, node: &str) -> Handle {
+    let img = dir.join(format!("{node}.img"));
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    super::metadata::create(&img, "r0", 1 << 20, false).unwrap();
+    let (ra, rb) = if node == "a" { (1, 2) } else { (2, 1) };
+    let text = format!(
+        "node = \"{node}\"\n[daemon]\nlisten = [\"127.0.0.1:1\"]\n\
+         [resource.r0]\nbackend = \"tandem\"\nextent_size = \"1M\"\n\
+         nbd = \"{nbd}\"\n\
+         [resource.r0.on.a]\nlocal = \"{img}\"\nremote = \"127.0.0.1:{ra}\"\n\
+         [resource.r0.on.b]\nlocal = \"{img}\"\nremote = \"127.0.0.1:{rb}\"\n",
+        nbd = dir.join(format!("{node}.nbd")).display(),
+        img = img.display()
+    );
+    let cfg = crate::config::parse(&dir.join("t.toml"), &text, Some(node)).unwrap();
+    start(
+        cfg.resource("r0").unwrap(),
+        node,
+        SharedSecret::new(super::auth::Secret::from_bytes(b"k")),
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+        Hooks::new(None),
+    )
+    .unwrap()
+}

@@ -561,38 +561,13 @@ mod tests {
 
     use super::holds_frame;
     use crate::daemon::Role;
-    use crate::daemon::auth::{Secret, SharedSecret, Side};
-    use crate::daemon::hooks::Hooks;
+    use crate::daemon::auth::{Secret, Side};
     use crate::daemon::protocol::{self, AckKind, MAX_FRAME, Message, NodeState, Purpose};
     use crate::daemon::resource::{self, Msg};
 
     /// A secondary of a 16 MiB disk (1 MiB extents) whose remote is 127.0.0.1.
     fn secondary(dir: &std::path::Path) -> resource::Handle {
-        let img = dir.join("b.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(16 << 20)
-            .unwrap();
-        crate::daemon::metadata::create(&img, "r0", 1 << 20, false).unwrap();
-        let text = format!(
-            "node = \"b\"\n[daemon]\nlisten = [\"127.0.0.1:1\"]\n\
-             [resource.r0]\nbackend = \"tandem\"\nextent_size = \"1M\"\n\
-             nbd = \"{nbd}\"\n\
-             [resource.r0.on.a]\nlocal = \"{img}\"\nremote = \"127.0.0.1:2\"\n\
-             [resource.r0.on.b]\nlocal = \"{img}\"\nremote = \"127.0.0.1:1\"\n",
-            nbd = dir.join("b.nbd").display(),
-            img = img.display()
-        );
-        let cfg = crate::config::parse(&dir.join("t.toml"), &text, Some("b")).unwrap();
-        let handle = resource::start(
-            cfg.resource("r0").unwrap(),
-            "b",
-            SharedSecret::new(Secret::from_bytes(b"k")),
-            Duration::from_secs(10),
-            Duration::from_secs(2),
-            Hooks::new(None),
-        )
-        .unwrap();
+        let handle = resource::start_for_test(dir, "b");
         let (tx, rx) = std::sync::mpsc::channel();
         handle
             .tx

@@ -237,9 +237,7 @@ pub(crate) mod tests {
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 
-    use crate::daemon::auth::{Secret, SharedSecret};
     use crate::daemon::generation::Decision;
-    use crate::daemon::hooks::Hooks;
     use crate::daemon::peer::Link;
     use crate::daemon::protocol::{self, AckKind, MAX_FRAME, Message, NodeState};
 
@@ -268,32 +266,7 @@ pub(crate) mod tests {
         dir: &std::path::Path,
         lose_power: bool,
     ) -> (crate::daemon::resource::Handle, Arc<Link>, FakePeer) {
-        let img = dir.join("a.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(16 << 20)
-            .unwrap();
-        crate::daemon::metadata::create(&img, "r0", 1 << 20, false).unwrap();
-        let text = format!(
-            "node = \"a\"\n[daemon]\nlisten = [\"127.0.0.1:1\"]\n\
-             [resource.r0]\nbackend = \"tandem\"\nextent_size = \"1M\"\n\
-             nbd = \"{nbd}\"\n\
-             [resource.r0.on.a]\nlocal = \"{img}\"\nremote = \"127.0.0.1:1\"\n\
-             [resource.r0.on.b]\nlocal = \"{img}\"\nremote = \"127.0.0.1:2\"\n",
-            nbd = dir.join("a.nbd").display(),
-            img = img.display()
-        );
-        let cfg = crate::config::parse(&dir.join("t.toml"), &text, Some("a")).unwrap();
-        let res = cfg.resource("r0").unwrap().clone();
-        let handle = crate::daemon::resource::start(
-            &res,
-            "a",
-            SharedSecret::new(Secret::from_bytes(b"k")),
-            Duration::from_secs(10),
-            Duration::from_secs(2),
-            Hooks::new(None),
-        )
-        .unwrap();
+        let handle = crate::daemon::resource::start_for_test(dir, "a");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
