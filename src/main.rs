@@ -125,6 +125,19 @@ enum Command {
         #[arg(long, required = true)]
         discard_local: bool,
     },
+    /// Compare the two replicas extent by extent while serving (DRBD's online verify).
+    Verify {
+        resource: String,
+        /// Resync the extents that differ from this node (the primary).
+        #[arg(long)]
+        repair: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Hash at most this many bytes per second on each node (default 100M; 0: no limit).
+        #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
+        rate: Option<u64>,
+    },
     /// Watch rtnetlink for the VIP and run `switch` when it comes or goes (Linux).
     Watch {
         /// Also be slave while this link has no carrier.
@@ -189,6 +202,12 @@ fn run(cli: Cli) -> Result<()> {
             daemon::control::cmd_wait_sync(&cfg, &resources, timeout)
         }
         Command::Resolve { resource, .. } => daemon::control::cmd_resolve(&cfg, &resource),
+        Command::Verify {
+            resource,
+            repair,
+            json,
+            rate,
+        } => daemon::control::cmd_verify(&cfg, &resource, repair, json, rate),
         #[cfg(target_os = "linux")]
         Command::Watch { carrier } => watch::cmd_watch(&cfg, carrier.as_deref()),
         #[cfg(not(target_os = "linux"))]

@@ -1,5 +1,5 @@
-//! The control socket: how `tandem role`, `status`, `resolve` and `wait-sync` talk to the
-//! daemon. A unix stream socket (mode 0600); one JSON request per line, one JSON response per
+//! The control socket: how `tandem role`, `status`, `resolve`, `wait-sync` and `verify` talk to
+//! the daemon. A unix stream socket (mode 0600); one JSON request per line, one JSON response per
 //! line. The server side dispatches to the resources' owner threads; the client side is
 //! `request` (and `wait_sync` on top of it).
 
@@ -38,6 +38,15 @@ pub enum Request {
     },
     /// `resolve RES --discard-local`.
     Resolve { resource: String },
+    /// `verify RES [--repair] [--rate SIZE]`: answered when the verify (and repair) is done.
+    Verify {
+        resource: String,
+        #[serde(default)]
+        repair: bool,
+        /// Bytes hashed per second on each node; absent: the default, 0: unlimited.
+        #[serde(default)]
+        rate: Option<u64>,
+    },
 }
 
 /// Why a request failed; the CLI maps it to an exit status (`exit_code`).
@@ -113,6 +122,13 @@ pub struct ResourceStatus {
     pub sync_bytes_total: u64,
     pub sync_bytes_done: u64,
     pub sync_rate_bps: u64,
+    /// An online verify (`tandem verify`) is running; the bytes are of the running or last one.
+    #[serde(default)]
+    pub verifying: bool,
+    #[serde(default)]
+    pub verify_bytes_total: u64,
+    #[serde(default)]
+    pub verify_bytes_done: u64,
     /// This node's data must not be promoted (older than the peer's, or incomplete).
     pub stale: bool,
     pub peer_role: Option<String>,
@@ -127,11 +143,35 @@ pub struct ResourceStatus {
     pub error: Option<String>,
 }
 
+/// An extent whose digests differ between the nodes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DifferingExtent {
+    pub extent: u64,
+    /// Byte offset in the data region (what the export serves).
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// What an online verify found: the daemon's answer to `verify`, and `tandem verify --json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct VerifyResult {
+    pub resource: String,
+    pub extents_checked: u64,
+    pub bytes_checked: u64,
+    pub differing: Vec<DifferingExtent>,
+    /// The differing extents were resynced from the primary (`--repair`).
+    pub repaired: bool,
+    pub seconds: f64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Response {
     pub node: String,
     #[serde(default)]
     pub resources: Vec<ResourceStatus>,
+    /// The answer to `verify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyResult>,
     #[serde(default)]
     pub error: Option<ControlError>,
 }
@@ -213,16 +253,130 @@ pub fn cmd_resolve(cfg: &crate::config::Config, resource: &str) -> Result<()> {
     }
 }
 
+/// `tandem verify RES [--repair] [--json] [--rate SIZE]`: the result on stdout; differences
+/// are a failure (exit 1) once they are listed.
+pub fn cmd_verify(
+    cfg: &crate::config::Config,
+    resource: &str,
+    repair: bool,
+    json: bool,
+    rate: Option<u64>,
+) -> Result<()> {
+    let socket = cfg.daemon.control.clone();
+    let req = Request::Verify {
+        resource: resource.to_string(),
+        repair,
+        rate,
+    };
+    // The verify takes as long as the disk takes to read at `rate`: no timeout on its answer.
+    // Meanwhile the progress comes from `status` on a second connection.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = socket.clone();
+    thread::Builder::new()
+        .name("verify".into())
+        .spawn(move || {
+            let _ = tx.send(exchange(&s, &req, None));
+        })
+        .context("starting the verify request")?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(1);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {percent}% {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let resp = loop {
+        match rx.recv_timeout(Duration::from_millis(250)) {
+            Ok(r) => break r?,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("{resource}: the verify request ended without an answer")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        let Some(b) = &bar else { continue };
+        let status = Request::Status {
+            resources: vec![resource.to_string()],
+        };
+        let Ok(r) = request(&socket, &status, Duration::from_secs(10)) else {
+            continue;
+        };
+        if let Some(st) = r.resources.first() {
+            let (msg, total, done) = if st.verifying {
+                ("verifying", st.verify_bytes_total, st.verify_bytes_done)
+            } else if st.state == "syncing" {
+                ("repairing", st.sync_bytes_total, st.sync_bytes_done)
+            } else {
+                continue;
+            };
+            b.set_message(format!("{resource} {msg}"));
+            b.set_length(total.max(1));
+            b.set_position(done);
+        }
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if let Some(e) = resp.error {
+        return Err(exit_error(e));
+    }
+    let v = resp.verify.with_context(|| {
+        format!("{resource}: the daemon answered the verify request without a result")
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        for d in &v.differing {
+            println!(
+                "{}: extent {} differs: offset {}, length {}",
+                v.resource, d.extent, d.offset, d.length
+            );
+        }
+        println!(
+            "{}: {} extents ({} bytes) checked in {:.1} s, {} differ{}",
+            v.resource,
+            v.extents_checked,
+            v.bytes_checked,
+            v.seconds,
+            v.differing.len(),
+            match (v.differing.is_empty(), v.repaired) {
+                (true, _) => "",
+                (false, true) => "; repaired from the primary",
+                (false, false) if repair => "; NOT repaired (see the daemon log)",
+                (false, false) => "; run again with --repair to resync them from the primary",
+            }
+        );
+    }
+    if v.differing.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "{}: {} extents differ between the nodes{}",
+            v.resource,
+            v.differing.len(),
+            if v.repaired { " (repaired)" } else { "" }
+        )
+    }
+}
+
 /// Send one request and read the response, within `timeout`.
 pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Response> {
+    exchange(socket, req, Some(timeout))
+}
+
+/// Send one request and read the response, waiting at most `timeout` (None: as long as the
+/// daemon takes) for each.
+fn exchange(socket: &Path, req: &Request, timeout: Option<Duration>) -> Result<Response> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!(
             "cannot reach the tandem daemon at {} (is `tandem daemon` running?)",
             socket.display()
         )
     })?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(timeout)?;
+    stream.set_write_timeout(timeout)?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     stream
@@ -457,7 +611,7 @@ mod tests {
                         state: "complete".into(),
                         ..Default::default()
                     }],
-                    error: None,
+                    ..Default::default()
                 },
             }
         }

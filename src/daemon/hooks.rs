@@ -1,5 +1,6 @@
 //! Hook events: `daemon.exec` is run as `exec EVENT RESOURCE [ARGS…]` (the HAST convention)
-//! for `role`, `connect`, `disconnect`, `syncstart`, `syncdone`, `syncintr` and `split-brain`.
+//! for `role`, `connect`, `disconnect`, `syncstart`, `syncdone`, `syncintr`, `split-brain` and
+//! `verify` (its argument: the number of extents that differ).
 //!
 //! Hooks run asynchronously with stdin from /dev/null; the daemon never waits for them. Each
 //! gets a watcher thread that logs its exit status and warns once if it runs longer than
@@ -22,6 +23,8 @@ pub enum Event {
     SyncDone,
     SyncIntr,
     SplitBrain,
+    /// An online verify finished; argument: how many extents differ.
+    Verify,
 }
 
 impl Event {
@@ -34,6 +37,7 @@ impl Event {
             Event::SyncDone => "syncdone",
             Event::SyncIntr => "syncintr",
             Event::SplitBrain => "split-brain",
+            Event::Verify => "verify",
         }
     }
 }

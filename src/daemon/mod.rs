@@ -4,9 +4,10 @@
 //! (`secondary.rs`), the control socket (`control.rs`) and then turns signals into actions:
 //! SIGHUP reloads the configuration, SIGTERM/SIGINT stop cleanly. The primary side lives in
 //! `primary.rs` and `sync.rs`, the wire format in `protocol.rs`, authentication in `auth.rs`,
-//! the sync-direction table in `generation.rs`, hook events in `hooks.rs`. The primary's
-//! export is an NBD socket (`nbd.rs`), attached to `/dev/nbdN` on Linux (`kernel_nbd.rs`) and
-//! shown as `/dev/tandem/RES` through GEOM Gate on FreeBSD (`ggate.rs`).
+//! the sync-direction table in `generation.rs`, hook events in `hooks.rs`, the online verify in
+//! `verify.rs`. The primary's export is an NBD socket (`nbd.rs`), attached to `/dev/nbdN` on
+//! Linux (`kernel_nbd.rs`) and shown as `/dev/tandem/RES` through GEOM Gate on FreeBSD
+//! (`ggate.rs`).
 pub mod activemap;
 pub mod auth;
 pub mod conflict;
@@ -26,6 +27,7 @@ pub mod protocol;
 pub mod resource;
 pub mod secondary;
 pub mod sync;
+pub mod verify;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -196,6 +198,22 @@ impl Daemon {
             })
     }
 
+    /// The running resource `name`, or why it is not running.
+    fn shared(&self, name: &str) -> std::result::Result<Arc<resource::Shared>, ControlError> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = handles.get(name) {
+            return Ok(Arc::clone(&h.shared));
+        }
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        Err(ControlError {
+            kind: ErrorKind::Failed,
+            message: match failed.get(name) {
+                Some(why) => format!("{name}: not running: {why}"),
+                None => format!("{name}: no such resource"),
+            },
+        })
+    }
+
     fn statuses(&self, names: &[String]) -> Vec<control::ResourceStatus> {
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
@@ -238,6 +256,28 @@ impl control::Handler for Daemon {
                 resp.resources = self.statuses(&names);
                 Ok(())
             }),
+            Request::Verify {
+                resource,
+                repair,
+                rate,
+            } => self
+                .names(std::slice::from_ref(&resource))
+                .and_then(|names| {
+                    let opts = verify::Options {
+                        repair,
+                        rate: rate.unwrap_or(verify::DEFAULT_RATE),
+                    };
+                    // Runs on this control connection's thread, not the owner's: it takes
+                    // minutes to hours, and role changes must not wait for it.
+                    let r =
+                        verify::run(&self.shared(&resource)?, opts).map_err(|e| ControlError {
+                            kind: e.kind,
+                            message: e.message,
+                        })?;
+                    resp.verify = Some(r);
+                    resp.resources = self.statuses(&names);
+                    Ok(())
+                }),
             Request::Resolve { resource } => {
                 self.names(std::slice::from_ref(&resource))
                     .and_then(|names| {

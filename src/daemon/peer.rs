@@ -23,8 +23,8 @@ use anyhow::{Context, Result, bail};
 
 use super::auth::{self, Secret, Side};
 use super::protocol::{
-    self, AckKind, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message, NodeState,
-    PROTOCOL_VERSION, Purpose,
+    self, AckKind, DIGEST_LEN, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message,
+    NodeState, PROTOCOL_VERSION, Purpose,
 };
 
 /// The outcome a waiter sees.
@@ -46,16 +46,29 @@ pub struct Completion {
     on_final: Mutex<Option<Callback>>,
     /// Frame bytes, counted in `Pending::bytes` while the request is pending.
     bytes: usize,
+    /// For a `VerifyRequest`: the extent asked about. Such a request is answered only by a
+    /// `VerifyReply` for that extent (or a failed `Ack`).
+    verify_extent: Option<u64>,
+    /// The peer's digest from its `VerifyReply`, set before the request becomes Written.
+    digest: Mutex<Option<[u8; DIGEST_LEN]>>,
 }
 
 impl Completion {
-    fn new(bytes: usize) -> Arc<Completion> {
+    fn new(bytes: usize, verify_extent: Option<u64>) -> Arc<Completion> {
         Arc::new(Completion {
             state: Mutex::new(Outcome::Pending),
             cv: Condvar::new(),
             on_final: Mutex::new(None),
             bytes,
+            verify_extent,
+            digest: Mutex::new(None),
         })
+    }
+
+    /// The digest the peer answered a `VerifyRequest` with (None until it did, and for every
+    /// other request).
+    pub fn digest(&self) -> Option<[u8; DIGEST_LEN]> {
+        *self.digest.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set(&self, o: Outcome) {
@@ -235,12 +248,42 @@ impl Link {
                                 l.kill(&format!("peer failed request {seq} with errno {status}"));
                                 return;
                             }
+                            if let Some(c) = c.as_ref().filter(|c| c.verify_extent.is_some()) {
+                                c.set(Outcome::Failed);
+                                l.kill(&format!(
+                                    "protocol error: Ack for verify request {seq}, expected a VerifyReply"
+                                ));
+                                return;
+                            }
                             if let Some(c) = c {
                                 c.set(if kind == AckKind::Written {
                                     Outcome::Written
                                 } else {
                                     Outcome::Received
                                 });
+                            }
+                        }
+                        Ok(Message::VerifyReply {
+                            seq,
+                            extent,
+                            digest,
+                        }) => {
+                            let c = l.pending.lock().ok().and_then(|mut p| p.remove(seq));
+                            match c {
+                                Some(c) if c.verify_extent == Some(extent) => {
+                                    *c.digest.lock().unwrap_or_else(|p| p.into_inner()) =
+                                        Some(digest);
+                                    c.set(Outcome::Written);
+                                }
+                                other => {
+                                    if let Some(c) = other {
+                                        c.set(Outcome::Failed);
+                                    }
+                                    l.kill(&format!(
+                                        "protocol error: VerifyReply for extent {extent} answers request {seq}, which is no pending verify of that extent"
+                                    ));
+                                    return;
+                                }
                             }
                         }
                         Ok(Message::Pong) | Ok(Message::Ping) => {}
@@ -344,9 +387,26 @@ impl Link {
 
     /// Like `submit`, with the frame already encoded (see `protocol::encode_write`).
     pub fn submit_frame(&self, make: impl FnOnce(u64) -> Vec<u8>) -> Arc<Completion> {
+        self.queue(make, None)
+    }
+
+    /// Queue a `VerifyRequest` for `extent`; once Written, `digest()` holds the peer's answer.
+    /// Called under the extent's exclusive stripe lock (see `verify.rs`).
+    pub fn submit_verify(&self, extent: u64) -> Arc<Completion> {
+        self.queue(
+            |seq| Message::VerifyRequest { seq, extent }.encode(),
+            Some(extent),
+        )
+    }
+
+    fn queue(
+        &self,
+        make: impl FnOnce(u64) -> Vec<u8>,
+        verify_extent: Option<u64>,
+    ) -> Arc<Completion> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let frame = make(seq);
-        let c = Completion::new(frame.len());
+        let c = Completion::new(frame.len(), verify_extent);
         let queued = match self.pending.lock() {
             Ok(mut p) if !p.dead => {
                 p.map.insert(seq, Arc::clone(&c));
@@ -623,4 +683,93 @@ pub fn sleep_unless(stop: &AtomicBool, d: Duration) -> bool {
         thread::sleep(Duration::from_millis(50).min(end.saturating_duration_since(Instant::now())));
     }
     stop.load(Ordering::Acquire)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use super::{Link, Outcome};
+    use crate::daemon::protocol::{self, AckKind, DIGEST_LEN, MAX_FRAME, Message};
+
+    /// A link to a fake secondary that answers the first frame it reads with `answer(frame)`.
+    fn link_answered_by(
+        answer: impl FnOnce(Message) -> Message + Send + 'static,
+    ) -> std::sync::Arc<Link> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(server.try_clone().unwrap());
+            let m = protocol::read_message(&mut r, MAX_FRAME).unwrap();
+            let _ = server.write_all(&answer(m).encode());
+            // Keep the socket open until the link closes it.
+            let _ = protocol::read_message(&mut r, MAX_FRAME);
+        });
+        Link::start(client, Duration::from_secs(10)).unwrap()
+    }
+
+    fn seq_extent(m: &Message) -> (u64, u64) {
+        match m {
+            Message::VerifyRequest { seq, extent } => (*seq, *extent),
+            other => panic!("expected a VerifyRequest, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_verify_reply_delivers_its_digest() {
+        let link = link_answered_by(|m| {
+            let (seq, extent) = seq_extent(&m);
+            Message::VerifyReply {
+                seq,
+                extent,
+                digest: [9; DIGEST_LEN],
+            }
+        });
+        let c = link.submit_verify(4);
+        assert!(c.wait(Outcome::Written));
+        assert_eq!(c.digest(), Some([9; DIGEST_LEN]));
+        assert!(!link.is_dead());
+        link.kill("test done");
+    }
+
+    /// A reply for another extent, an unsolicited reply and a plain Ack for a verify request
+    /// are protocol errors: the link dies and the request fails, nothing panics.
+    #[test]
+    fn unexpected_verify_answers_kill_the_link() {
+        let answers: Vec<Box<dyn FnOnce(Message) -> Message + Send>> = vec![
+            Box::new(|m| {
+                let (seq, extent) = seq_extent(&m);
+                Message::VerifyReply {
+                    seq,
+                    extent: extent + 1,
+                    digest: [0; DIGEST_LEN],
+                }
+            }),
+            Box::new(|m| {
+                let (seq, extent) = seq_extent(&m);
+                Message::VerifyReply {
+                    seq: seq + 100,
+                    extent,
+                    digest: [0; DIGEST_LEN],
+                }
+            }),
+            Box::new(|m| Message::Ack {
+                seq: seq_extent(&m).0,
+                kind: AckKind::Written,
+                status: 0,
+            }),
+        ];
+        for answer in answers {
+            let link = link_answered_by(answer);
+            let c = link.submit_verify(4);
+            assert!(!c.wait(Outcome::Written));
+            assert_eq!(c.digest(), None);
+            assert!(link.wait_dead(Duration::from_secs(5)));
+            let why = link.last_error().unwrap_or_default();
+            assert!(why.contains("protocol error"), "{why}");
+        }
+    }
 }

@@ -11,8 +11,11 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 
-/// Version of this protocol; both sides send theirs in `Hello` and must agree.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of this protocol, sent in `Hello`. Version 2 added `VerifyRequest`/`VerifyReply`.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Oldest version an accepting node still speaks: a version-1 primary never sends a message
+/// that version 2 lacks or changed, so a secondary upgraded first keeps replicating for it.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Largest data payload of one `Write` or `SyncChunk`.
 pub const MAX_DATA: usize = 32 * 1024 * 1024;
 /// Largest frame after authentication: a full data payload plus room for its header fields.
@@ -21,6 +24,8 @@ pub const MAX_FRAME: usize = MAX_DATA + 4096;
 pub const MAX_FRAME_UNAUTHENTICATED: usize = 4096;
 /// Length of the challenge nonces and the HMAC-SHA256 proofs.
 pub const NONCE_LEN: usize = 32;
+/// Length of an extent digest (SHA-256) in `VerifyReply`.
+pub const DIGEST_LEN: usize = 32;
 
 /// Why a connection is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +162,23 @@ pub enum Message {
         local_gen: u64,
     },
 
+    // -- Online verify (`tandem verify`), interleaved with replication. The primary sends the
+    // request on the replication link while it holds the extent's exclusive stripe lock, so
+    // it follows every write to that extent the primary has queued and precedes every later
+    // one; the secondary, which applies frames in order, hashes the extent when it reaches
+    // the request and so hashes exactly the writes the primary's own hash covers.
+    /// Hash extent `extent` (all of it, the last one up to the data size) with SHA-256.
+    VerifyRequest {
+        seq: u64,
+        extent: u64,
+    },
+    /// The secondary's digest of `extent`. A read error is answered with a failed `Ack`.
+    VerifyReply {
+        seq: u64,
+        extent: u64,
+        digest: [u8; DIGEST_LEN],
+    },
+
     // -- Keepalive and close.
     Ping,
     Pong,
@@ -215,6 +237,8 @@ mod ty {
     pub const SYNC_CHUNK: u8 = 33;
     pub const SYNC_ZERO: u8 = 34;
     pub const SYNC_DONE: u8 = 35;
+    pub const VERIFY_REQUEST: u8 = 40;
+    pub const VERIFY_REPLY: u8 = 41;
     pub const PING: u8 = 48;
     pub const PONG: u8 = 49;
     pub const GOODBYE: u8 = 50;
@@ -274,9 +298,9 @@ impl<'a> Dec<'a> {
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
-    fn array(&mut self) -> Result<[u8; NONCE_LEN], ProtocolError> {
-        let mut a = [0u8; NONCE_LEN];
-        a.copy_from_slice(self.take(NONCE_LEN)?);
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
     fn bytes(&mut self) -> Result<Vec<u8>, ProtocolError> {
@@ -317,6 +341,8 @@ impl Message {
             Message::SyncChunk { .. } => "SyncChunk",
             Message::SyncZero { .. } => "SyncZero",
             Message::SyncDone { .. } => "SyncDone",
+            Message::VerifyRequest { .. } => "VerifyRequest",
+            Message::VerifyReply { .. } => "VerifyReply",
             Message::Ping => "Ping",
             Message::Pong => "Pong",
             Message::Goodbye { .. } => "Goodbye",
@@ -433,6 +459,21 @@ impl Message {
                 e.u64(*seq);
                 e.u64(*local_gen);
             }
+            Message::VerifyRequest { seq, extent } => {
+                e.u8(ty::VERIFY_REQUEST);
+                e.u64(*seq);
+                e.u64(*extent);
+            }
+            Message::VerifyReply {
+                seq,
+                extent,
+                digest,
+            } => {
+                e.u8(ty::VERIFY_REPLY);
+                e.u64(*seq);
+                e.u64(*extent);
+                e.0.extend_from_slice(digest);
+            }
             Message::Ping => e.u8(ty::PING),
             Message::Pong => e.u8(ty::PONG),
             Message::Goodbye { code, reason } => {
@@ -538,6 +579,15 @@ impl Message {
                 seq: d.u64()?,
                 local_gen: d.u64()?,
             },
+            ty::VERIFY_REQUEST => Message::VerifyRequest {
+                seq: d.u64()?,
+                extent: d.u64()?,
+            },
+            ty::VERIFY_REPLY => Message::VerifyReply {
+                seq: d.u64()?,
+                extent: d.u64()?,
+                digest: d.array()?,
+            },
             ty::PING => Message::Ping,
             ty::PONG => Message::Pong,
             ty::GOODBYE => Message::Goodbye {
@@ -594,8 +644,8 @@ pub fn encode_sync_chunk<E>(
     Ok(e.0)
 }
 
-/// Every request frame (Write, Trim, WriteZeroes, Flush, SyncChunk, SyncZero, SyncDone) has its
-/// sequence number first in the body; this sets it in an encoded frame.
+/// Every request frame (Write, Trim, WriteZeroes, Flush, SyncChunk, SyncZero, SyncDone,
+/// VerifyRequest) has its sequence number first in the body; this sets it in an encoded frame.
 pub fn set_seq(frame: &mut [u8], seq: u64) {
     if frame.len() >= 13 {
         frame[5..13].copy_from_slice(&seq.to_le_bytes());
@@ -826,6 +876,12 @@ mod tests {
                 seq: 8,
                 local_gen: 9,
             },
+            Message::VerifyRequest { seq: 10, extent: 3 },
+            Message::VerifyReply {
+                seq: 10,
+                extent: 3,
+                digest: [0x5c; DIGEST_LEN],
+            },
             Message::Ping,
             Message::Pong,
             Message::Goodbye {
@@ -868,6 +924,37 @@ mod tests {
         let mut f = encode_write(0, 4096, true, &[1, 2, 3]);
         set_seq(&mut f, 9);
         assert_eq!(f, w.encode());
+    }
+
+    #[test]
+    fn verify_frames_round_trip_and_refuse_a_short_or_long_digest() {
+        let reply = Message::VerifyReply {
+            seq: 1 << 40,
+            extent: u64::MAX,
+            digest: std::array::from_fn(|i| i as u8),
+        };
+        let request = Message::VerifyRequest {
+            seq: 7,
+            extent: 1 << 33,
+        };
+        for m in [&reply, &request] {
+            assert_eq!(&read_message(&mut &m.encode()[..], MAX_FRAME).unwrap(), m);
+        }
+        let body = &reply.encode()[4..];
+        assert_eq!(body.len(), 1 + 8 + 8 + DIGEST_LEN);
+        assert!(matches!(
+            Message::decode(&body[..body.len() - 1]),
+            Err(ProtocolError::Truncated)
+        ));
+        let mut long = body.to_vec();
+        long.push(0);
+        assert!(matches!(
+            Message::decode(&long),
+            Err(ProtocolError::TrailingBytes)
+        ));
+        // A reply with a length prefix that promises more than the stream holds.
+        let frame = reply.encode();
+        assert!(read_message(&mut &frame[..frame.len() - 5], MAX_FRAME).is_err());
     }
 
     #[test]

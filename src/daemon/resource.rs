@@ -239,6 +239,10 @@ pub struct Shared {
     pub conn: Mutex<ConnInfo>,
     pub counters: Counters,
     pub sync: SyncProgress,
+    /// Progress of the running (or last) online verify.
+    pub verify: SyncProgress,
+    /// Held by the running online verify: one at a time per resource.
+    pub verifying: Mutex<()>,
     pub locks: ExtentLocks,
     /// Overlapping application writes apply locally and queue to the peer one at a time.
     pub conflicts: Conflicts,
@@ -366,6 +370,7 @@ impl Shared {
         let c = self.conn();
         let role = self.role();
         let syncing = self.sync.active.load(Ordering::Acquire);
+        let verifying = self.verify.active.load(Ordering::Acquire);
         let state = if h.split_brain {
             "split-brain"
         } else if syncing {
@@ -399,6 +404,9 @@ impl Shared {
             sync_bytes_total: total,
             sync_bytes_done: done,
             sync_rate_bps: if syncing { self.sync.rate() } else { 0 },
+            verifying,
+            verify_bytes_total: self.verify.total.load(Ordering::Relaxed),
+            verify_bytes_done: self.verify.done.load(Ordering::Relaxed),
             stale: c.stale || h.inconsistent || h.discard_local,
             peer_role: c.peer_role.map(|r| r.name().to_string()),
             nbd: if role == Role::Primary {
@@ -475,6 +483,8 @@ pub fn start(
         }),
         counters: Counters::default(),
         sync: SyncProgress::default(),
+        verify: SyncProgress::default(),
+        verifying: Mutex::new(()),
         locks: ExtentLocks::new(),
         conflicts: Conflicts::default(),
         gen_bumped: Mutex::new(false),
@@ -898,6 +908,38 @@ fn probe_inner(shared: &Shared) -> Result<NodeState, ProbeError> {
         )) => Err(ProbeError::Refused(code, m)),
         Err(e) => Err(ProbeError::Other(anyhow::anyhow!("{e}"))),
     }
+}
+
+/// A resource of node `node` ("a" or "b") on a 16 MiB file disk with 1 MiB extents in `dir`,
+/// fresh metadata, role init; its remote (the peer's address) is on 127.0.0.1 (tests only).
+#[cfg(test)]
+pub(crate) fn start_for_test(dir: &std::path::Path, node: &str) -> Handle {
+    let img = dir.join(format!("{node}.img"));
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    super::metadata::create(&img, "r0", 1 << 20, false).unwrap();
+    let (ra, rb) = if node == "a" { (1, 2) } else { (2, 1) };
+    let text = format!(
+        "node = \"{node}\"\n[daemon]\nlisten = [\"127.0.0.1:1\"]\n\
+         [resource.r0]\nbackend = \"tandem\"\nextent_size = \"1M\"\n\
+         nbd = \"{nbd}\"\n\
+         [resource.r0.on.a]\nlocal = \"{img}\"\nremote = \"127.0.0.1:{ra}\"\n\
+         [resource.r0.on.b]\nlocal = \"{img}\"\nremote = \"127.0.0.1:{rb}\"\n",
+        nbd = dir.join(format!("{node}.nbd")).display(),
+        img = img.display()
+    );
+    let cfg = crate::config::parse(&dir.join("t.toml"), &text, Some(node)).unwrap();
+    start(
+        cfg.resource("r0").unwrap(),
+        node,
+        SharedSecret::new(super::auth::Secret::from_bytes(b"k")),
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+        Hooks::new(None),
+    )
+    .unwrap()
 }
 
 #[cfg(test)]

@@ -21,10 +21,11 @@ use super::auth::{self, Side};
 use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::protocol::{
-    self, AckKind, DataFrame, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message,
-    PROTOCOL_VERSION, Purpose,
+    self, AckKind, DataFrame, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED,
+    MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Purpose,
 };
 use super::resource::{Connection, Shared};
+use super::verify;
 
 /// A peer must complete hello and authentication within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -189,15 +190,19 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
             cfg.remote.as_deref().unwrap_or("(none)")
         );
     }
-    if version != PROTOCOL_VERSION {
+    // An older peer is answered in its own version (it never sends what it does not know);
+    // a newer one is refused, as it may send messages this node cannot handle.
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
         goodbye(&mut stream, GoodbyeCode::Mismatch, "protocol version");
-        bail!("{resource}: peer speaks protocol version {version}, we speak {PROTOCOL_VERSION}");
+        bail!(
+            "{resource}: peer speaks protocol version {version}, we speak {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+        );
     }
     let ours = auth::nonce()?;
     protocol::write_message(
         &mut stream,
         &Message::Hello {
-            version: PROTOCOL_VERSION,
+            version,
             purpose,
             mode,
             resource: resource.clone(),
@@ -314,7 +319,13 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
         let thread = thread::Builder::new()
             .name(format!("sec-{resource}"))
             .spawn(move || {
+                let closer = stream.try_clone();
                 let r = session(&s2, stream, memsync);
+                // The slot keeps a clone of the socket open: shut it, so that the primary sees
+                // the end at once (after a protocol error, say) rather than after its timeout.
+                if let Ok(c) = closer {
+                    let _ = c.shutdown(Shutdown::Both);
+                }
                 let syncing = s2.sync.active.swap(false, Ordering::AcqRel);
                 s2.set_conn(|c| {
                     c.connection = Connection::Disconnected;
@@ -518,6 +529,27 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
                     }
                 }
             }
+            Message::VerifyRequest { seq, extent } => {
+                // Hashed here, in frame order: the digest covers every write the primary
+                // queued before the request and none after it (see verify.rs).
+                if extent >= disk.extent_count() {
+                    bail!(
+                        "protocol error: VerifyRequest for extent {extent}, but the disk has {} extents",
+                        disk.extent_count()
+                    );
+                }
+                match verify::hash_extent(disk, extent) {
+                    Ok(digest) => w.write_all(
+                        &Message::VerifyReply {
+                            seq,
+                            extent,
+                            digest,
+                        }
+                        .encode(),
+                    )?,
+                    Err(e) => ack(&mut w, seq, AckKind::Written, Err(e))?,
+                }
+            }
             Message::Ping => w.write_all(&Message::Pong.encode())?,
             Message::Pong => {}
             Message::Goodbye { reason, .. } => {
@@ -532,6 +564,120 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+    use std::io::{BufReader, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::holds_frame;
+    use crate::daemon::Role;
+    use crate::daemon::auth::{Secret, Side};
+    use crate::daemon::protocol::{self, AckKind, MAX_FRAME, Message, NodeState, Purpose};
+    use crate::daemon::resource::{self, Msg};
+
+    /// A secondary of a 16 MiB disk (1 MiB extents) whose remote is 127.0.0.1.
+    fn secondary(dir: &std::path::Path) -> resource::Handle {
+        let handle = resource::start_for_test(dir, "b");
+        let (tx, rx) = std::sync::mpsc::channel();
+        handle
+            .tx
+            .send(Msg::Role {
+                role: Role::Secondary,
+                force: false,
+                reply: tx,
+            })
+            .unwrap();
+        assert!(rx.recv().unwrap().is_ok());
+        handle
+    }
+
+    /// A version-1 primary (before verify existed) is accepted and answered in version 1; the
+    /// session applies its writes and answers a VerifyRequest with the digest of the extent
+    /// as written; a request beyond the last extent ends the session.
+    #[test]
+    fn a_version_1_primary_replicates_and_verify_requests_are_answered_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = secondary(dir.path());
+        let registry = Arc::new(Mutex::new(HashMap::from([(
+            "r0".to_string(),
+            Arc::clone(&handle.shared),
+        )])));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, from) = listener.accept().unwrap();
+        let acceptor = std::thread::spawn(move || super::accept(server, from, &registry));
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let ours = [1u8; 32];
+        let hello = Message::Hello {
+            version: 1,
+            purpose: Purpose::Replicate,
+            mode: 0,
+            resource: "r0".into(),
+            node: "a".into(),
+            nonce: ours,
+        };
+        protocol::write_message(&mut c, &hello).unwrap();
+        let theirs = match protocol::read_message(&mut c, MAX_FRAME).unwrap() {
+            Message::Hello { version, nonce, .. } => {
+                assert_eq!(version, 1, "a version-1 peer is answered in version 1");
+                nonce
+            }
+            other => panic!("{other:?}"),
+        };
+        let secret = Secret::from_bytes(b"k");
+        let proof = secret.proof(Side::Connect, "r0", &ours, &theirs);
+        protocol::write_message(&mut c, &Message::Auth { proof }).unwrap();
+        assert!(matches!(
+            protocol::read_message(&mut c, MAX_FRAME).unwrap(),
+            Message::Auth { .. }
+        ));
+        let me = NodeState {
+            role: 1,
+            data_size: handle.shared.disk.data_size(),
+            extent_size: 1 << 20,
+            ..Default::default()
+        };
+        protocol::write_message(&mut c, &Message::State(me)).unwrap();
+        assert!(matches!(
+            protocol::read_message(&mut c, MAX_FRAME).unwrap(),
+            Message::State(_)
+        ));
+        acceptor.join().unwrap().unwrap();
+        let data = vec![0x5au8; 8192];
+        let mut stream = protocol::encode_write(1, (3 << 20) + 4096, false, &data);
+        stream.extend(Message::VerifyRequest { seq: 2, extent: 3 }.encode());
+        stream.extend(Message::VerifyRequest { seq: 3, extent: 16 }.encode());
+        c.write_all(&stream).unwrap();
+        let mut r = BufReader::new(c);
+        let ack = protocol::read_message(&mut r, MAX_FRAME).unwrap();
+        assert_eq!(
+            ack,
+            Message::Ack {
+                seq: 1,
+                kind: AckKind::Written,
+                status: 0
+            }
+        );
+        let mut extent = vec![0u8; 1 << 20];
+        extent[4096..4096 + 8192].copy_from_slice(&data);
+        let want: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            &extent,
+        ))
+        .into();
+        assert_eq!(
+            protocol::read_message(&mut r, MAX_FRAME).unwrap(),
+            Message::VerifyReply {
+                seq: 2,
+                extent: 3,
+                digest: want
+            }
+        );
+        // Extent 16 does not exist: the session ends instead of answering.
+        assert!(protocol::read_message(&mut r, MAX_FRAME).is_err());
+        handle.stop();
+    }
 
     /// A session whose thread reads its end of a loopback connection until it is closed, and
     /// records that it ended.

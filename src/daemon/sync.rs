@@ -1,5 +1,6 @@
 //! Resync from the primary to the secondary, run by the primary's connector while the export
-//! keeps serving.
+//! keeps serving, and by `tandem verify --repair` on the live link for the extents it found
+//! different.
 //!
 //! The extents to copy are all of them (full sync) or the union of both dirty maps. Each extent
 //! is read and queued under its exclusive stripe lock (see `ExtentLocks`), so an application
@@ -48,9 +49,8 @@ pub fn run(
     peer: &NodeState,
     stop: &AtomicBool,
 ) -> Result<()> {
-    let disk = &s.disk;
-    let am = disk.activemap();
-    let count = disk.extent_count();
+    let am = s.disk.activemap();
+    let count = s.disk.extent_count();
     let full = matches!(decision, Decision::FullSync { .. });
     let extents: Vec<u64> = if full {
         (0..count).collect()
@@ -64,6 +64,32 @@ pub fn run(
         v.dedup();
         v
     };
+    copy(s, link, &extents, full, peer.local_gen, stop)
+}
+
+/// Resync `extents` over a live link that is already in sync (`tandem verify --repair`): they
+/// are marked as needing a sync first (persisted, so a crash or a lost link before the end
+/// still resyncs them on the next connection), then copied exactly as after connecting. The
+/// peer's generation is the one recorded at the end of the last sync, which a secondary does
+/// not change while it is connected.
+pub fn repair(s: &Arc<Shared>, link: &Arc<Link>, extents: &[u64], stop: &AtomicBool) -> Result<()> {
+    s.disk.activemap().merge(extents)?;
+    let peer_gen = s.disk.header().peer_gen;
+    copy(s, link, extents, false, peer_gen, stop)
+}
+
+/// Send `extents` to the peer (SyncStart, data, SyncDone) and record the completed sync on
+/// both sides; `peer_gen` is the peer's `local_gen`, recorded here as our `peer_gen`.
+fn copy(
+    s: &Arc<Shared>,
+    link: &Arc<Link>,
+    extents: &[u64],
+    full: bool,
+    peer_gen: u64,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let disk = &s.disk;
+    let am = disk.activemap();
     let es = disk.extent_size();
     let size = disk.data_size();
     let ext_len = |e: u64| (size - e * es).min(es);
@@ -122,7 +148,7 @@ pub fn run(
             }
             Ok(len)
         };
-        for &e in &extents {
+        for &e in extents {
             if stop.load(Ordering::Acquire) || link.is_dead() {
                 bail!("stopped");
             }
@@ -184,7 +210,7 @@ pub fn run(
             bail!("the peer did not confirm the end of the sync");
         }
         disk.update_header(|h| {
-            h.peer_gen = peer.local_gen;
+            h.peer_gen = peer_gen;
             h.ever_synced = true;
             h.split_brain = false;
         })?;
@@ -211,9 +237,7 @@ pub(crate) mod tests {
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 
-    use crate::daemon::auth::{Secret, SharedSecret};
     use crate::daemon::generation::Decision;
-    use crate::daemon::hooks::Hooks;
     use crate::daemon::peer::Link;
     use crate::daemon::protocol::{self, AckKind, MAX_FRAME, Message, NodeState};
 
@@ -242,32 +266,7 @@ pub(crate) mod tests {
         dir: &std::path::Path,
         lose_power: bool,
     ) -> (crate::daemon::resource::Handle, Arc<Link>, FakePeer) {
-        let img = dir.join("a.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(16 << 20)
-            .unwrap();
-        crate::daemon::metadata::create(&img, "r0", 1 << 20, false).unwrap();
-        let text = format!(
-            "node = \"a\"\n[daemon]\nlisten = [\"127.0.0.1:1\"]\n\
-             [resource.r0]\nbackend = \"tandem\"\nextent_size = \"1M\"\n\
-             nbd = \"{nbd}\"\n\
-             [resource.r0.on.a]\nlocal = \"{img}\"\nremote = \"127.0.0.1:1\"\n\
-             [resource.r0.on.b]\nlocal = \"{img}\"\nremote = \"127.0.0.1:2\"\n",
-            nbd = dir.join("a.nbd").display(),
-            img = img.display()
-        );
-        let cfg = crate::config::parse(&dir.join("t.toml"), &text, Some("a")).unwrap();
-        let res = cfg.resource("r0").unwrap().clone();
-        let handle = crate::daemon::resource::start(
-            &res,
-            "a",
-            SharedSecret::new(Secret::from_bytes(b"k")),
-            Duration::from_secs(10),
-            Duration::from_secs(2),
-            Hooks::new(None),
-        )
-        .unwrap();
+        let handle = crate::daemon::resource::start_for_test(dir, "a");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
