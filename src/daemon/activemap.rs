@@ -444,13 +444,29 @@ impl ActiveMap {
     /// extents that were already candidates before it, and were not written since, are
     /// cleared; if the barrier fails, nothing is.
     pub fn flush_idle(&self, barrier: impl FnOnce() -> bool) -> io::Result<()> {
+        self.clear_behind(true, barrier)
+    }
+
+    /// Persist every clear behind a barrier, as `flush_idle` does but also for extents written
+    /// during the last period: the end of a sync. A write completed after the sync's last
+    /// peer FLUSH keeps its dirty bit unless `barrier` made it durable on both nodes.
+    pub fn flush_clean_behind(&self, barrier: impl FnOnce() -> bool) -> io::Result<()> {
+        self.clear_behind(false, barrier)
+    }
+
+    fn clear_behind(&self, only_idle: bool, barrier: impl FnOnce() -> bool) -> io::Result<()> {
         // Candidates: dirty on disk, clean in memory (no write in flight, out of keepdirty),
-        // not written during the last period. Their writes completed before this point.
+        // and for `only_idle` not written during the last period. Their writes completed
+        // before this point.
         let candidates: Vec<u8> = {
             let mut inner = self.lock();
             let c: Vec<u8> = (0..inner.dirty.len())
-                .map(|i| inner.ondisk[i] & !inner.dirty[i] & !inner.recent[i])
+                .map(|i| {
+                    let recent = if only_idle { inner.recent[i] } else { 0 };
+                    inner.ondisk[i] & !inner.dirty[i] & !recent
+                })
                 .collect();
+            // From here on `recent` marks the writes the barrier may not cover.
             inner.recent.iter_mut().for_each(|b| *b = 0);
             c
         };
@@ -649,6 +665,27 @@ mod tests {
         assert_eq!(dirty_on_disk(&path), vec![7]);
         map.flush_clean().unwrap();
         assert_eq!(dirty_on_disk(&path), Vec::<u64>::new());
+    }
+
+    /// The end of a sync: a write that completed after the sync's last peer FLUSH must not
+    /// lose its dirty bit unless a barrier made it durable on both nodes; one that completes
+    /// while the barrier runs keeps it either way.
+    #[test]
+    fn the_clear_at_the_end_of_a_sync_waits_for_a_barrier() {
+        let (_d, path, disk) = clean_disk(64 * MIB);
+        let map = disk.activemap();
+        map.set_keepdirty(0);
+        map.begin_write(3 * MIB, 4096).unwrap().done(true);
+        assert_eq!(map.dirty_extents(), Vec::<u64>::new());
+        assert_eq!(dirty_on_disk(&path), vec![3]);
+        map.flush_clean_behind(|| false).unwrap();
+        assert_eq!(dirty_on_disk(&path), vec![3], "cleared without a barrier");
+        map.flush_clean_behind(|| {
+            map.begin_write(5 * MIB, 4096).unwrap().done(true);
+            true
+        })
+        .unwrap();
+        assert_eq!(dirty_on_disk(&path), vec![5]);
     }
 
     #[test]

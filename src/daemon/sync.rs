@@ -203,7 +203,10 @@ fn copy(
             finish(w)?;
         }
         commit()?;
-        am.flush_clean()?;
+        // Application writes completed since that FLUSH are cleared in memory; their clears
+        // reach the disk only behind a barrier (local fdatasync, peer FLUSH), else a crash of
+        // either node could leave such a write clean here and missing there.
+        am.flush_clean_behind(|| disk.sync_data().is_ok() && s.peer_flush(link))?;
         let local_gen = disk.header().local_gen;
         let c = link.submit(|seq| Message::SyncDone { seq, local_gen });
         if !c.wait(Outcome::Written) {
