@@ -37,13 +37,51 @@ const IDLE_CLEAN_EVERY: Duration = Duration::from_secs(2);
 const REFUSED_RETRY: Duration = Duration::from_secs(5);
 
 /// The block device of the export: local disk plus the peer link.
+///
+/// One per promotion. Demote fences it once it stops waiting for the export's requests: a
+/// request that gets going after that (behind a hung disk, say) fails instead of writing to
+/// what is now a secondary's disk, queueing to a peer or bumping the generation.
 pub struct Replicated {
     s: Arc<Shared>,
+    fenced: Arc<AtomicBool>,
 }
 
 impl Replicated {
     pub fn new(s: Arc<Shared>) -> Replicated {
-        Replicated { s }
+        Replicated {
+            s,
+            fenced: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A handle that fences this device (for the owner, which keeps it past the export).
+    pub fn fence_handle(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.fenced)
+    }
+
+    #[cfg(test)]
+    fn fence(&self) {
+        self.fenced.store(true, Ordering::Release);
+    }
+
+    fn check_fence(&self) -> io::Result<()> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!(
+                    "{}: this export is no longer primary (demoted); request refused",
+                    self.s.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The request completed without the peer: the generation says so, unless the export
+    /// was fenced meanwhile (then the node is no longer primary and the request fails).
+    fn degraded(&self) -> io::Result<()> {
+        self.check_fence()?;
+        self.s.note_degraded_write()
     }
 
     fn mode_code(mode: Replication) -> u8 {
@@ -74,6 +112,7 @@ impl Replicated {
         let completion = {
             let _order = s.conflicts.claim(offset, len);
             let _locks = s.locks.shared(first, last);
+            self.check_fence()?;
             local()?;
             let c = s.link().map(|l| l.submit_frame(remote));
             if c.is_some() {
@@ -87,7 +126,7 @@ impl Replicated {
         }
         let Some(c) = completion else {
             guard.done(false);
-            return s.note_degraded_write();
+            return self.degraded();
         };
         let mode = s.mode();
         if fua || mode == Replication::Fullsync {
@@ -99,11 +138,11 @@ impl Replicated {
                 return Ok(());
             }
             guard.done(false);
-            return s.note_degraded_write();
+            return self.degraded();
         }
         if mode == Replication::Memsync && !c.wait(Outcome::Received) {
             guard.done(false);
-            return s.note_degraded_write();
+            return self.degraded();
         }
         // Async: bounded backlog; past it the writer waits like fullsync (backpressure).
         if mode == Replication::Async
@@ -113,7 +152,7 @@ impl Replicated {
             && !c.wait(Outcome::Written)
         {
             guard.done(false);
-            return s.note_degraded_write();
+            return self.degraded();
         }
         // memsync (received) or async (queued): the writer is answered now, but the extents stay
         // in flight (dirty, also on disk) until the peer has written the data, so a crash of
@@ -124,12 +163,18 @@ impl Replicated {
 
     fn after_written(&self, c: Arc<Completion>, pending: Pending, len: u64) {
         let s = Arc::clone(&self.s);
+        let fenced = Arc::clone(&self.fenced);
         c.on_final(move |ok| {
             s.disk.activemap().complete_pending(pending, ok);
             if ok {
                 s.counters
                     .bytes_replicated
                     .fetch_add(len, Ordering::Relaxed);
+                return;
+            }
+            // A fenced export's node is no longer primary: its extents stay dirty and are
+            // resynced from the new primary; no generation of its own.
+            if fenced.load(Ordering::Acquire) {
                 return;
             }
             if let Err(e) = s.note_degraded_write() {
@@ -470,4 +515,48 @@ fn refuse(stream: &mut std::net::TcpStream, code: GoodbyeCode, reason: &str) {
             reason: reason.to_string(),
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::resource::start_for_test;
+
+    /// Demote gave up waiting for the export's requests (a hung disk, say) and the node went
+    /// on to become secondary. A request of the old export that gets going only now must not
+    /// write to the disk, queue to a peer or bump the generation: it fails.
+    #[test]
+    fn a_request_of_a_fenced_export_does_not_write_or_bump_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start_for_test(dir.path(), "a");
+        let s = Arc::clone(&handle.shared);
+        let dev = Replicated::new(Arc::clone(&s));
+        let gen_before = s.disk.header().local_gen;
+        dev.fence();
+        let e = dev.write(4096, &[0xee; 4096], false).unwrap_err();
+        assert!(e.to_string().contains("no longer primary"), "{e}");
+        assert!(dev.trim(0, 4096, false).is_err());
+        assert!(dev.write_zeroes(0, 4096, false, true).is_err());
+        let mut back = [0u8; 4096];
+        s.disk.read_at(&mut back, 4096).unwrap();
+        assert_eq!(back, [0u8; 4096], "a fenced write reached the disk");
+        assert_eq!(s.disk.header().local_gen, gen_before);
+        // Reads of a fenced export still work: they change nothing.
+        dev.read(4096, &mut back).unwrap();
+        handle.stop();
+    }
+
+    /// Without the fence, the same write goes through (degraded: no peer) and bumps the
+    /// generation: what a late request did before.
+    #[test]
+    fn an_unfenced_write_without_a_peer_bumps_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start_for_test(dir.path(), "a");
+        let s = Arc::clone(&handle.shared);
+        let dev = Replicated::new(Arc::clone(&s));
+        let gen_before = s.disk.header().local_gen;
+        dev.write(4096, &[0xee; 4096], false).unwrap();
+        assert_eq!(s.disk.header().local_gen, gen_before + 1);
+        handle.stop();
+    }
 }

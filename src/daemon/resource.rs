@@ -504,6 +504,7 @@ pub fn start(
                 #[cfg(target_os = "freebsd")]
                 gate: None,
                 connector: None,
+                fence: None,
             }
             .run(rx)
         })
@@ -531,6 +532,8 @@ struct Owner {
     #[cfg(target_os = "freebsd")]
     gate: Option<super::ggate::Export>,
     connector: Option<Connector>,
+    /// Fences the current export's replicated device (see `Replicated`).
+    fence: Option<Arc<AtomicBool>>,
 }
 
 impl Owner {
@@ -697,8 +700,9 @@ impl Owner {
 
     fn start_primary(&mut self) -> Result<()> {
         let cfg = self.shared.cfg();
-        let dev: Arc<dyn super::nbd::BlockDevice> =
-            Arc::new(Replicated::new(Arc::clone(&self.shared)));
+        let replicated = Replicated::new(Arc::clone(&self.shared));
+        self.fence = Some(replicated.fence_handle());
+        let dev: Arc<dyn super::nbd::BlockDevice> = Arc::new(replicated);
         if let Some(dir) = cfg.nbd.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -792,6 +796,11 @@ impl Owner {
                     wait.as_secs()
                 );
             }
+        }
+        // Requests still running past that wait fail from here on, rather than write to
+        // what is about to be a secondary's disk.
+        if let Some(f) = self.fence.take() {
+            f.store(true, Ordering::Release);
         }
         // Everything acknowledged so far durable here and on the peer; if the peer cannot
         // confirm that, the extents it may lack stay dirty.
