@@ -1,14 +1,23 @@
 //! ZFS pools: imported on the primary instead of mounted, exported before demoting.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
 
 use super::cmd::Cmd;
 
-/// `zpool import -f POOL`: -f because the pool was last imported by the peer.
-pub fn import_cmd(pool: &str, timeout: Duration) -> Cmd {
-    Cmd::new("zpool", &["import", "-f", pool]).timeout(Some(timeout))
+/// `zpool import -d DEVICE -f POOL`: -f because the pool was last imported by the peer;
+/// -d because without it zpool scans every disk, and the local backing disk under the
+/// replicated `device` carries the same labels: importing from it would bypass replication
+/// and silently diverge the replicas. With a device (not a directory) for -d, zpool(8)
+/// probes that one path and nothing else (OpenZFS 0.8 and later, FreeBSD 13 and later).
+pub fn import_cmd(pool: &str, device: &Path, timeout: Duration) -> Cmd {
+    Cmd::new("zpool", &["import", "-d"])
+        .arg(device.display().to_string())
+        .arg("-f")
+        .arg(pool)
+        .timeout(Some(timeout))
 }
 
 pub fn export_cmd(pool: &str, timeout: Duration) -> Cmd {
