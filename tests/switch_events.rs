@@ -121,7 +121,7 @@ fn dry_run_prints_every_step_and_changes_nothing() {
     let lines: Vec<&str> = r.stdout.lines().filter(|l| !l.starts_with('#')).collect();
     assert!(lines.contains(&"hastctl role primary r1"), "{}", r.stdout);
     let import = format!(
-        "zpool import -d {} -f p1",
+        "zpool import -o cachefile=none -d {} -f p1",
         e.state().join("dev/r1").display()
     );
     assert!(lines.contains(&import.as_str()), "{}", r.stdout);

@@ -70,7 +70,7 @@ fn hast_promote_demote_and_idempotence() {
     let calls = e.calls();
     assert!(calls.contains("hastctl role primary hast0\n"), "{calls}");
     let import = format!(
-        "zpool import -d {} -f tank0\n",
+        "zpool import -o cachefile=none -d {} -f tank0\n",
         e.state().join("dev/hast0").display()
     );
     assert!(calls.contains(&import), "{calls}");
@@ -217,7 +217,10 @@ fn zfs_imports_from_the_replicated_device_not_the_backing_disk() {
     let r = e.run(&["promote", "hast0"]);
     assert_eq!(r.code, 0, "{r:?}");
     let calls = e.calls();
-    let import = format!("zpool import -d {} -f tank0\n", dev.display());
+    let import = format!(
+        "zpool import -o cachefile=none -d {} -f tank0\n",
+        dev.display()
+    );
     assert!(calls.contains(&import), "{calls}");
     assert_eq!(
         e.get("zpool/tank0/imported").as_deref(),

@@ -7,13 +7,15 @@ use anyhow::Result;
 
 use super::cmd::Cmd;
 
-/// `zpool import -d DEVICE -f POOL`: -f because the pool was last imported by the peer;
-/// -d because without it zpool scans every disk, and the local backing disk under the
-/// replicated `device` carries the same labels: importing from it would bypass replication
-/// and silently diverge the replicas. With a device (not a directory) for -d, zpool(8)
-/// probes that one path and nothing else (OpenZFS 0.8 and later, FreeBSD 13 and later).
+/// `zpool import -o cachefile=none -d DEVICE -f POOL`. -f: the pool was last imported by the
+/// peer. -d: without it zpool scans every disk, and the local backing disk under the
+/// replicated `device` carries the same labels; importing from it would bypass replication
+/// and silently diverge the replicas. Given a device (not a directory), -d probes that one
+/// path only (OpenZFS 0.8 and later). cachefile=none: the pool never enters zpool.cache, so
+/// a reboot does not import it behind tandem's back; the property is not kept on disk, so
+/// it is given at every import.
 pub fn import_cmd(pool: &str, device: &Path, timeout: Duration) -> Cmd {
-    Cmd::new("zpool", &["import", "-d"])
+    Cmd::new("zpool", &["import", "-o", "cachefile=none", "-d"])
         .arg(device.display().to_string())
         .arg("-f")
         .arg(pool)

@@ -18,7 +18,7 @@ pub enum Step<'a> {
     WaitDevice(&'a Resource),
     Fsck(&'a Resource),
     Mkdir(&'a Resource),
-    /// mount, or `zpool import -d DEVICE -f` for zfs.
+    /// mount, or `zpool import -o cachefile=none -d DEVICE -f` for zfs.
     Mount(&'a Resource),
     StartService(&'a Service),
     StopService(&'a Service),
@@ -250,7 +250,7 @@ pool = "tank"
             "drbdsetup status tank --json    # refuse unless the local disk is UpToDate; wait up to 20s while a peer is Primary",
             "drbdadm primary tank",
             "wait for /dev/drbd/by-res/tank/0 (up to 30s)",
-            "zpool import -d /dev/drbd/by-res/tank/0 -f tank",
+            "zpool import -o cachefile=none -d /dev/drbd/by-res/tank/0 -f tank",
             "service samba_server onestart",
             "systemctl start nfs-server.service",
         ];
