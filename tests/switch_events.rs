@@ -120,7 +120,11 @@ fn dry_run_prints_every_step_and_changes_nothing() {
     assert_eq!(r.code, 0, "{r:?}");
     let lines: Vec<&str> = r.stdout.lines().filter(|l| !l.starts_with('#')).collect();
     assert!(lines.contains(&"hastctl role primary r1"), "{}", r.stdout);
-    assert!(lines.contains(&"zpool import -f p1"), "{}", r.stdout);
+    let import = format!(
+        "zpool import -o cachefile=none -d {} -f p1",
+        e.state().join("dev/r1").display()
+    );
+    assert!(lines.contains(&import.as_str()), "{}", r.stdout);
     assert!(lines.contains(&"hastctl role primary r3"), "{}", r.stdout);
     assert!(!r.stdout.contains("r2"), "{}", r.stdout);
     assert!(

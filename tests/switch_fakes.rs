@@ -69,7 +69,11 @@ fn hast_promote_demote_and_idempotence() {
     assert_eq!(e.read("events"), "start\n");
     let calls = e.calls();
     assert!(calls.contains("hastctl role primary hast0\n"), "{calls}");
-    assert!(calls.contains("zpool import -f tank0\n"), "{calls}");
+    let import = format!(
+        "zpool import -o cachefile=none -d {} -f tank0\n",
+        e.state().join("dev/hast0").display()
+    );
+    assert!(calls.contains(&import), "{calls}");
     assert!(
         r.stderr.contains("promote hast0: import pool tank0 ok in"),
         "{r:?}"
@@ -195,6 +199,41 @@ fn zfs_import_failure_rolls_back() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("cannot import 'tank0'"), "{r:?}");
     assert_eq!(e.get("hast/hast0/role").as_deref(), Some("secondary"));
+}
+
+#[test]
+fn zfs_imports_from_the_replicated_device_not_the_backing_disk() {
+    // The backing disk under /dev/hast/hast0 carries the same ZFS labels; a scan of every
+    // disk (zpool import without -d) meets it first and would import the pool from it,
+    // bypassing replication.
+    let e = hast_env("5s");
+    let disk = e.state().join("disk/ada1");
+    let dev = e.state().join("dev/hast0");
+    e.set("disk/ada1", "");
+    e.set(
+        "zpool/tank0/labels",
+        &format!("{}\n{}", disk.display(), dev.display()),
+    );
+    let r = e.run(&["promote", "hast0"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let calls = e.calls();
+    let import = format!(
+        "zpool import -o cachefile=none -d {} -f tank0\n",
+        dev.display()
+    );
+    assert!(calls.contains(&import), "{calls}");
+    assert_eq!(
+        e.get("zpool/tank0/imported").as_deref(),
+        Some(dev.to_str().unwrap()),
+        "imported from the backing disk"
+    );
+
+    // The export on demote names the pool only.
+    e.clear_calls();
+    let r = e.run(&["demote", "hast0"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(e.calls().contains("zpool export tank0\n"), "{}", e.calls());
+    assert!(!e.exists("zpool/tank0/imported"));
 }
 
 fn drbd_env(role_timeout: &str) -> Env {

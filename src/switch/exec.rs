@@ -280,7 +280,7 @@ impl<'a> Runner<'a> {
                 _ => Ok(()),
             },
             Step::Mount(r) => match (&r.pool, &r.mountpoint) {
-                (Some(p), _) => zfs::import_cmd(p, t).run().map(drop),
+                (Some(p), _) => zfs::import_cmd(p, &r.device, t).run().map(drop),
                 (None, Some(m)) => {
                     mount_cmd(r, m).timeout(Some(t)).run()?;
                     if fs::mounted_at(m)?.is_none() {

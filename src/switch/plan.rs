@@ -18,7 +18,7 @@ pub enum Step<'a> {
     WaitDevice(&'a Resource),
     Fsck(&'a Resource),
     Mkdir(&'a Resource),
-    /// mount, or `zpool import -f` for zfs.
+    /// mount, or `zpool import -o cachefile=none -d DEVICE -f` for zfs.
     Mount(&'a Resource),
     StartService(&'a Service),
     StopService(&'a Service),
@@ -165,7 +165,7 @@ impl<'a> Step<'a> {
                 _ => Vec::new(),
             },
             Step::Mount(r) => vec![match (&r.pool, &r.mountpoint) {
-                (Some(p), _) => zfs::import_cmd(p, t).line(),
+                (Some(p), _) => zfs::import_cmd(p, &r.device, t).line(),
                 (None, Some(m)) => mount_cmd(r, m).line(),
                 (None, None) => return Vec::new(),
             }],
@@ -250,7 +250,7 @@ pool = "tank"
             "drbdsetup status tank --json    # refuse unless the local disk is UpToDate; wait up to 20s while a peer is Primary",
             "drbdadm primary tank",
             "wait for /dev/drbd/by-res/tank/0 (up to 30s)",
-            "zpool import -f tank",
+            "zpool import -o cachefile=none -d /dev/drbd/by-res/tank/0 -f tank",
             "service samba_server onestart",
             "systemctl start nfs-server.service",
         ];
