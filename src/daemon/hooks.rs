@@ -25,6 +25,8 @@ pub enum Event {
     SplitBrain,
     /// An online verify finished; argument: how many extents differ.
     Verify,
+    /// The primary's local disk failed; it serves from the peer (diskless).
+    DiskFailed,
 }
 
 impl Event {
@@ -38,6 +40,7 @@ impl Event {
             Event::SyncIntr => "syncintr",
             Event::SplitBrain => "split-brain",
             Event::Verify => "verify",
+            Event::DiskFailed => "disk-failed",
         }
     }
 }

@@ -546,6 +546,11 @@ impl Disk {
         }
     }
 
+    /// The disk's path, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Read `buf.len()` bytes at `offset`; the range must lie within the data region.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;

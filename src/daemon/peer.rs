@@ -46,29 +46,60 @@ pub struct Completion {
     on_final: Mutex<Option<Callback>>,
     /// Frame bytes, counted in `Pending::bytes` while the request is pending.
     bytes: usize,
-    /// For a `VerifyRequest`: the extent asked about. Such a request is answered only by a
-    /// `VerifyReply` for that extent (or a failed `Ack`).
-    verify_extent: Option<u64>,
-    /// The peer's digest from its `VerifyReply`, set before the request becomes Written.
-    digest: Mutex<Option<[u8; DIGEST_LEN]>>,
+    /// What answers the request besides a failed `Ack`.
+    answer: Answer,
+    /// The peer's digest (`VerifyReply`) or data (`ReadReply`), set before the request
+    /// becomes Written.
+    reply: Mutex<Option<Vec<u8>>>,
+}
+
+/// What the peer answers a request with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// An `Ack` (every replication request).
+    Ack,
+    /// A `VerifyReply` for this extent.
+    Verify(u64),
+    /// A `ReadReply` of exactly this many bytes.
+    Read(u32),
 }
 
 impl Completion {
-    fn new(bytes: usize, verify_extent: Option<u64>) -> Arc<Completion> {
+    fn new(bytes: usize, answer: Answer) -> Arc<Completion> {
         Arc::new(Completion {
             state: Mutex::new(Outcome::Pending),
             cv: Condvar::new(),
             on_final: Mutex::new(None),
             bytes,
-            verify_extent,
-            digest: Mutex::new(None),
+            answer,
+            reply: Mutex::new(None),
         })
     }
 
     /// The digest the peer answered a `VerifyRequest` with (None until it did, and for every
     /// other request).
     pub fn digest(&self) -> Option<[u8; DIGEST_LEN]> {
-        *self.digest.lock().unwrap_or_else(|p| p.into_inner())
+        match self.answer {
+            Answer::Verify(_) => self.reply().and_then(|d| d.try_into().ok()),
+            _ => None,
+        }
+    }
+
+    /// The data the peer answered a `ReadRequest` with (None until it did).
+    pub fn take_data(&self) -> Option<Vec<u8>> {
+        match self.answer {
+            Answer::Read(_) => self.reply.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            _ => None,
+        }
+    }
+
+    fn reply(&self) -> Option<Vec<u8>> {
+        self.reply.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn answered(&self, data: Vec<u8>) {
+        *self.reply.lock().unwrap_or_else(|p| p.into_inner()) = Some(data);
+        self.set(Outcome::Written);
     }
 
     fn set(&self, o: Outcome) {
@@ -248,10 +279,11 @@ impl Link {
                                 l.kill(&format!("peer failed request {seq} with errno {status}"));
                                 return;
                             }
-                            if let Some(c) = c.as_ref().filter(|c| c.verify_extent.is_some()) {
+                            if let Some(c) = c.as_ref().filter(|c| c.answer != Answer::Ack) {
                                 c.set(Outcome::Failed);
                                 l.kill(&format!(
-                                    "protocol error: Ack for verify request {seq}, expected a VerifyReply"
+                                    "protocol error: Ack for request {seq}, which expects a reply ({:?})",
+                                    c.answer
                                 ));
                                 return;
                             }
@@ -270,10 +302,8 @@ impl Link {
                         }) => {
                             let c = l.pending.lock().ok().and_then(|mut p| p.remove(seq));
                             match c {
-                                Some(c) if c.verify_extent == Some(extent) => {
-                                    *c.digest.lock().unwrap_or_else(|p| p.into_inner()) =
-                                        Some(digest);
-                                    c.set(Outcome::Written);
+                                Some(c) if c.answer == Answer::Verify(extent) => {
+                                    c.answered(digest.to_vec());
                                 }
                                 other => {
                                     if let Some(c) = other {
@@ -281,6 +311,27 @@ impl Link {
                                     }
                                     l.kill(&format!(
                                         "protocol error: VerifyReply for extent {extent} answers request {seq}, which is no pending verify of that extent"
+                                    ));
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(Message::ReadReply { seq, data }) => {
+                            let c = l.pending.lock().ok().and_then(|mut p| p.remove(seq));
+                            match c {
+                                Some(c)
+                                    if u32::try_from(data.len())
+                                        .is_ok_and(|n| c.answer == Answer::Read(n)) =>
+                                {
+                                    c.answered(data);
+                                }
+                                other => {
+                                    if let Some(c) = other {
+                                        c.set(Outcome::Failed);
+                                    }
+                                    l.kill(&format!(
+                                        "protocol error: ReadReply of {} bytes answers request {seq}, which is no pending read of that length",
+                                        data.len()
                                     ));
                                     return;
                                 }
@@ -387,7 +438,15 @@ impl Link {
 
     /// Like `submit`, with the frame already encoded (see `protocol::encode_write`).
     pub fn submit_frame(&self, make: impl FnOnce(u64) -> Vec<u8>) -> Arc<Completion> {
-        self.queue(make, None)
+        self.queue(make, Answer::Ack)
+    }
+
+    /// Queue a `ReadRequest`; once Written, `take_data()` holds the peer's `len` bytes.
+    pub fn submit_read(&self, offset: u64, len: u32) -> Arc<Completion> {
+        self.queue(
+            |seq| Message::ReadRequest { seq, offset, len }.encode(),
+            Answer::Read(len),
+        )
     }
 
     /// Queue a `VerifyRequest` for `extent`; once Written, `digest()` holds the peer's answer.
@@ -395,18 +454,14 @@ impl Link {
     pub fn submit_verify(&self, extent: u64) -> Arc<Completion> {
         self.queue(
             |seq| Message::VerifyRequest { seq, extent }.encode(),
-            Some(extent),
+            Answer::Verify(extent),
         )
     }
 
-    fn queue(
-        &self,
-        make: impl FnOnce(u64) -> Vec<u8>,
-        verify_extent: Option<u64>,
-    ) -> Arc<Completion> {
+    fn queue(&self, make: impl FnOnce(u64) -> Vec<u8>, answer: Answer) -> Arc<Completion> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let frame = make(seq);
-        let c = Completion::new(frame.len(), verify_extent);
+        let c = Completion::new(frame.len(), answer);
         let queued = match self.pending.lock() {
             Ok(mut p) if !p.dead => {
                 p.map.insert(seq, Arc::clone(&c));

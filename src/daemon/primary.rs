@@ -94,7 +94,8 @@ impl Replicated {
 
     /// Run a modifying request: mark its extents dirty, apply it locally and queue it to the
     /// peer under the extent locks and with its byte range claimed (so overlapping writes reach
-    /// both disks in the same order), then wait as the mode says.
+    /// both disks in the same order), then wait as the mode says. A local I/O error fails the
+    /// disk, and this request and all later ones go to the peer only (`on_peer`).
     fn modify(
         &self,
         offset: u64,
@@ -104,8 +105,18 @@ impl Replicated {
         remote: impl FnOnce(u64) -> Vec<u8>,
     ) -> io::Result<()> {
         let s = &self.s;
+        if s.diskless() {
+            return self.on_peer(offset, len, remote);
+        }
         let am = s.disk.activemap();
-        let guard = am.begin_write(offset, len)?;
+        let guard = match am.begin_write(offset, len) {
+            Ok(g) => g,
+            Err(e) if is_disk_error(&e) => {
+                s.fail_disk("writing the dirty map", &e);
+                return self.on_peer(offset, len, remote);
+            }
+            Err(e) => return Err(e),
+        };
         let Some((first, last)) = guard.extents() else {
             return Ok(());
         };
@@ -113,16 +124,32 @@ impl Replicated {
             let _order = s.conflicts.claim(offset, len);
             let _locks = s.locks.shared(first, last);
             self.check_fence()?;
-            local()?;
+            let applied = match local() {
+                Ok(()) => Ok(()),
+                Err(e) if is_disk_error(&e) => {
+                    s.fail_disk("write", &e);
+                    Err(e)
+                }
+                Err(e) => return Err(e),
+            };
             let c = s.link().map(|l| l.submit_frame(remote));
             if c.is_some() {
                 s.writes_queued.fetch_add(1, Ordering::AcqRel);
             }
+            if applied.is_err() {
+                drop(guard);
+                return self.peer_wrote(c, len);
+            }
             c
         };
         // Queued before the local fdatasync of a FUA write, so both run at the same time.
-        if fua {
-            s.disk.sync_data()?;
+        if fua && let Err(e) = s.disk.sync_data() {
+            if !is_disk_error(&e) {
+                return Err(e);
+            }
+            s.fail_disk("fdatasync", &e);
+            drop(guard);
+            return self.peer_wrote(completion, len);
         }
         let Some(c) = completion else {
             guard.done(false);
@@ -161,6 +188,63 @@ impl Replicated {
         Ok(())
     }
 
+    /// A modifying request of a diskless primary: to the peer only, in order with the others
+    /// (the range claim), answered once the peer has written it.
+    fn on_peer(
+        &self,
+        offset: u64,
+        len: u64,
+        remote: impl FnOnce(u64) -> Vec<u8>,
+    ) -> io::Result<()> {
+        let s = &self.s;
+        let c = {
+            let _order = s.conflicts.claim(offset, len);
+            self.check_fence()?;
+            s.link().map(|l| l.submit_frame(remote))
+        };
+        self.peer_wrote(c, len)
+    }
+
+    /// The request is good once the peer wrote it: the local disk failed.
+    fn peer_wrote(&self, c: Option<Arc<Completion>>, len: u64) -> io::Result<()> {
+        match c {
+            Some(c) if c.wait(Outcome::Written) => {
+                self.s
+                    .counters
+                    .bytes_replicated
+                    .fetch_add(len, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => Err(self.no_copy()),
+        }
+    }
+
+    fn no_copy(&self) -> io::Error {
+        io::Error::other(format!(
+            "{}: the local disk failed and the peer is not reachable and in sync: no copy to serve from",
+            self.s.name
+        ))
+    }
+
+    /// Read from the peer, for a diskless primary. Only a peer in sync has the data.
+    fn read_from_peer(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let s = &self.s;
+        let link = match s.link() {
+            Some(l) if s.conn().in_sync => l,
+            _ => return Err(self.no_copy()),
+        };
+        let mut at = offset;
+        for chunk in buf.chunks_mut(protocol::MAX_DATA) {
+            let c = link.submit_read(at, chunk.len() as u32);
+            match c.wait(Outcome::Written).then(|| c.take_data()).flatten() {
+                Some(data) if data.len() == chunk.len() => chunk.copy_from_slice(&data),
+                _ => return Err(self.no_copy()),
+            }
+            at += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
     fn after_written(&self, c: Arc<Completion>, pending: Pending, len: u64) {
         let s = Arc::clone(&self.s);
         let fenced = Arc::clone(&self.fenced);
@@ -195,7 +279,14 @@ impl BlockDevice for Replicated {
             .counters
             .bytes_read
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.s.disk.read_at(buf, offset)
+        if !self.s.diskless() {
+            match self.s.disk.read_at(buf, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) if is_disk_error(&e) => self.s.fail_disk("read", &e),
+                Err(e) => return Err(e),
+            }
+        }
+        self.read_from_peer(offset, buf)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
@@ -220,7 +311,21 @@ impl BlockDevice for Replicated {
         // on another thread, at the same time as the local fdatasync.
         let s = &self.s;
         let remote = s.link().map(|l| s.queue_peer_flush(&l));
-        s.disk.sync_data()?;
+        if !s.diskless()
+            && let Err(e) = s.disk.sync_data()
+        {
+            if !is_disk_error(&e) {
+                return Err(e);
+            }
+            s.fail_disk("fdatasync", &e);
+        }
+        if s.diskless() {
+            // The peer holds the only copy: the flush is good only if it confirmed it.
+            return match remote.map(|f| f.wait(s)) {
+                Some(true) => Ok(()),
+                _ => Err(self.no_copy()),
+            };
+        }
         if let Some(f) = remote
             && !f.wait(s)
         {
@@ -276,6 +381,12 @@ impl BlockDevice for Replicated {
     }
 }
 
+/// An error of the local disk itself, which fails the disk; not a request outside the
+/// data region (InvalidInput), which is the client's error.
+fn is_disk_error(e: &io::Error) -> bool {
+    e.kind() != io::ErrorKind::InvalidInput
+}
+
 /// Keep a link to the secondary while this node is primary: connect with backoff, handshake,
 /// resync, then watch the link until it dies or `stop` is set.
 pub fn connector(s: Arc<Shared>, stop: Arc<AtomicBool>) {
@@ -291,7 +402,7 @@ pub fn connector(s: Arc<Shared>, stop: Arc<AtomicBool>) {
                 last_refusal = None;
                 let mut last_idle = Instant::now();
                 while !stop.load(Ordering::Acquire) && !link.wait_dead(Duration::from_millis(200)) {
-                    if last_idle.elapsed() >= IDLE_CLEAN_EVERY {
+                    if last_idle.elapsed() >= IDLE_CLEAN_EVERY && !s.diskless() {
                         last_idle = Instant::now();
                         // Clear bits only for data durable on both nodes.
                         let barrier = || match s.disk.sync_data() {
@@ -487,6 +598,20 @@ fn connect_once(
     });
     log::info!("{}: connected to {} ({:?})", s.name, link.peer(), decision);
     s.hooks.fire(Event::Connect, &s.name, &[]);
+    if s.diskless() {
+        // Nothing here to sync from: every write since the disk failed went to the peer only
+        // and was answered only once it was written there. A peer that is itself incomplete
+        // (an interrupted sync) holds no good copy either: reads fail.
+        if theirs.inconsistent || !theirs.ever_synced {
+            log::error!(
+                "{}: the local disk failed and the peer's data is incomplete: no good copy to serve",
+                s.name
+            );
+        } else {
+            s.set_conn(|c| c.in_sync = true);
+        }
+        return Ok(link);
+    }
     match sync::run(s, &link, decision, &theirs, stop) {
         Ok(()) => {
             s.set_conn(|c| c.in_sync = true);

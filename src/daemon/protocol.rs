@@ -11,7 +11,8 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 
-/// Version of this protocol, sent in `Hello`. Version 2 added `VerifyRequest`/`VerifyReply`.
+/// Version of this protocol, sent in `Hello`. Version 2 added `VerifyRequest`/`VerifyReply`
+/// and `ReadRequest`/`ReadReply`.
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Oldest version an accepting node still speaks: a version-1 primary never sends a message
 /// that version 2 lacks or changed, so a secondary upgraded first keeps replicating for it.
@@ -179,6 +180,21 @@ pub enum Message {
         digest: [u8; DIGEST_LEN],
     },
 
+    // -- Reads from the peer, for a primary whose local disk failed (it serves from the
+    // peer, as hastd does on a local read error). Ordered like every other request, so the
+    // answer includes every write queued before it.
+    /// Read `len` bytes (at most `MAX_DATA`) at `offset` of the data region.
+    ReadRequest {
+        seq: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// The data of `ReadRequest` `seq`. A read error is answered with a failed `Ack`.
+    ReadReply {
+        seq: u64,
+        data: Vec<u8>,
+    },
+
     // -- Keepalive and close.
     Ping,
     Pong,
@@ -239,6 +255,8 @@ mod ty {
     pub const SYNC_DONE: u8 = 35;
     pub const VERIFY_REQUEST: u8 = 40;
     pub const VERIFY_REPLY: u8 = 41;
+    pub const READ_REQUEST: u8 = 42;
+    pub const READ_REPLY: u8 = 43;
     pub const PING: u8 = 48;
     pub const PONG: u8 = 49;
     pub const GOODBYE: u8 = 50;
@@ -343,6 +361,8 @@ impl Message {
             Message::SyncDone { .. } => "SyncDone",
             Message::VerifyRequest { .. } => "VerifyRequest",
             Message::VerifyReply { .. } => "VerifyReply",
+            Message::ReadRequest { .. } => "ReadRequest",
+            Message::ReadReply { .. } => "ReadReply",
             Message::Ping => "Ping",
             Message::Pong => "Pong",
             Message::Goodbye { .. } => "Goodbye",
@@ -474,6 +494,17 @@ impl Message {
                 e.u64(*extent);
                 e.0.extend_from_slice(digest);
             }
+            Message::ReadRequest { seq, offset, len } => {
+                e.u8(ty::READ_REQUEST);
+                e.u64(*seq);
+                e.u64(*offset);
+                e.u32(*len);
+            }
+            Message::ReadReply { seq, data } => {
+                e.u8(ty::READ_REPLY);
+                e.u64(*seq);
+                e.bytes(data);
+            }
             Message::Ping => e.u8(ty::PING),
             Message::Pong => e.u8(ty::PONG),
             Message::Goodbye { code, reason } => {
@@ -587,6 +618,15 @@ impl Message {
                 seq: d.u64()?,
                 extent: d.u64()?,
                 digest: d.array()?,
+            },
+            ty::READ_REQUEST => Message::ReadRequest {
+                seq: d.u64()?,
+                offset: d.u64()?,
+                len: d.u32()?,
+            },
+            ty::READ_REPLY => Message::ReadReply {
+                seq: d.u64()?,
+                data: d.bytes()?,
             },
             ty::PING => Message::Ping,
             ty::PONG => Message::Pong,
@@ -881,6 +921,15 @@ mod tests {
                 seq: 10,
                 extent: 3,
                 digest: [0x5c; DIGEST_LEN],
+            },
+            Message::ReadRequest {
+                seq: 11,
+                offset: 1 << 20,
+                len: 4096,
+            },
+            Message::ReadReply {
+                seq: 11,
+                data: vec![0xa5; 4],
             },
             Message::Ping,
             Message::Pong,

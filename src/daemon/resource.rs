@@ -254,6 +254,10 @@ pub struct Shared {
     pub writes_flushed: AtomicU64,
     /// The secondary's current session with the primary.
     pub session: Mutex<Option<Session>>,
+    /// The local disk failed (an I/O error under the primary's export): reads and writes go
+    /// to the peer only, as hastd and DRBD (`on-io-error detach`) do. Until the daemon
+    /// restarts; the disk must be replaced and recreated.
+    pub disk_failed: AtomicBool,
 }
 
 impl Shared {
@@ -337,6 +341,10 @@ impl Shared {
     /// the peer (bump the generation). Otherwise a peer promoted after losing them would later
     /// resync over this node's only copy instead of reporting split-brain.
     pub fn peer_may_have_lost_writes(&self) -> std::io::Result<()> {
+        if self.diskless() {
+            // The peer holds the only copy, flushed or not; nothing here to resync from.
+            return Ok(());
+        }
         self.disk.activemap().resync_unflushed();
         let queued = self.writes_queued.load(Ordering::Acquire);
         if self.writes_flushed.load(Ordering::Acquire) >= queued {
@@ -347,10 +355,44 @@ impl Shared {
         Ok(())
     }
 
+    /// The local disk failed (see `disk_failed`).
+    pub fn diskless(&self) -> bool {
+        self.disk_failed.load(Ordering::Acquire)
+    }
+
+    /// The local disk failed doing `what`: from now on the peer holds the only copy. Every
+    /// extent is marked dirty (on disk too, if it still takes writes), so a disk that comes
+    /// back is fully resynced, never trusted.
+    pub fn fail_disk(&self, what: &str, e: &std::io::Error) {
+        if self.disk_failed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        log::error!(
+            "{}: the local disk {} failed ({what}: {e}); serving reads and writes from the peer (diskless): replace the disk and recreate the metadata",
+            self.name,
+            self.disk.path().display()
+        );
+        if let Err(e) = self.disk.activemap().mark_all_dirty() {
+            log::warn!(
+                "{}: marking every extent dirty on the failed disk: {e}",
+                self.name
+            );
+        }
+        self.hooks.fire(Event::DiskFailed, &self.name, &[]);
+    }
+
     /// A write completed without reaching the peer: the first one since the last completed
     /// sync bumps `local_gen` (persisted before the write is acknowledged), so the peer can
     /// tell later that this node has data it lacks.
     pub fn note_degraded_write(&self) -> std::io::Result<()> {
+        if self.diskless() {
+            // No local copy to have written to: the write failed. Nor a generation, which
+            // would make the peer, the only good copy, look stale.
+            return Err(std::io::Error::other(format!(
+                "{}: the local disk failed and the peer cannot be reached: no copy to write to",
+                self.name
+            )));
+        }
         let mut bumped = self.gen_bumped.lock().unwrap_or_else(|p| p.into_inner());
         if *bumped {
             return Ok(());
@@ -373,6 +415,8 @@ impl Shared {
         let verifying = self.verify.active.load(Ordering::Acquire);
         let state = if h.split_brain {
             "split-brain"
+        } else if self.diskless() {
+            "diskless"
         } else if syncing {
             "syncing"
         } else if c.connection == Connection::Connected && c.in_sync && !h.inconsistent {
@@ -491,6 +535,7 @@ pub fn start(
         writes_queued: AtomicU64::new(0),
         writes_flushed: AtomicU64::new(0),
         session: Mutex::new(None),
+        disk_failed: AtomicBool::new(false),
     });
     let (tx, rx) = mpsc::channel();
     let s = Arc::clone(&shared);
@@ -630,6 +675,14 @@ impl Owner {
     /// still primary.
     fn check_promote(&self, force: bool) -> Result<(), RoleError> {
         let name = &self.shared.name;
+        if self.shared.diskless() {
+            return Err(RoleError::new(
+                ErrorKind::Stale,
+                format!(
+                    "{name}: the local disk failed; the peer holds the data: promote the peer, then replace this disk and recreate its metadata"
+                ),
+            ));
+        }
         let me = self.shared.node_state();
         if (me.inconsistent || me.discard_local) && !force {
             return Err(RoleError::new(

@@ -21,7 +21,7 @@ use super::auth::{self, Side};
 use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::protocol::{
-    self, AckKind, DataFrame, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED,
+    self, AckKind, DataFrame, GoodbyeCode, MAX_DATA, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED,
     MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Purpose,
 };
 use super::resource::{Connection, Shared};
@@ -550,6 +550,18 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
                     Err(e) => ack(&mut w, seq, AckKind::Written, Err(e))?,
                 }
             }
+            Message::ReadRequest { seq, offset, len } => {
+                // The primary's local disk failed and it reads from here; in frame order, so
+                // the data includes every write it queued before.
+                if len as usize > MAX_DATA {
+                    bail!("protocol error: ReadRequest of {len} bytes, more than {MAX_DATA}");
+                }
+                let mut data = vec![0u8; len as usize];
+                match disk.read_at(&mut data, offset) {
+                    Ok(()) => w.write_all(&Message::ReadReply { seq, data }.encode())?,
+                    Err(e) => ack(&mut w, seq, AckKind::Written, Err(e))?,
+                }
+            }
             Message::Ping => w.write_all(&Message::Pong.encode())?,
             Message::Pong => {}
             Message::Goodbye { reason, .. } => {
@@ -647,6 +659,14 @@ mod tests {
         let data = vec![0x5au8; 8192];
         let mut stream = protocol::encode_write(1, (3 << 20) + 4096, false, &data);
         stream.extend(Message::VerifyRequest { seq: 2, extent: 3 }.encode());
+        stream.extend(
+            Message::ReadRequest {
+                seq: 4,
+                offset: (3 << 20) + 4096 - 8,
+                len: 16,
+            }
+            .encode(),
+        );
         stream.extend(Message::VerifyRequest { seq: 3, extent: 16 }.encode());
         c.write_all(&stream).unwrap();
         let mut r = BufReader::new(c);
@@ -673,6 +693,13 @@ mod tests {
                 extent: 3,
                 digest: want
             }
+        );
+        // A read of the data as written, for a primary whose own disk failed.
+        let mut want = vec![0u8; 8];
+        want.extend_from_slice(&[0x5a; 8]);
+        assert_eq!(
+            protocol::read_message(&mut r, MAX_FRAME).unwrap(),
+            Message::ReadReply { seq: 4, data: want }
         );
         // Extent 16 does not exist: the session ends instead of answering.
         assert!(protocol::read_message(&mut r, MAX_FRAME).is_err());
