@@ -227,7 +227,10 @@ fn a_link_cut_mid_frame_is_rejected_by_the_secondary_and_resynced() {
     eprintln!("burst over the cut link completed after {took:?}");
     assert_eq!(proxy.fault(), Fault::Pass, "the cut never happened");
     assert!(
-        p.b.log_contains("primary connection lost", 10),
+        p.b.log_contains(
+            "primary connection lost: the connection ended in the middle of a frame",
+            10
+        ),
         "b does not say why the connection ended:\n{}",
         p.b.log_text()
     );
