@@ -213,6 +213,9 @@ pub enum ProtocolError {
     UnknownType(u8),
     /// The body ended before a field was complete.
     Truncated,
+    /// The stream ended after the first byte of a frame and before its last: a cut link or
+    /// a peer that died mid-send, unlike an end between frames (an `Io` `UnexpectedEof`).
+    EndedMidFrame,
     /// The body has bytes after the last field.
     TrailingBytes,
     /// A field holds a value outside its range (bad enum, bool, UTF-8, oversized data).
@@ -226,6 +229,9 @@ impl fmt::Display for ProtocolError {
             ProtocolError::BadLength(n) => write!(f, "frame length {n} out of bounds"),
             ProtocolError::UnknownType(t) => write!(f, "unknown message type {t}"),
             ProtocolError::Truncated => write!(f, "truncated frame"),
+            ProtocolError::EndedMidFrame => {
+                write!(f, "the connection ended in the middle of a frame")
+            }
             ProtocolError::TrailingBytes => write!(f, "trailing bytes in frame"),
             ProtocolError::BadValue(what) => write!(f, "bad value for {what}"),
         }
@@ -745,30 +751,40 @@ pub fn read_frame<'a>(
     max: usize,
     buf: &'a mut Vec<u8>,
 ) -> Result<&'a [u8], ProtocolError> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > max {
-        return Err(ProtocolError::BadLength(len));
-    }
+    let len = read_len(r, max)?;
     if buf.len() < len {
         buf.resize(len, 0);
     }
-    r.read_exact(&mut buf[..len])?;
+    mid_frame(r.read_exact(&mut buf[..len]))?;
     Ok(&buf[..len])
 }
 
 /// Read one frame of at most `max` bytes (type + body) and decode it.
 pub fn read_message(r: &mut impl Read, max: usize) -> Result<Message, ProtocolError> {
+    let len = read_len(r, max)?;
+    let mut buf = vec![0u8; len];
+    mid_frame(r.read_exact(&mut buf))?;
+    Message::decode(&buf)
+}
+
+/// Read a frame's length prefix. The end of the stream before its first byte is an `Io`
+/// `UnexpectedEof` (the peer closed between frames); any later end is `EndedMidFrame`.
+fn read_len(r: &mut impl Read, max: usize) -> Result<usize, ProtocolError> {
     let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
+    r.read_exact(&mut len[..1])?;
+    mid_frame(r.read_exact(&mut len[1..]))?;
     let len = u32::from_le_bytes(len) as usize;
     if len == 0 || len > max {
         return Err(ProtocolError::BadLength(len));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf)?;
-    Message::decode(&buf)
+    Ok(len)
+}
+
+fn mid_frame(r: io::Result<()>) -> Result<(), ProtocolError> {
+    r.map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => ProtocolError::EndedMidFrame,
+        _ => ProtocolError::Io(e),
+    })
 }
 
 /// Encode and write one frame.
@@ -1011,11 +1027,20 @@ mod tests {
         for m in samples() {
             let frame = m.encode();
             for cut in 0..frame.len() {
-                assert!(
-                    read_message(&mut &frame[..cut], MAX_FRAME).is_err(),
-                    "{} cut at {cut}",
-                    m.name()
-                );
+                // An end between frames is the peer closing; any later end is a cut frame.
+                let mut buf = Vec::new();
+                for r in [
+                    read_message(&mut &frame[..cut], MAX_FRAME).map(|_| ()),
+                    read_frame(&mut &frame[..cut], MAX_FRAME, &mut buf).map(|_| ()),
+                ] {
+                    match r {
+                        Err(ProtocolError::Io(e)) if cut == 0 => {
+                            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof)
+                        }
+                        Err(ProtocolError::EndedMidFrame) if cut > 0 => {}
+                        other => panic!("{} cut at {cut}: {other:?}", m.name()),
+                    }
+                }
                 // A body cut short but with a consistent length header.
                 if cut > 5 {
                     let body = &frame[4..cut];

@@ -146,6 +146,16 @@ impl Pair {
         p
     }
 
+    /// Make a reach b at `via` (a fault proxy, say) instead of b's listen address. b's config
+    /// is unchanged: it still expects a at a's own address. Call before a starts.
+    pub fn route_a_to_b_via(&self, via: std::net::SocketAddr) {
+        let text = std::fs::read_to_string(&self.a.conf).unwrap();
+        let direct = format!("remote = \"{}:{}\"", self.b.ip, self.b.port);
+        assert!(text.contains(&direct), "{text}");
+        let text = text.replace(&direct, &format!("remote = \"{via}\""));
+        std::fs::write(&self.a.conf, text).unwrap();
+    }
+
     pub fn node(&mut self, name: &str) -> &mut Node {
         if name == "a" {
             &mut self.a
@@ -369,7 +379,14 @@ pub fn u(v: &serde_json::Value, path: &[&str]) -> u64 {
 
 /// A synced pair: daemons up, `b` secondary, `a` primary, initial sync done.
 pub fn synced_pair(mode: &str) -> Pair {
+    synced_pair_with(mode, |_| {})
+}
+
+/// `synced_pair`, with `prepare` run on the pair before its daemons start (to reroute a link,
+/// say).
+pub fn synced_pair_with(mode: &str, prepare: impl FnOnce(&mut Pair)) -> Pair {
     let mut p = Pair::new(mode);
+    prepare(&mut p);
     p.a.start();
     p.b.start();
     p.b.ok(&["role", "secondary", "r0"]);
