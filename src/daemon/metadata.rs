@@ -1015,6 +1015,84 @@ mod tests {
         check::<ActiveMap>();
     }
 
+    /// The last `TAIL` bytes of a file: all the metadata of the small test disks.
+    const TAIL: u64 = 64 * 1024;
+
+    fn read_tail(path: &Path) -> Vec<u8> {
+        let f = File::open(path).unwrap();
+        let len = f.metadata().unwrap().len();
+        let mut tail = vec![0u8; TAIL as usize];
+        f.read_exact_at(&mut tail, len - TAIL).unwrap();
+        tail
+    }
+
+    fn write_tail(path: &Path, tail: &[u8]) {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.write_all_at(tail, len - TAIL).unwrap();
+    }
+
+    /// A power cut during a header update: the update's block is written only partly. Every
+    /// cut at a 512-byte boundary (the first k sectors new, the rest old) and every cut in the
+    /// middle of a sector (that sector then reads as zeroes or as garbage) must leave a disk
+    /// that opens with the old header or the new one: never an error, never a mix.
+    #[test]
+    fn torn_header_update_opens_with_the_old_or_the_new_header() {
+        let (_d, path) = sparse(16 * MIB);
+        create(&path, "r0", MIB, false).unwrap();
+        for round in 0..4u64 {
+            let before = read_tail(&path);
+            let old = Disk::open(&path, "r0").unwrap().header();
+            let new = {
+                let disk = Disk::open(&path, "r0").unwrap();
+                disk.update_header(|h| {
+                    h.local_gen = 10 + round;
+                    h.peer_gen = round;
+                    h.ever_synced = round % 2 == 0;
+                    h.prev_role = PrevRole::Primary;
+                })
+                .unwrap();
+                disk.header()
+            };
+            assert_ne!(old, new);
+            let after = read_tail(&path);
+            let changed: Vec<usize> = (0..(TAIL / BLOCK) as usize)
+                .filter(|&i| {
+                    let r = i * BLOCK as usize..(i + 1) * BLOCK as usize;
+                    before[r.clone()] != after[r]
+                })
+                .collect();
+            assert_eq!(changed.len(), 1, "an update writes one block: {changed:?}");
+            let at = changed[0] * BLOCK as usize;
+            for k in 0..=8usize {
+                for damage in [None, Some(0x00u8), Some(0xA5)] {
+                    if k == 8 && damage.is_some() {
+                        continue;
+                    }
+                    let mut torn = before.clone();
+                    torn[at..at + k * 512].copy_from_slice(&after[at..at + k * 512]);
+                    if let Some(fill) = damage {
+                        torn[at + k * 512..at + (k + 1) * 512].fill(fill);
+                    }
+                    write_tail(&path, &torn);
+                    let what = format!("round {round}, {k} sectors written, damage {damage:?}");
+                    let got = match Disk::open(&path, "r0") {
+                        Ok(disk) => disk.header(),
+                        Err(e) => panic!("{what}: the disk does not open: {e:#}"),
+                    };
+                    assert!(got == old || got == new, "{what}: {got:?}");
+                    if k == 0 {
+                        assert_eq!(got, old, "{what}");
+                    }
+                    if k == 8 {
+                        assert_eq!(got, new, "{what}");
+                    }
+                }
+            }
+            write_tail(&path, &after);
+        }
+    }
+
     #[test]
     fn read_header_reads_any_resource() {
         let (_d, path) = sparse(16 * MIB);
