@@ -853,14 +853,14 @@ mod tests {
 
     #[test]
     fn merge_mark_all_and_counts() {
-        // 16 MiB device with 1 MiB extents: data_size 16 MiB - 8 KiB, the last extent is partial.
+        // 16 MiB device with 1 MiB extents: data_size 16 MiB - 12 KiB, the last extent is partial.
         let (_d, path, disk) = clean_disk(16 * MIB);
         let map = disk.activemap();
         assert_eq!(map.extent_count(), 16);
         map.merge(&[1, 15, 9]).unwrap();
         assert_eq!(dirty_on_disk(&path), vec![1, 9, 15]);
         assert_eq!(map.dirty_count(), 3);
-        assert_eq!(map.dirty_bytes(), 3 * MIB - 8192);
+        assert_eq!(map.dirty_bytes(), 3 * MIB - 12288);
         assert_eq!(map.bitmap_bytes(), vec![0b0000_0010, 0b1000_0010]);
         assert_eq!(map.next_dirty(0), Some(1));
         assert_eq!(map.next_dirty(2), Some(9));

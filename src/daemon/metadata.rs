@@ -1,10 +1,12 @@
 //! On-disk metadata of a tandem resource and the local disk that holds it.
 //!
 //! Owns the layout described in `docs/on-disk-format.md`: the data region `[0, data_size)`
-//! followed by the dirty-extent bitmap and the 4096-byte header block, which is the last
-//! 4096-byte block of the (4096-rounded-down) device. Keeping the header last means it can be
-//! found without knowing the extent size, and the data regions of the two nodes can be
-//! compared with `cmp -n data_size`.
+//! followed by the dirty-extent bitmap and two 4096-byte header slots, the last two 4096-byte
+//! blocks of the (4096-rounded-down) device. Keeping the header last means it can be found
+//! without knowing the extent size, and the data regions of the two nodes can be compared with
+//! `cmp -n data_size`. An update writes the slot that does not hold the newest valid header, so
+//! a write torn by a power cut leaves the other slot to open with. Version-1 disks (one header
+//! block, rewritten in place) are still opened and updated as they are.
 //!
 //! [`Disk`] is the daemon's only handle on the local disk: positional data I/O bounded by
 //! `data_size`, the header (generations, flags, previous role) and the [`ActiveMap`].
@@ -21,7 +23,10 @@ use anyhow::{Context, bail};
 use super::activemap::ActiveMap;
 use super::diskio;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// The format `tandem create` writes: two alternating header slots.
+pub const FORMAT_VERSION: u32 = 2;
+/// The first format: a single header block, rewritten in place. Still opened and updated.
+const FORMAT_VERSION_1: u32 = 1;
 #[cfg(test)]
 use crate::config::DEFAULT_EXTENT_SIZE;
 
@@ -43,6 +48,7 @@ const OFF_LOCAL_GEN: usize = 108;
 const OFF_PEER_GEN: usize = 116;
 const OFF_FLAGS: usize = 124;
 const OFF_PREV_ROLE: usize = 128;
+const OFF_SEQ: usize = 136;
 
 const FLAG_EVER_SYNCED: u32 = 1 << 0;
 const FLAG_INCONSISTENT: u32 = 1 << 1;
@@ -96,34 +102,67 @@ pub struct Header {
 /// Where the regions of a device of a given size lie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
+    /// The metadata format: [`FORMAT_VERSION`], or 1 for a disk created by an older tandem.
+    pub version: u32,
     pub data_size: u64,
     pub bitmap_offset: u64,
     pub bitmap_len: u64,
-    pub header_offset: u64,
+    /// The header slots: A (the last block) and, from version 2 on, B (the block before it).
+    slots: [u64; 2],
+}
+
+/// Offsets of header slots A (the last 4096-byte block) and B (the block before it) on a device
+/// of `dev_size` bytes; B is `None` on a device of a single block.
+fn slot_offsets(dev_size: u64) -> Option<(u64, Option<u64>)> {
+    let a = (dev_size / BLOCK * BLOCK).checked_sub(BLOCK)?;
+    Some((a, a.checked_sub(BLOCK)))
 }
 
 impl Layout {
-    /// The layout of a device of `dev_size` bytes with extents of `extent_size` bytes.
-    /// The bitmap has one bit per extent of the whole (4096-rounded-down) device, rounded up to
-    /// 4096 bytes, so it only depends on the device size and the extent size.
+    /// The layout `tandem create` writes on a device of `dev_size` bytes with extents of
+    /// `extent_size` bytes. The bitmap has one bit per extent of the whole (4096-rounded-down)
+    /// device, rounded up to 4096 bytes, so it only depends on the device size and the extent
+    /// size.
     pub fn compute(dev_size: u64, extent_size: u64) -> Option<Layout> {
+        Layout::of_version(FORMAT_VERSION, dev_size, extent_size)
+    }
+
+    /// The layout of a disk of format `version` (1 or 2): version 1 has one header block where
+    /// version 2 has two, so its bitmap and data region end one block later.
+    fn of_version(version: u32, dev_size: u64, extent_size: u64) -> Option<Layout> {
         let dev = dev_size / BLOCK * BLOCK;
         let bits = dev.div_ceil(extent_size);
         let bitmap_len = bits.div_ceil(8).div_ceil(BLOCK) * BLOCK;
-        let header_offset = dev.checked_sub(BLOCK)?;
-        let bitmap_offset = header_offset.checked_sub(bitmap_len)?;
+        let (a, b) = slot_offsets(dev_size)?;
+        let (slots, first) = if version == FORMAT_VERSION_1 {
+            ([a, a], a)
+        } else {
+            let b = b?;
+            ([a, b], b)
+        };
+        let bitmap_offset = first.checked_sub(bitmap_len)?;
         Some(Layout {
+            version,
             data_size: bitmap_offset,
             bitmap_offset,
             bitmap_len,
-            header_offset,
+            slots,
         })
     }
 
+    /// Offsets of the header slots, A first (version 1: A only).
+    pub fn slots(&self) -> &[u64] {
+        if self.version == FORMAT_VERSION_1 {
+            &self.slots[..1]
+        } else {
+            &self.slots
+        }
+    }
+
     #[cfg(test)]
-    /// Total size of the metadata (bitmap and header).
+    /// Total size of the metadata (bitmap and header slots).
     pub fn meta_size(&self) -> u64 {
-        self.bitmap_len + BLOCK
+        self.bitmap_len + BLOCK * self.slots().len() as u64
     }
 }
 
@@ -131,11 +170,15 @@ fn valid_extent_size(extent_size: u64) -> bool {
     extent_size >= BLOCK && extent_size % BLOCK == 0 && extent_size <= u64::from(u32::MAX)
 }
 
-/// Encode a header into its 4096-byte block, checksum included.
-pub fn encode_header(h: &Header) -> [u8; BLOCK as usize] {
+/// Encode a header into a 4096-byte block of format `version` with sequence number `seq`
+/// (version 1 has none), checksum included.
+pub fn encode_header(h: &Header, version: u32, seq: u64) -> [u8; BLOCK as usize] {
     let mut b = [0u8; BLOCK as usize];
     b[0..8].copy_from_slice(MAGIC);
-    b[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&version.to_le_bytes());
+    if version != FORMAT_VERSION_1 {
+        b[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
+    }
     let name = h.resource.as_bytes();
     let n = name.len().min(MAX_NAME);
     b[OFF_NAME..OFF_NAME + n].copy_from_slice(&name[..n]);
@@ -169,8 +212,37 @@ pub fn encode_header(h: &Header) -> [u8; BLOCK as usize] {
 pub enum DecodeError {
     NoMagic,
     Version(u32),
-    Checksum { stored: u32, computed: u32 },
+    Checksum {
+        stored: u32,
+        computed: u32,
+    },
     Corrupt(String),
+    /// The block could not be read.
+    Unreadable(String),
+}
+
+impl DecodeError {
+    /// Why, without the path.
+    fn reason(&self) -> String {
+        match self {
+            DecodeError::NoMagic => "no tandem magic".into(),
+            DecodeError::Version(v) => format!("format version {v}"),
+            DecodeError::Checksum { stored, computed } => format!(
+                "header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+            ),
+            DecodeError::Corrupt(why) => why.clone(),
+            DecodeError::Unreadable(e) => format!("read error: {e}"),
+        }
+    }
+}
+
+/// A valid header block: the header, the format it was written in and its sequence number
+/// (the higher of two valid slots is the newer; 0 for version 1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderBlock {
+    pub header: Header,
+    pub version: u32,
+    pub seq: u64,
 }
 
 fn le32(b: &[u8], off: usize) -> u32 {
@@ -185,13 +257,13 @@ fn le64(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// Decode and verify a header block.
-pub fn decode_header(b: &[u8; BLOCK as usize]) -> Result<Header, DecodeError> {
+/// Decode and verify a header block of either format version.
+pub fn decode_header(b: &[u8; BLOCK as usize]) -> Result<HeaderBlock, DecodeError> {
     if &b[0..8] != MAGIC {
         return Err(DecodeError::NoMagic);
     }
     let version = le32(b, OFF_VERSION);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
         return Err(DecodeError::Version(version));
     }
     let stored = le32(b, OFF_CHECKSUM);
@@ -214,7 +286,12 @@ pub fn decode_header(b: &[u8; BLOCK as usize]) -> Result<Header, DecodeError> {
     }
     let prev_role = PrevRole::from_byte(b[OFF_PREV_ROLE])
         .ok_or_else(|| DecodeError::Corrupt(format!("bad previous role {}", b[OFF_PREV_ROLE])))?;
-    Ok(Header {
+    let seq = if version == FORMAT_VERSION_1 {
+        0
+    } else {
+        le64(b, OFF_SEQ)
+    };
+    let header = Header {
         resource,
         uuid,
         data_size: le64(b, OFF_DATA_SIZE),
@@ -226,6 +303,11 @@ pub fn decode_header(b: &[u8; BLOCK as usize]) -> Result<Header, DecodeError> {
         discard_local: flags & FLAG_DISCARD_LOCAL != 0,
         split_brain: flags & FLAG_SPLIT_BRAIN != 0,
         prev_role,
+    };
+    Ok(HeaderBlock {
+        header,
+        version,
+        seq,
     })
 }
 
@@ -290,6 +372,133 @@ fn read_header_block(file: &File, offset: u64) -> io::Result<[u8; BLOCK as usize
     Ok(b)
 }
 
+/// Slot names in messages, by index.
+const SLOT_NAMES: [char; 2] = ['A', 'B'];
+
+/// What the header slots of a device hold, A first (B is absent on a one-block device).
+fn read_slots(file: &File, dev_size: u64) -> Vec<(u64, Result<HeaderBlock, DecodeError>)> {
+    let Some((a, b)) = slot_offsets(dev_size) else {
+        return Vec::new();
+    };
+    [Some(a), b]
+        .into_iter()
+        .flatten()
+        .map(|offset| {
+            let found = read_header_block(file, offset)
+                .map_err(|e| DecodeError::Unreadable(e.to_string()))
+                .and_then(|b| decode_header(&b));
+            (offset, found)
+        })
+        .collect()
+}
+
+/// Why the slot of this index, at this offset, holds no valid header.
+type SlotError = (usize, u64, DecodeError);
+
+/// The header a disk opens with.
+#[derive(Debug)]
+struct Found {
+    block: HeaderBlock,
+    /// Index of its slot (0 = A): the next version-2 update writes the other one.
+    slot: usize,
+    /// On a version-2 disk, why the other slot does not hold a valid header (a torn update).
+    other_invalid: Option<DecodeError>,
+}
+
+/// Choose the header of a disk from what its slots hold (see `read_slots`):
+/// - a valid version-1 header in slot A makes a version-1 disk (its slot B is the last block
+///   of the bitmap);
+/// - otherwise the valid version-2 header with the higher sequence number wins (A on a tie);
+/// - a newer format in either slot is refused rather than passed over: a newer tandem wrote
+///   it, and the other slot is older.
+///
+/// On error, every slot's reason, to be told with `no_header`.
+fn choose(slots: Vec<(u64, Result<HeaderBlock, DecodeError>)>) -> Result<Found, Vec<SlotError>> {
+    if let Some((_, Ok(a))) = slots.first()
+        && a.version == FORMAT_VERSION_1
+    {
+        return Ok(Found {
+            block: a.clone(),
+            slot: 0,
+            other_invalid: None,
+        });
+    }
+    let mut best: Option<(usize, HeaderBlock)> = None;
+    let mut errors = Vec::new();
+    for (i, (offset, found)) in slots.into_iter().enumerate() {
+        match found {
+            Ok(b) if b.version == FORMAT_VERSION_1 => errors.push((
+                i,
+                offset,
+                DecodeError::Corrupt(
+                    "a version-1 header in slot B, not in the last block (was the device resized?)"
+                        .into(),
+                ),
+            )),
+            Ok(b) => {
+                if best.as_ref().is_none_or(|(_, top)| b.seq > top.seq) {
+                    best = Some((i, b));
+                }
+            }
+            Err(e) => errors.push((i, offset, e)),
+        }
+    }
+    let newer = errors
+        .iter()
+        .any(|(_, _, e)| matches!(e, DecodeError::Version(v) if *v > FORMAT_VERSION));
+    match best {
+        Some((slot, block)) if !newer => Ok(Found {
+            block,
+            slot,
+            other_invalid: errors.pop().map(|(_, _, e)| e),
+        }),
+        _ => Err(errors),
+    }
+}
+
+/// The message for a disk without a usable header, from every slot's reason.
+fn no_header(errors: &[SlotError], path: &Path, resource: Option<&str>) -> String {
+    if let Some((_, _, e)) = errors
+        .iter()
+        .find(|(_, _, e)| matches!(e, DecodeError::Version(v) if *v > FORMAT_VERSION))
+    {
+        return describe(e, path, resource);
+    }
+    let told: Vec<&SlotError> = errors
+        .iter()
+        .filter(|(_, _, e)| *e != DecodeError::NoMagic)
+        .collect();
+    match told.as_slice() {
+        [] => describe(&DecodeError::NoMagic, path, resource),
+        [(_, _, e)] => describe(e, path, resource),
+        many => {
+            let why: Vec<String> = many
+                .iter()
+                .map(|(i, offset, e)| {
+                    format!("slot {} at offset {offset}: {}", SLOT_NAMES[*i], e.reason())
+                })
+                .collect();
+            format!(
+                "corrupt tandem metadata on {}: no valid header in either slot ({})",
+                path.display(),
+                why.join("; ")
+            )
+        }
+    }
+}
+
+/// Read the slots of `file` (a device of `dev_size` bytes) and choose its header; errors name
+/// the path and, when given, the resource to create.
+fn find_header(
+    file: &File,
+    path: &Path,
+    dev_size: u64,
+    resource: Option<&str>,
+) -> anyhow::Result<Found> {
+    choose(read_slots(file, dev_size))
+        .map_err(|errors| anyhow::anyhow!("{}", no_header(&errors, path, resource)))
+}
+
 fn check_name(resource: &str) -> anyhow::Result<()> {
     if resource.is_empty() || resource.len() > MAX_NAME || resource.contains('\0') {
         bail!("invalid resource name {resource:?}: 1 to {MAX_NAME} bytes, no NUL");
@@ -322,15 +531,26 @@ pub fn create(
                 path.display()
             )
         })?;
-    if let Ok(block) = read_header_block(&file, layout.header_offset)
-        && let Ok(old) = decode_header(&block)
-        && !force
-    {
-        bail!(
-            "{} already holds tandem metadata for resource '{}': refusing to overwrite it without --force",
-            path.display(),
-            old.resource
-        );
+    if let Ok(old) = find_header(&file, path, dev_size, None) {
+        let old = old.block;
+        if !force {
+            bail!(
+                "{} already holds tandem metadata for resource '{}': refusing to overwrite it without --force",
+                path.display(),
+                old.header.resource
+            );
+        }
+        if old.header.data_size > layout.data_size {
+            log::warn!(
+                "create {resource}: the data region of {} shrinks from {} to {} bytes (the old metadata had format version {} and extent size {}): whatever used its last {} bytes, such as the end of a filesystem, is cut off",
+                path.display(),
+                old.header.data_size,
+                layout.data_size,
+                old.version,
+                old.header.extent_size,
+                old.header.data_size - layout.data_size
+            );
+        }
     }
     let mut uuid = [0u8; 16];
     getrandom::fill(&mut uuid)
@@ -353,8 +573,12 @@ pub fn create(
     let werr = |e: io::Error| anyhow::anyhow!("cannot write metadata to {}: {e}", path.display());
     file.write_all_at(&bitmap, layout.bitmap_offset)
         .map_err(werr)?;
-    file.write_all_at(&encode_header(&header), layout.header_offset)
-        .map_err(werr)?;
+    // Both slots hold the header, A with the higher sequence number: on a version-2 disk an
+    // invalid slot then always means damage, and no slot keeps a header of the old metadata.
+    for (&offset, seq) in layout.slots().iter().rev().zip(0..) {
+        file.write_all_at(&encode_header(&header, FORMAT_VERSION, seq), offset)
+            .map_err(werr)?;
+    }
     file.sync_all().map_err(werr)?;
     Ok(header)
 }
@@ -377,13 +601,7 @@ fn full_bitmap(extents: u64, len: u64) -> Vec<u8> {
 pub fn read_header(path: &Path) -> anyhow::Result<Header> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let (dev_size, _) = device_size(&file, path)?;
-    let p = path.display();
-    let header_offset = (dev_size / BLOCK * BLOCK)
-        .checked_sub(BLOCK)
-        .with_context(|| format!("no tandem metadata on {p}"))?;
-    let block = read_header_block(&file, header_offset)
-        .with_context(|| format!("cannot read the metadata header of {p}"))?;
-    decode_header(&block).map_err(|e| anyhow::anyhow!("{}", describe(&e, path, None)))
+    Ok(find_header(&file, path, dev_size, None)?.block.header)
 }
 
 /// The message for a header that does not decode.
@@ -395,12 +613,13 @@ fn describe(e: &DecodeError, path: &Path, resource: Option<&str>) -> String {
             None => format!("no tandem metadata on {p}"),
         },
         DecodeError::Version(v) => format!(
-            "unsupported tandem metadata format version {v} on {p} (this tandem reads version {FORMAT_VERSION})"
+            "unsupported tandem metadata format version {v} on {p} (this tandem reads versions 1 to {FORMAT_VERSION})"
         ),
         DecodeError::Checksum { stored, computed } => format!(
             "corrupt tandem metadata on {p}: header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
         ),
         DecodeError::Corrupt(why) => format!("corrupt tandem metadata on {p}: {why}"),
+        DecodeError::Unreadable(e) => format!("cannot read the metadata header of {p}: {e}"),
     }
 }
 
@@ -411,8 +630,17 @@ pub struct Disk {
     is_block: bool,
     layout: Layout,
     extent_size: u64,
-    header: Mutex<Header>,
+    header: Mutex<HeaderState>,
     activemap: ActiveMap,
+}
+
+/// The header as it is on disk, and where.
+struct HeaderState {
+    header: Header,
+    /// Sequence number of the newest valid header (version 2).
+    seq: u64,
+    /// Index into `layout.slots()` of the slot that holds it.
+    slot: usize,
 }
 
 fn einval(msg: String) -> io::Error {
@@ -425,14 +653,8 @@ impl Disk {
         let file = open_rw(path)?;
         let (dev_size, is_block) = device_size(&file, path)?;
         let p = path.display();
-        let no_meta = || format!("no tandem metadata on {p}: run `tandem create {resource}`");
-        let header_offset = (dev_size / BLOCK * BLOCK)
-            .checked_sub(BLOCK)
-            .with_context(no_meta)?;
-        let block = read_header_block(&file, header_offset)
-            .with_context(|| format!("cannot read the metadata header of {p}"))?;
-        let header = decode_header(&block)
-            .map_err(|e| anyhow::anyhow!("{}", describe(&e, path, Some(resource))))?;
+        let found = find_header(&file, path, dev_size, Some(resource))?;
+        let header = found.block.header;
         if header.resource != resource {
             bail!(
                 "tandem metadata on {p} belongs to resource '{}', not '{resource}'",
@@ -445,7 +667,7 @@ impl Disk {
                 header.extent_size
             );
         }
-        let layout = Layout::compute(dev_size, header.extent_size)
+        let layout = Layout::of_version(found.block.version, dev_size, header.extent_size)
             .filter(|l| l.data_size == header.data_size && l.data_size >= header.extent_size)
             .with_context(|| {
                 format!(
@@ -463,13 +685,30 @@ impl Disk {
             layout.data_size,
         )
         .with_context(|| format!("cannot read the dirty-extent map of {p}"))?;
+        if layout.version == FORMAT_VERSION_1 {
+            log::warn!(
+                "{resource}: {p} holds version-1 tandem metadata, whose single header block is rewritten in place: a power cut during a header update can leave the disk unusable until it is recreated. Convert both nodes at a convenient time (see docs/on-disk-format.md, \"Version 1\")"
+            );
+        } else if let Some(why) = &found.other_invalid {
+            log::warn!(
+                "{resource}: header slot {} of {p} is not valid ({}), probably a header update cut by a crash; using slot {} (sequence {}), the next update rewrites the other",
+                SLOT_NAMES[1 - found.slot],
+                why.reason(),
+                SLOT_NAMES[found.slot],
+                found.block.seq
+            );
+        }
         Ok(Disk {
             file,
             path: path.to_path_buf(),
             is_block,
             layout,
             extent_size: header.extent_size,
-            header: Mutex::new(header),
+            header: Mutex::new(HeaderState {
+                header,
+                seq: found.block.seq,
+                slot: found.slot,
+            }),
             activemap,
         })
     }
@@ -481,34 +720,46 @@ impl Disk {
 
     pub fn header(&self) -> Header {
         match self.header.lock() {
-            Ok(h) => h.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+            Ok(h) => h.header.clone(),
+            Err(poisoned) => poisoned.into_inner().header.clone(),
         }
     }
 
     /// Change the header and write it (header block + fdatasync) before returning. The
     /// immutable fields (resource, uuid, data_size, extent_size) must not be changed.
     /// On error the in-memory header is left as it was.
+    ///
+    /// Version 2 writes the slot that does not hold the newest valid header, with the next
+    /// sequence number, so a torn write leaves the newest header intact; version 1 rewrites
+    /// its single block in place.
     pub fn update_header(&self, f: impl FnOnce(&mut Header)) -> io::Result<()> {
         let mut guard = match self.header.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut new = guard.clone();
+        let mut new = guard.header.clone();
         f(&mut new);
-        if new.resource != guard.resource
-            || new.uuid != guard.uuid
-            || new.data_size != guard.data_size
-            || new.extent_size != guard.extent_size
+        let old = &guard.header;
+        if new.resource != old.resource
+            || new.uuid != old.uuid
+            || new.data_size != old.data_size
+            || new.extent_size != old.extent_size
         {
             return Err(einval(
                 "update_header: resource, uuid, data_size and extent_size cannot change".into(),
             ));
         }
-        self.file
-            .write_all_at(&encode_header(&new), self.layout.header_offset)?;
+        let slots = self.layout.slots();
+        let slot = (guard.slot + 1) % slots.len();
+        let seq = guard.seq + 1;
+        let block = encode_header(&new, self.layout.version, seq);
+        self.file.write_all_at(&block, slots[slot])?;
         self.file.sync_data()?;
-        *guard = new;
+        *guard = HeaderState {
+            header: new,
+            seq,
+            slot,
+        };
         Ok(())
     }
 
@@ -742,9 +993,10 @@ mod tests {
         let created = create(&path, "r0", DEFAULT_EXTENT_SIZE, false).unwrap();
         let disk = Disk::open(&path, "r0").unwrap();
         assert_eq!(disk.header(), created);
-        // 64 MiB device: 32 extents -> bitmap rounded up to one 4096-byte page, then the header.
-        assert_eq!(disk.data_size(), 64 * MIB - 8192);
-        assert_eq!(created.data_size, 64 * MIB - 8192);
+        // 64 MiB device: 32 extents -> bitmap rounded up to one 4096-byte page, then the two
+        // header slots.
+        assert_eq!(disk.data_size(), 64 * MIB - 12288);
+        assert_eq!(created.data_size, 64 * MIB - 12288);
         assert_eq!(disk.extent_size(), DEFAULT_EXTENT_SIZE);
         assert_eq!(disk.extent_count(), 32);
         let h = disk.header();
@@ -756,13 +1008,15 @@ mod tests {
         assert_ne!(h.uuid, [0u8; 16]);
         assert_eq!(disk.activemap().dirty_count(), 32);
         assert_eq!(disk.activemap().dirty_bytes(), disk.data_size());
-        // The header is the last block of the file and starts with the magic.
-        let mut magic = [0u8; 8];
-        File::open(&path)
-            .unwrap()
-            .read_exact_at(&mut magic, 64 * MIB - 4096)
-            .unwrap();
-        assert_eq!(&magic, MAGIC);
+        // The header slots are the last two blocks of the file and start with the magic.
+        for at in [64 * MIB - 4096, 64 * MIB - 8192] {
+            let mut magic = [0u8; 8];
+            File::open(&path)
+                .unwrap()
+                .read_exact_at(&mut magic, at)
+                .unwrap();
+            assert_eq!(&magic, MAGIC);
+        }
     }
 
     #[test]
@@ -773,8 +1027,8 @@ mod tests {
         f.write_all_at(&pattern, 0).unwrap();
         f.write_all_at(&pattern, 12 * MIB).unwrap();
         let h = create(&path, "r0", MIB, false).unwrap();
-        // Device size is rounded down to 4096: 16 MiB, 16 extents, 1 bitmap page, header.
-        assert_eq!(h.data_size, 16 * MIB - 8192);
+        // Device size is rounded down to 4096: 16 MiB, 16 extents, 1 bitmap page, 2 slots.
+        assert_eq!(h.data_size, 16 * MIB - 12288);
         let disk = Disk::open(&path, "r0").unwrap();
         let mut buf = vec![0u8; 4096];
         disk.read_at(&mut buf, 12 * MIB).unwrap();
@@ -832,39 +1086,69 @@ mod tests {
         );
     }
 
-    #[test]
-    fn corrupted_header_is_rejected() {
-        let (_d, path) = sparse(16 * MIB);
-        create(&path, "r0", MIB, false).unwrap();
+    /// Flip one bit of the byte at `at`.
+    fn flip(path: &Path, at: u64) {
         let f = OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&path)
+            .open(path)
             .unwrap();
-        let at = 16 * MIB - 4096 + OFF_LOCAL_GEN as u64;
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_slot_is_passed_over_and_two_are_an_error_naming_the_path() {
+        let (_d, path) = sparse(16 * MIB);
+        let created = create(&path, "r0", MIB, false).unwrap();
+        let (a, b) = (16 * MIB - 4096, 16 * MIB - 8192);
+        flip(&path, a + OFF_LOCAL_GEN as u64);
+        assert_eq!(Disk::open(&path, "r0").unwrap().header(), created);
+        flip(&path, b + OFF_PEER_GEN as u64);
         let msg = err_text(Disk::open(&path, "r0"));
+        let p = path.display();
         assert!(
-            msg.starts_with(&format!("corrupt tandem metadata on {}", path.display())),
+            msg.starts_with(&format!(
+                "corrupt tandem metadata on {p}: no valid header in either slot (slot A at offset {a}: header checksum mismatch (stored "
+            )),
             "{msg}"
         );
-        assert!(msg.contains("checksum mismatch"), "{msg}");
+        assert!(
+            msg.contains(&format!("; slot B at offset {b}: header checksum mismatch")),
+            "{msg}"
+        );
+        assert_eq!(err_text(read_header(&path)), msg);
+        // A slot without a header says nothing: the other one's reason is the message.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0u8; BLOCK as usize], b).unwrap();
+        let msg = err_text(Disk::open(&path, "r0"));
+        assert!(
+            msg.starts_with(&format!(
+                "corrupt tandem metadata on {p}: header checksum mismatch"
+            )),
+            "{msg}"
+        );
     }
 
     #[test]
     fn newer_version_is_rejected() {
         let (_d, path) = sparse(16 * MIB);
         create(&path, "r0", MIB, false).unwrap();
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&2u32.to_le_bytes(), 16 * MIB - 4096 + 8)
-            .unwrap();
-        let msg = err_text(Disk::open(&path, "r0"));
-        assert!(
-            msg.contains("unsupported tandem metadata format version 2"),
-            "{msg}"
-        );
+        // In either slot: a newer tandem wrote it, and the other slot is older.
+        for at in [16 * MIB - 4096, 16 * MIB - 8192] {
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&3u32.to_le_bytes(), at + 8).unwrap();
+            let msg = err_text(Disk::open(&path, "r0"));
+            assert_eq!(
+                msg,
+                format!(
+                    "unsupported tandem metadata format version 3 on {} (this tandem reads versions 1 to 2)",
+                    path.display()
+                )
+            );
+            create(&path, "r0", MIB, true).unwrap();
+        }
     }
 
     #[test]
@@ -998,8 +1282,8 @@ mod tests {
         let (_d, path) = sparse(1 << 40);
         create(&path, "big", DEFAULT_EXTENT_SIZE, false).unwrap();
         let disk = Disk::open(&path, "big").unwrap();
-        // 524288 bits = 64 KiB of bitmap, then the header.
-        assert_eq!(disk.data_size(), (1 << 40) - 65536 - 4096);
+        // 524288 bits = 64 KiB of bitmap, then the two header slots.
+        assert_eq!(disk.data_size(), (1 << 40) - 65536 - 8192);
         assert_eq!(disk.extent_count(), 524288);
         assert_eq!(disk.activemap().dirty_count(), 524288);
         let mem = disk.activemap().memory_bytes();
@@ -1018,6 +1302,224 @@ mod tests {
         fn check<T: Send + Sync>() {}
         check::<Disk>();
         check::<ActiveMap>();
+    }
+
+    /// The last `TAIL` bytes of a file: all the metadata of the small test disks.
+    const TAIL: u64 = 64 * 1024;
+
+    fn read_tail(path: &Path) -> Vec<u8> {
+        let f = File::open(path).unwrap();
+        let len = f.metadata().unwrap().len();
+        let mut tail = vec![0u8; TAIL as usize];
+        f.read_exact_at(&mut tail, len - TAIL).unwrap();
+        tail
+    }
+
+    fn write_tail(path: &Path, tail: &[u8]) {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.write_all_at(tail, len - TAIL).unwrap();
+    }
+
+    /// A power cut during a header update: the update's block is written only partly. Every
+    /// cut at a 512-byte boundary (the first k sectors new, the rest old) and every cut in the
+    /// middle of a sector (that sector then reads as zeroes or as garbage) must leave a disk
+    /// that opens with the old header or the new one: never an error, never a mix.
+    #[test]
+    fn torn_header_update_opens_with_the_old_or_the_new_header() {
+        let (_d, path) = sparse(16 * MIB);
+        create(&path, "r0", MIB, false).unwrap();
+        for round in 0..4u64 {
+            let before = read_tail(&path);
+            let old = Disk::open(&path, "r0").unwrap().header();
+            let new = {
+                let disk = Disk::open(&path, "r0").unwrap();
+                disk.update_header(|h| {
+                    h.local_gen = 10 + round;
+                    h.peer_gen = round;
+                    h.ever_synced = round % 2 == 0;
+                    h.prev_role = PrevRole::Primary;
+                })
+                .unwrap();
+                disk.header()
+            };
+            assert_ne!(old, new);
+            let after = read_tail(&path);
+            let changed = changed_blocks(&before, &after, 16 * MIB);
+            assert_eq!(changed.len(), 1, "an update writes one block: {changed:?}");
+            let at = (changed[0] - (16 * MIB - TAIL)) as usize;
+            for k in 0..=8usize {
+                for damage in [None, Some(0x00u8), Some(0xA5)] {
+                    if k == 8 && damage.is_some() {
+                        continue;
+                    }
+                    let mut torn = before.clone();
+                    torn[at..at + k * 512].copy_from_slice(&after[at..at + k * 512]);
+                    if let Some(fill) = damage {
+                        torn[at + k * 512..at + (k + 1) * 512].fill(fill);
+                    }
+                    write_tail(&path, &torn);
+                    let what = format!("round {round}, {k} sectors written, damage {damage:?}");
+                    let got = match Disk::open(&path, "r0") {
+                        Ok(disk) => disk.header(),
+                        Err(e) => panic!("{what}: the disk does not open: {e:#}"),
+                    };
+                    assert!(got == old || got == new, "{what}: {got:?}");
+                    if k == 0 {
+                        assert_eq!(got, old, "{what}");
+                    }
+                    if k == 8 {
+                        assert_eq!(got, new, "{what}");
+                    }
+                }
+            }
+            write_tail(&path, &after);
+        }
+    }
+
+    /// Offsets of the 4096-byte blocks that differ between two tails of a file of `len` bytes.
+    fn changed_blocks(before: &[u8], after: &[u8], len: u64) -> Vec<u64> {
+        (0..TAIL / BLOCK)
+            .filter(|&i| {
+                let r = (i * BLOCK) as usize..((i + 1) * BLOCK) as usize;
+                before[r.clone()] != after[r]
+            })
+            .map(|i| len - TAIL + i * BLOCK)
+            .collect()
+    }
+
+    /// The decoded header block at `at`.
+    fn block_at(path: &Path, at: u64) -> HeaderBlock {
+        let f = File::open(path).unwrap();
+        decode_header(&read_header_block(&f, at).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn updates_alternate_slots_and_the_newest_wins() {
+        let (_d, path) = sparse(16 * MIB);
+        create(&path, "r0", MIB, false).unwrap();
+        let (a, b) = (16 * MIB - 4096, 16 * MIB - 8192);
+        assert_eq!(Disk::open(&path, "r0").unwrap().layout().slots(), [a, b]);
+        // `create` writes both: A is the newer.
+        assert_eq!((block_at(&path, a).seq, block_at(&path, b).seq), (1, 0));
+        let mut disk = Disk::open(&path, "r0").unwrap();
+        for n in 1..=7u64 {
+            if n == 4 {
+                // A reopened disk goes on from what is on it.
+                drop(disk);
+                disk = Disk::open(&path, "r0").unwrap();
+            }
+            let before = read_tail(&path);
+            disk.update_header(|h| h.local_gen = n).unwrap();
+            let slot = if n % 2 == 1 { b } else { a };
+            let other = if n % 2 == 1 { a } else { b };
+            assert_eq!(
+                changed_blocks(&before, &read_tail(&path), 16 * MIB),
+                [slot],
+                "update {n}"
+            );
+            let (new, old) = (block_at(&path, slot), block_at(&path, other));
+            assert_eq!((new.seq, new.header.local_gen), (n + 1, n), "update {n}");
+            assert_eq!(old.seq, n, "update {n}");
+            assert_eq!(Disk::open(&path, "r0").unwrap().header().local_gen, n);
+        }
+        // The newest wins wherever it is: an older valid header in A is passed over.
+        drop(disk);
+        let newest = block_at(&path, b);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        let mut stale = newest.header.clone();
+        stale.local_gen = 100;
+        f.write_all_at(&encode_header(&stale, FORMAT_VERSION, newest.seq - 1), a)
+            .unwrap();
+        assert_eq!(Disk::open(&path, "r0").unwrap().header(), newest.header);
+        f.write_all_at(&encode_header(&stale, FORMAT_VERSION, newest.seq + 1), a)
+            .unwrap();
+        assert_eq!(Disk::open(&path, "r0").unwrap().header(), stale);
+    }
+
+    /// A version-1 header block built field by field as tandem 1 wrote it (one header block,
+    /// no sequence number).
+    fn v1_block(h: &Header) -> [u8; BLOCK as usize] {
+        let mut b = [0u8; BLOCK as usize];
+        b[0..8].copy_from_slice(b"TANDEMM1");
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[16..16 + h.resource.len()].copy_from_slice(h.resource.as_bytes());
+        b[80..96].copy_from_slice(&h.uuid);
+        b[96..104].copy_from_slice(&h.data_size.to_le_bytes());
+        b[104..108].copy_from_slice(&(h.extent_size as u32).to_le_bytes());
+        b[108..116].copy_from_slice(&h.local_gen.to_le_bytes());
+        b[116..124].copy_from_slice(&h.peer_gen.to_le_bytes());
+        let flags = u32::from(h.ever_synced) | u32::from(h.split_brain) << 3;
+        b[124..128].copy_from_slice(&flags.to_le_bytes());
+        b[128] = h.prev_role.to_byte();
+        let sum = crc32c(&b);
+        b[12..16].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    /// The header of the version-1 example in the documentation (a 64 MiB disk).
+    fn v1_example() -> Header {
+        Header {
+            resource: "r0".into(),
+            uuid: *b"\x6f\x1c\x2a\x9e\x53\x04\x4b\x7d\x8a\x10\xc3\x5e\x22\x91\xe7\x3b",
+            data_size: 64 * MIB - 8192,
+            extent_size: DEFAULT_EXTENT_SIZE,
+            local_gen: 3,
+            peer_gen: 2,
+            ever_synced: true,
+            inconsistent: false,
+            discard_local: false,
+            split_brain: false,
+            prev_role: PrevRole::Primary,
+        }
+    }
+
+    #[test]
+    fn a_version_1_disk_opens_and_is_updated_in_place() {
+        // The same bytes as tandem 1 wrote: its documented example had this checksum.
+        assert_eq!(le32(&v1_block(&v1_example()), 12), 0xde3a_1692);
+        let (_d, path) = sparse(64 * MIB);
+        let (header_at, bitmap_at) = (64 * MIB - 4096, 64 * MIB - 8192);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0x01, 0x02, 0x00, 0x80], bitmap_at)
+            .unwrap();
+        f.write_all_at(&v1_block(&v1_example()), header_at).unwrap();
+        drop(f);
+
+        let disk = Disk::open(&path, "r0").unwrap();
+        assert_eq!(disk.header(), v1_example());
+        assert_eq!(disk.layout().version, 1);
+        assert_eq!(disk.layout().slots(), [header_at]);
+        assert_eq!(disk.data_size(), 64 * MIB - 8192);
+        assert_eq!(disk.activemap().dirty_extents(), vec![0, 9, 31]);
+        assert_eq!(read_header(&path).unwrap(), v1_example());
+        // Updates rewrite the single header in place, still as version 1; the bitmap before it
+        // is left alone.
+        for n in [4, 5] {
+            let before = read_tail(&path);
+            disk.update_header(|h| h.local_gen = n).unwrap();
+            assert_eq!(
+                changed_blocks(&before, &read_tail(&path), 64 * MIB),
+                [header_at]
+            );
+            let on_disk = block_at(&path, header_at);
+            assert_eq!((on_disk.version, on_disk.header.local_gen), (1, n));
+        }
+        drop(disk);
+        assert_eq!(Disk::open(&path, "r0").unwrap().header().local_gen, 5);
+        assert_eq!(
+            Disk::open(&path, "r0").unwrap().activemap().dirty_extents(),
+            vec![0, 9, 31]
+        );
+        // `create` sees it, and with --force writes version 2 (one block less of data).
+        let msg = err_text(create(&path, "r1", MIB, false));
+        assert!(
+            msg.contains("resource 'r0'") && msg.contains("--force"),
+            "{msg}"
+        );
+        let h = create(&path, "r0", DEFAULT_EXTENT_SIZE, true).unwrap();
+        assert_eq!(h.data_size, 64 * MIB - 12288);
+        assert_eq!(Disk::open(&path, "r0").unwrap().layout().version, 2);
     }
 
     #[test]
@@ -1076,7 +1578,7 @@ mod tests {
         create(&dev_path, "r0", MIB, false).unwrap();
         let disk = Disk::open(&dev_path, "r0").unwrap();
         // The loop device is 32 MiB + 512 bytes: the partial block is ignored.
-        assert_eq!(disk.data_size(), 32 * MIB - 8192);
+        assert_eq!(disk.data_size(), 32 * MIB - 12288);
         disk.write_at(&vec![0xEE; 2 * MIB as usize], MIB).unwrap();
         assert!(!disk.is_zero_extent(1).unwrap());
         disk.punch(MIB, MIB).unwrap();
@@ -1091,7 +1593,7 @@ mod tests {
         drop(dev);
         // The same metadata is in the backing file, at the same place.
         let back = Disk::open(&file, "r0").unwrap();
-        assert_eq!(back.data_size(), 32 * MIB - 8192);
+        assert_eq!(back.data_size(), 32 * MIB - 12288);
         let mut b = [0u8; 1];
         back.read_at(&mut b, 3 * MIB - 1).unwrap();
         assert_eq!(b[0], 0xEE);
@@ -1106,7 +1608,7 @@ mod tests {
         let header = Header {
             resource: "r0".into(),
             uuid: *b"\x6f\x1c\x2a\x9e\x53\x04\x4b\x7d\x8a\x10\xc3\x5e\x22\x91\xe7\x3b",
-            data_size: 64 * MIB - 8192,
+            data_size: 64 * MIB - 12288,
             extent_size: DEFAULT_EXTENT_SIZE,
             local_gen: 3,
             peer_gen: 2,
@@ -1124,9 +1626,20 @@ mod tests {
             }
             map.merge(&[0, 9, 31]).unwrap();
             map.flush_clean().unwrap();
-            let layout = disk.layout();
+            // As after `create` and one update: slot A holds the header as created (sequence
+            // 1), slot B the update (sequence 2).
+            let created = Header {
+                local_gen: 0,
+                peer_gen: 0,
+                ever_synced: false,
+                prev_role: PrevRole::Init,
+                ..header.clone()
+            };
+            let slots = disk.layout().slots().to_vec();
             let f = OpenOptions::new().write(true).open(&path).unwrap();
-            f.write_all_at(&encode_header(&header), layout.header_offset)
+            f.write_all_at(&encode_header(&created, FORMAT_VERSION, 1), slots[0])
+                .unwrap();
+            f.write_all_at(&encode_header(&header, FORMAT_VERSION, 2), slots[1])
                 .unwrap();
         }
         let disk = Disk::open(&path, "r0").unwrap();
