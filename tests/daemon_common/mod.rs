@@ -156,6 +156,15 @@ impl Pair {
         std::fs::write(&self.a.conf, text).unwrap();
     }
 
+    /// b reaches a through `via` (see `route_a_to_b_via`).
+    pub fn route_b_to_a_via(&self, via: std::net::SocketAddr) {
+        let text = std::fs::read_to_string(&self.b.conf).unwrap();
+        let direct = format!("remote = \"{}:{}\"", self.a.ip, self.a.port);
+        assert!(text.contains(&direct), "{text}");
+        let text = text.replace(&direct, &format!("remote = \"{via}\""));
+        std::fs::write(&self.b.conf, text).unwrap();
+    }
+
     pub fn node(&mut self, name: &str) -> &mut Node {
         if name == "a" {
             &mut self.a

@@ -60,9 +60,16 @@ pub struct FaultProxy {
 }
 
 impl FaultProxy {
-    /// Listen on 127.0.0.4 (a free port) and forward to `target`, in `Pass`.
+    /// Listen on 127.0.0.4 (a free port) and forward to `target` from 127.0.0.2, in `Pass`.
     pub fn start(target: SocketAddr) -> FaultProxy {
-        let listener = TcpListener::bind(("127.0.0.4", 0)).unwrap();
+        FaultProxy::between([127, 0, 0, 4], target, [127, 0, 0, 2])
+    }
+
+    /// Listen on `listen` (a free port) and forward to `target` from `from`, in `Pass`. With
+    /// `listen` the target's own address and `from` the connecting node's, both daemons'
+    /// address checks still pass, so each direction of a pair can have its own proxy.
+    pub fn between(listen: [u8; 4], target: SocketAddr, from: [u8; 4]) -> FaultProxy {
+        let listener = TcpListener::bind((std::net::Ipv4Addr::from(listen), 0)).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -73,7 +80,7 @@ impl FaultProxy {
             threads: Mutex::new(Vec::new()),
         });
         let st = Arc::clone(&state);
-        let acceptor = thread::spawn(move || accept_loop(listener, target, &st));
+        let acceptor = thread::spawn(move || accept_loop(listener, target, from, &st));
         FaultProxy {
             addr,
             state,
@@ -118,7 +125,7 @@ impl Drop for FaultProxy {
     }
 }
 
-fn accept_loop(listener: TcpListener, target: SocketAddr, st: &Arc<State>) {
+fn accept_loop(listener: TcpListener, target: SocketAddr, from: [u8; 4], st: &Arc<State>) {
     while !st.stop.load(Ordering::SeqCst) {
         let from_a = match listener.accept() {
             Ok((s, _)) => s,
@@ -134,7 +141,7 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, st: &Arc<State>) {
         st.accepted.fetch_add(1, Ordering::SeqCst);
         let _ = from_a.set_nonblocking(false);
         // Refused (b is down): close a's side, as a dead host would.
-        let Ok(to_b) = connect_as_a(target) else {
+        let Ok(to_b) = connect_from(target, from) else {
             continue;
         };
         for s in [&from_a, &to_b] {
@@ -163,7 +170,7 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, st: &Arc<State>) {
 }
 
 /// Connect to `target` from node a's address, as a itself would (bind before connect).
-fn connect_as_a(target: SocketAddr) -> std::io::Result<TcpStream> {
+fn connect_from(target: SocketAddr, from: [u8; 4]) -> std::io::Result<TcpStream> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
     let SocketAddr::V4(t) = target else {
         return Err(std::io::Error::other("IPv4 targets only"));
@@ -174,7 +181,8 @@ fn connect_as_a(target: SocketAddr) -> std::io::Result<TcpStream> {
         SockFlag::empty(),
         None,
     )?;
-    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 2, 0))?;
+    let [x, y, z, w] = from;
+    bind(fd.as_raw_fd(), &SockaddrIn::new(x, y, z, w, 0))?;
     connect(fd.as_raw_fd(), &SockaddrIn::from(t))?;
     Ok(TcpStream::from(fd))
 }
