@@ -5,7 +5,6 @@
 mod daemon_common;
 
 use std::os::unix::fs::FileExt;
-use std::process::{Command, Stdio};
 
 use daemon_common::*;
 
@@ -20,33 +19,17 @@ fn lose_unflushed(img: &std::path::Path, offset: u64, old: &[u8]) {
 /// Write `byte` over `[offset, offset + len)` through `n`'s export and send no FLUSH (fio's
 /// nbd engine flushes only when asked to; qemu-io flushes when it closes the image).
 fn write_unflushed(n: &Node, byte: u8, offset: u64, len: u64) {
-    let out = Command::new("fio")
-        .args([
+    fio_nbd(
+        &n.nbd_uri(),
+        &[
             "--name=unflushed",
-            "--ioengine=nbd",
-            &format!("--uri={}", n.nbd_uri()),
             "--rw=write",
             &format!("--bs={len}"),
             &format!("--size={len}"),
             &format!("--offset={offset}"),
             &format!("--buffer_pattern={byte}"),
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fio: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-}
-
-fn region_is(img: &std::path::Path, offset: u64, len: usize, byte: u8) -> bool {
-    let f = std::fs::File::open(img).unwrap();
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, offset).unwrap();
-    buf.iter().all(|&b| b == byte)
 }
 
 /// The secondary loses power right after acknowledging a write that no FLUSH covered, so the

@@ -30,7 +30,7 @@ fn proxied_pair(mode: &str) -> (Pair, FaultProxy) {
     let mut proxy = None;
     let p = synced_pair_with(mode, |p| {
         let fp = FaultProxy::start(format!("{}:{}", p.b.ip, p.b.port).parse().unwrap());
-        p.route_a_to_b_via(fp.addr);
+        p.route_via("a", fp.addr);
         proxy = Some(fp);
     });
     let proxy = proxy.unwrap();

@@ -4,8 +4,6 @@
 
 mod daemon_common;
 
-use std::process::{Command, Stdio};
-
 use daemon_common::*;
 
 /// Overlapping writes from several connections at once may be applied in any order (NBD allows
@@ -32,11 +30,10 @@ fn overlapping_writes(mode: &str, rounds: u32) {
     let p = synced_pair(mode);
     let size = u(&p.a.status(), &["data_size"]);
     for round in 1..=rounds {
-        let out = Command::new("fio")
-            .args([
+        let report = fio_nbd(
+            &p.a.nbd_uri(),
+            &[
                 "--name=overlap",
-                "--ioengine=nbd",
-                &format!("--uri={}", p.a.nbd_uri()),
                 "--rw=randwrite",
                 "--bs=4k",
                 "--size=256k",
@@ -48,22 +45,14 @@ fn overlapping_writes(mode: &str, rounds: u32) {
                 "--randrepeat=0",
                 "--end_fsync=1",
                 "--group_reporting",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "fio: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            ],
         );
         // After the acknowledged FLUSH every write is on the secondary's disk (page cache), so
         // the files can be compared as they are.
         assert!(
             same_data(&p.a.img, &p.b.img, size),
             "{mode} round {round}/{rounds}: the replicas differ after overlapping writes\n{}",
-            String::from_utf8_lossy(&out.stdout)
+            report
         );
     }
 }

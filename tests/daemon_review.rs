@@ -14,15 +14,6 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
-/// The first `len` bytes at `offset` of `img` all equal `byte`.
-fn region_is(img: &std::path::Path, offset: u64, len: usize, byte: u8) -> bool {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(img).unwrap();
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, offset).unwrap();
-    buf.iter().all(|&b| b == byte)
-}
-
 /// A node used alone as primary (its peer not set up yet) holds the only copy of the data. A
 /// freshly created peer must not become the sync source: promoting it while the written node
 /// is reachable is refused as stale, instead of a "initial full sync" that zeroes the data.

@@ -190,8 +190,8 @@ fn schedule(seed: u64) {
             format!("{}:{}", p.a.ip, p.a.port).parse().unwrap(),
             [127, 0, 0, 3],
         );
-        p.route_a_to_b_via(to_b.addr);
-        p.route_b_to_a_via(to_a.addr);
+        p.route_via("a", to_b.addr);
+        p.route_via("b", to_a.addr);
         proxies = Some([to_b, to_a]);
     });
     let target: stamp::Target = Arc::new(Mutex::new(Some(p.a.nbd.clone())));

@@ -146,23 +146,19 @@ impl Pair {
         p
     }
 
-    /// Make a reach b at `via` (a fault proxy, say) instead of b's listen address. b's config
-    /// is unchanged: it still expects a at a's own address. Call before a starts.
-    pub fn route_a_to_b_via(&self, via: std::net::SocketAddr) {
-        let text = std::fs::read_to_string(&self.a.conf).unwrap();
-        let direct = format!("remote = \"{}:{}\"", self.b.ip, self.b.port);
+    /// `from` ("a" or "b") reaches its peer through `via` instead of directly: its `remote` is
+    /// rewritten before the daemons start.
+    pub fn route_via(&self, from: &str, via: std::net::SocketAddr) {
+        let (me, peer) = if from == "a" {
+            (&self.a, &self.b)
+        } else {
+            (&self.b, &self.a)
+        };
+        let text = std::fs::read_to_string(&me.conf).unwrap();
+        let direct = format!("remote = \"{}:{}\"", peer.ip, peer.port);
         assert!(text.contains(&direct), "{text}");
         let text = text.replace(&direct, &format!("remote = \"{via}\""));
-        std::fs::write(&self.a.conf, text).unwrap();
-    }
-
-    /// b reaches a through `via` (see `route_a_to_b_via`).
-    pub fn route_b_to_a_via(&self, via: std::net::SocketAddr) {
-        let text = std::fs::read_to_string(&self.b.conf).unwrap();
-        let direct = format!("remote = \"{}:{}\"", self.a.ip, self.a.port);
-        assert!(text.contains(&direct), "{text}");
-        let text = text.replace(&direct, &format!("remote = \"{via}\""));
-        std::fs::write(&self.b.conf, text).unwrap();
+        std::fs::write(&me.conf, text).unwrap();
     }
 
     pub fn node(&mut self, name: &str) -> &mut Node {
@@ -360,6 +356,31 @@ pub fn tandem(n: &Node, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
+}
+
+/// The `len` bytes at `offset` of `img` all equal `byte`.
+pub fn region_is(img: &Path, offset: u64, len: usize, byte: u8) -> bool {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(img).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset).unwrap();
+    buf.iter().all(|&b| b == byte)
+}
+
+/// Run fio with the nbd engine against `uri` and these job options; it must succeed. Returns
+/// its report.
+pub fn fio_nbd(uri: &str, args: &[&str]) -> String {
+    let out = Command::new("fio")
+        .arg("--ioengine=nbd")
+        .arg(format!("--uri={uri}"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fio {args:?}: {text}");
+    text
 }
 
 /// The first `len` bytes of both images are identical.
