@@ -1,6 +1,7 @@
 //! The replication daemon (backend `tandem`): one process for all resources of this node.
 //!
-//! `run` starts one owner thread per resource (`resource.rs`), the peer listener
+//! `run` starts one owner thread per resource (`resource.rs`; the state its threads share is
+//! in `state.rs`, which depends on none of them), the peer listener
 //! (`secondary.rs`), the control socket (`control.rs`) and then turns signals into actions:
 //! SIGHUP reloads the configuration, SIGTERM/SIGINT stop cleanly. The primary side lives in
 //! `primary.rs` and `sync.rs`, the wire format in `protocol.rs`, authentication in `auth.rs`,
@@ -26,6 +27,7 @@ pub mod primary;
 pub mod protocol;
 pub mod resource;
 pub mod secondary;
+pub mod state;
 pub mod sync;
 pub mod verify;
 
@@ -162,7 +164,7 @@ impl Daemon {
     fn call(
         &self,
         name: &str,
-        make: impl FnOnce(std::sync::mpsc::Sender<std::result::Result<(), resource::RoleError>>) -> Msg,
+        make: impl FnOnce(std::sync::mpsc::Sender<std::result::Result<(), state::RoleError>>) -> Msg,
     ) -> std::result::Result<(), ControlError> {
         let tx = {
             let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
@@ -199,7 +201,7 @@ impl Daemon {
     }
 
     /// The running resource `name`, or why it is not running.
-    fn shared(&self, name: &str) -> std::result::Result<Arc<resource::Shared>, ControlError> {
+    fn shared(&self, name: &str) -> std::result::Result<Arc<state::Shared>, ControlError> {
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = handles.get(name) {
             return Ok(Arc::clone(&h.shared));

@@ -18,7 +18,7 @@ use super::hooks::Event;
 use super::nbd::BlockDevice;
 use super::peer::{self, Completion, HandshakeError, Link, Outcome};
 use super::protocol::{self, GoodbyeCode, Message, Purpose};
-use super::resource::{Connection, Shared};
+use super::state::{Connection, Shared};
 use super::{Role, sync};
 use crate::config::Replication;
 

@@ -24,7 +24,7 @@ use super::protocol::{
     self, AckKind, DataFrame, GoodbyeCode, MAX_DATA, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED,
     MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Purpose,
 };
-use super::resource::{Connection, Shared};
+use super::state::{Connection, Session, Shared};
 use super::verify;
 
 /// A peer must complete hello and authentication within this time.
@@ -36,12 +36,6 @@ const MAX_HANDSHAKES: usize = 32;
 
 /// Resources by name, as the listener looks them up.
 pub type Registry = Arc<Mutex<HashMap<String, Arc<Shared>>>>;
-
-/// The secondary's running session with the primary.
-pub struct Session {
-    stream: TcpStream,
-    thread: JoinHandle<()>,
-}
 
 /// Close the current session (if any) and wait for its thread.
 pub fn end_session(s: &Shared) {

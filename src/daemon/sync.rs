@@ -18,7 +18,7 @@ use super::generation::Decision;
 use super::hooks::Event;
 use super::peer::{Completion, Link, Outcome};
 use super::protocol::{self, MAX_DATA, Message, NodeState};
-use super::resource::Shared;
+use super::state::Shared;
 
 /// Bytes of sync data in flight at once.
 const WINDOW: u64 = 16 << 20;

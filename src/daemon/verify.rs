@@ -29,7 +29,7 @@ use super::hooks::Event;
 use super::metadata::Disk;
 use super::peer::{Completion, Outcome};
 use super::protocol::DIGEST_LEN;
-use super::resource::{Connection, RoleError, Shared};
+use super::state::{Connection, RoleError, Shared};
 use super::sync;
 
 /// Default hashing rate per node (bytes per second) when the request names none: about what
