@@ -137,6 +137,8 @@ impl Replicated {
                 s.writes_queued.fetch_add(1, Ordering::AcqRel);
             }
             if applied.is_err() {
+                // The peer's copy is the only one now: answered once it is written there
+                // (still holding the range, a single wait when the disk fails).
                 drop(guard);
                 return self.peer_wrote(c, len);
             }
@@ -307,8 +309,8 @@ impl BlockDevice for Replicated {
 
     fn flush(&self) -> io::Result<()> {
         self.s.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        // The peer processes in order: its flush ack covers every write queued before. It runs
-        // on another thread, at the same time as the local fdatasync.
+        // The peer processes in order: its flush ack covers every write queued before. It is
+        // queued before the local fdatasync so that the two run at the same time.
         let s = &self.s;
         let remote = s.link().map(|l| s.queue_peer_flush(&l));
         if !s.diskless()
