@@ -20,6 +20,7 @@ use anyhow::{Context, bail};
 
 use super::activemap::ActiveMap;
 use super::diskio;
+use super::faultdisk::DiskFile;
 
 pub const FORMAT_VERSION: u32 = 1;
 #[cfg(test)]
@@ -284,7 +285,7 @@ fn open_rw(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("cannot open {} read-write", path.display()))
 }
 
-fn read_header_block(file: &File, offset: u64) -> io::Result<[u8; BLOCK as usize]> {
+fn read_header_block(file: &impl FileExt, offset: u64) -> io::Result<[u8; BLOCK as usize]> {
     let mut b = [0u8; BLOCK as usize];
     file.read_exact_at(&mut b, offset)?;
     Ok(b)
@@ -406,7 +407,7 @@ fn describe(e: &DecodeError, path: &Path, resource: Option<&str>) -> String {
 
 /// The local disk of a resource: data I/O and metadata, opened read-write (O_RDWR; not O_DIRECT).
 pub struct Disk {
-    file: File,
+    file: DiskFile,
     path: PathBuf,
     is_block: bool,
     layout: Layout,
@@ -422,8 +423,8 @@ fn einval(msg: String) -> io::Error {
 impl Disk {
     /// Open the local disk of `resource` and validate its metadata.
     pub fn open(path: &Path, resource: &str) -> anyhow::Result<Disk> {
-        let file = open_rw(path)?;
-        let (dev_size, is_block) = device_size(&file, path)?;
+        let file = DiskFile::new(open_rw(path)?, path);
+        let (dev_size, is_block) = device_size(file.file(), path)?;
         let p = path.display();
         let no_meta = || format!("no tandem metadata on {p}: run `tandem create {resource}`");
         let header_offset = (dev_size / BLOCK * BLOCK)
@@ -525,7 +526,7 @@ impl Disk {
     #[cfg(target_os = "freebsd")]
     pub fn sector_size(&self) -> io::Result<u32> {
         if self.is_block {
-            diskio::sector_size(&self.file)
+            diskio::sector_size(self.file.file())
         } else {
             Ok(512)
         }
@@ -573,7 +574,7 @@ impl Disk {
         if len == 0 {
             return Ok(());
         }
-        match diskio::fallocate(&self.file, diskio::PUNCH_HOLE, offset, len) {
+        match self.file.fallocate(diskio::PUNCH_HOLE, offset, len) {
             Ok(()) => Ok(()),
             Err(_) => self.write_zeroes_slow(offset, len),
         }
@@ -585,7 +586,7 @@ impl Disk {
         if len == 0 {
             return Ok(());
         }
-        match diskio::fallocate(&self.file, diskio::ZERO_RANGE, offset, len) {
+        match self.file.fallocate(diskio::ZERO_RANGE, offset, len) {
             Ok(()) => Ok(()),
             Err(_) => self.write_zeroes_slow(offset, len),
         }
@@ -621,20 +622,18 @@ impl Disk {
         }
         let mut pos = start;
         while pos < end {
-            let data =
-                match nix::unistd::lseek(&self.file, pos as i64, nix::unistd::Whence::SeekData) {
-                    Ok(d) => d as u64,
-                    Err(nix::errno::Errno::ENXIO) => return Ok(true),
-                    Err(_) => return self.range_is_zero(pos, end),
-                };
+            let data = match self.file.lseek(pos as i64, nix::unistd::Whence::SeekData) {
+                Ok(d) => d as u64,
+                Err(nix::errno::Errno::ENXIO) => return Ok(true),
+                Err(_) => return self.range_is_zero(pos, end),
+            };
             if data >= end {
                 return Ok(true);
             }
-            let hole =
-                match nix::unistd::lseek(&self.file, data as i64, nix::unistd::Whence::SeekHole) {
-                    Ok(h) => (h as u64).min(end),
-                    Err(_) => end,
-                };
+            let hole = match self.file.lseek(data as i64, nix::unistd::Whence::SeekHole) {
+                Ok(h) => (h as u64).min(end),
+                Err(_) => end,
+            };
             if !self.range_is_zero(data, hole)? {
                 return Ok(false);
             }
@@ -661,6 +660,12 @@ impl Disk {
 
     pub fn activemap(&self) -> &ActiveMap {
         &self.activemap
+    }
+
+    /// The faults injected into this disk (`tandem fault`).
+    #[cfg(feature = "faults")]
+    pub fn faults(&self) -> &super::faultdisk::Faults {
+        self.file.faults()
     }
 }
 
