@@ -329,3 +329,42 @@ fn power_cut_of_the_primary_under_writes_keeps_every_flushed_write() {
         p.a.log_text()
     );
 }
+
+/// The other faults, driven through `tandem fault`: reads of an EIO range fail at the export
+/// until the fault is cleared, and a header write torn after its first sector (where all of
+/// the header lives) leaves metadata the restarted daemon accepts.
+#[test]
+fn eio_ranges_and_a_torn_header_write_through_the_cli() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let mut p = synced_pair_with(&[], &[]);
+    p.a.qemu_io_ok(&["write -P 0x5a 1M 64k", "flush"]);
+    p.a.ok(&["fault", "r0", "eio", "read", "1M", "4k"]);
+    let out = p.a.qemu_io(&["read -P 0x5a 1M 64k"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("failed"),
+        "a read of the EIO range succeeded: {text}"
+    );
+    p.a.qemu_io_ok(&["read -P 0x5a 1052672 60k"]);
+    p.a.ok(&["fault", "r0", "clear"]);
+    p.a.qemu_io_ok(&["read -P 0x5a 1M 64k"]);
+    // The header is the last 4 KiB block of the disk; demoting writes it.
+    let header = (IMG_SIZE - 4096).to_string();
+    p.a.ok(&["fault", "r0", "torn", &header, "4096", "1"]);
+    let out = p.a.run(&["role", "secondary", "r0"]);
+    assert!(!out.status.success(), "the demote outlived its torn write");
+    let st = p.a.wait_exit(20);
+    assert!(!st.success(), "{st}");
+    assert!(
+        p.a.log_text().contains("torn after 512 bytes"),
+        "{}",
+        p.a.log_text()
+    );
+    p.a.start();
+    let st = p.a.status();
+    assert_eq!(st["role"], "init", "{st}");
+    assert!(st["error"].is_null(), "{st}");
+}
