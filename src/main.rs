@@ -146,6 +146,15 @@ enum Command {
     },
     /// A complete two-node pair on loopback: sync, writes, failover, resync.
     Demo,
+    /// Inject a fault into the local disk of RES in the running daemon. Only in builds with
+    /// the `faults` feature (the test suite), hidden: not a command for users.
+    #[cfg(feature = "faults")]
+    #[command(hide = true)]
+    Fault {
+        resource: String,
+        #[command(subcommand)]
+        action: daemon::faultdisk::Action,
+    },
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -215,6 +224,8 @@ fn run(cli: Cli) -> Result<()> {
             "tandem watch is for Linux; on FreeBSD devd calls tandem switch".into(),
         )
         .into()),
+        #[cfg(feature = "faults")]
+        Command::Fault { resource, action } => daemon::control::cmd_fault(&cfg, &resource, action),
         Command::CheckConfig | Command::Demo => Err(Usage("unreachable".into()).into()),
     }
 }

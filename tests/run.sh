@@ -24,6 +24,8 @@ echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
+echo "== cargo clippy --all-features"
+cargo clippy --all-targets --all-features --quiet -- -D warnings
 
 # FreeBSD is a supported platform; without a FreeBSD sysroot nothing links, so the type check
 # and the lints are the gate. A silently skipped platform is how it broke before: in CI a
@@ -36,6 +38,8 @@ fi
 if rustup target list --installed 2>/dev/null | grep -qx "$freebsd"; then
   echo "== cargo clippy --target $freebsd"
   cargo clippy --all-targets --quiet --target "$freebsd" -- -D warnings
+  echo "== cargo clippy --all-features --target $freebsd"
+  cargo clippy --all-targets --all-features --quiet --target "$freebsd" -- -D warnings
 else
   echo "!! tests/run.sh: the Rust target $freebsd is not installed and rustup could not add it:"
   echo "!! the FreeBSD build was NOT checked."
@@ -48,5 +52,8 @@ if command -v mandoc >/dev/null; then
   echo "== mandoc -Tlint man/*"
   mandoc -Tlint -W warning man/*
 fi
-echo "== cargo test"
-cargo test --release -- --test-threads=2 "$@"
+# The tests run against a build with the fault-injection disk layer (feature `faults`: power
+# cuts, EIO, torn writes; tests/daemon_power.rs needs it). The binary for users is built
+# without it.
+echo "== cargo test --features faults"
+cargo test --release --features faults -- --test-threads=2 "$@"

@@ -19,10 +19,11 @@
 //! [`ActiveMap::dirty_extents`] and [`ActiveMap::mark_synced`].
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, MutexGuard};
+
+use super::faultdisk::DiskFile;
 
 /// How many recently written extents stay dirty (hastd's default).
 pub const DEFAULT_KEEPDIRTY: usize = 64;
@@ -30,7 +31,7 @@ pub const DEFAULT_KEEPDIRTY: usize = 64;
 const PAGE: usize = 4096;
 
 pub struct ActiveMap {
-    file: File,
+    file: DiskFile,
     bitmap_offset: u64,
     extent_size: u64,
     data_size: u64,
@@ -170,7 +171,7 @@ impl ActiveMap {
     /// Every extent dirty on disk is taken as needing a sync (we cannot know better after a
     /// crash).
     pub fn load(
-        file: File,
+        file: DiskFile,
         bitmap_offset: u64,
         extent_size: u64,
         data_size: u64,
@@ -596,6 +597,7 @@ impl ActiveMap {
 mod tests {
     use super::*;
     use crate::daemon::metadata::{Disk, create};
+    use std::fs::File;
     use std::path::PathBuf;
 
     const MIB: u64 = 1024 * 1024;

@@ -47,6 +47,12 @@ pub enum Request {
         #[serde(default)]
         rate: Option<u64>,
     },
+    /// `fault RES ACTION`: inject a disk fault (builds with the `faults` feature only).
+    #[cfg(feature = "faults")]
+    Fault {
+        resource: String,
+        action: super::faultdisk::Action,
+    },
 }
 
 /// Why a request failed; the CLI maps it to an exit status (`exit_code`).
@@ -361,6 +367,30 @@ pub fn cmd_verify(
     }
 }
 
+/// `tandem fault RES ACTION` (builds with the `faults` feature): a power cut ends the daemon
+/// before it can answer, so there the connection closing is the answer.
+#[cfg(feature = "faults")]
+pub fn cmd_fault(
+    cfg: &crate::config::Config,
+    resource: &str,
+    action: super::faultdisk::Action,
+) -> Result<()> {
+    let power_cut = action == super::faultdisk::Action::PowerCut;
+    let req = Request::Fault {
+        resource: resource.to_string(),
+        action,
+    };
+    match exchange_or_eof(&cfg.daemon.control, &req, Some(Duration::from_secs(30)))? {
+        Some(Response { error: Some(e), .. }) => Err(exit_error(e)),
+        Some(_) => Ok(()),
+        None if power_cut => Ok(()),
+        None => bail!(
+            "the daemon at {} closed the connection without answering",
+            cfg.daemon.control.display()
+        ),
+    }
+}
+
 /// Send one request and read the response, within `timeout`.
 pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Response> {
     exchange(socket, req, Some(timeout))
@@ -369,6 +399,20 @@ pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Respon
 /// Send one request and read the response, waiting at most `timeout` (None: as long as the
 /// daemon takes) for each.
 fn exchange(socket: &Path, req: &Request, timeout: Option<Duration>) -> Result<Response> {
+    exchange_or_eof(socket, req, timeout)?.with_context(|| {
+        format!(
+            "the daemon at {} closed the connection without answering",
+            socket.display()
+        )
+    })
+}
+
+/// [`exchange`], with None when the daemon closes the connection without an answer.
+fn exchange_or_eof(
+    socket: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<Option<Response>> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!(
             "cannot reach the tandem daemon at {} (is `tandem daemon` running?)",
@@ -388,12 +432,10 @@ fn exchange(socket: &Path, req: &Request, timeout: Option<Duration>) -> Result<R
         .read_line(&mut answer)
         .with_context(|| format!("no answer from the daemon at {}", socket.display()))?;
     if answer.is_empty() {
-        bail!(
-            "the daemon at {} closed the connection without answering",
-            socket.display()
-        );
+        return Ok(None);
     }
     serde_json::from_str(&answer)
+        .map(Some)
         .with_context(|| format!("bad answer from the daemon: {}", answer.trim()))
 }
 

@@ -22,6 +22,7 @@ use anyhow::{Context, bail};
 
 use super::activemap::ActiveMap;
 use super::diskio;
+use super::faultdisk::DiskFile;
 
 /// The format `tandem create` writes: two alternating header slots.
 pub const FORMAT_VERSION: u32 = 2;
@@ -366,7 +367,7 @@ fn open_rw(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("cannot open {} read-write", path.display()))
 }
 
-fn read_header_block(file: &File, offset: u64) -> io::Result<[u8; BLOCK as usize]> {
+fn read_header_block(file: &impl FileExt, offset: u64) -> io::Result<[u8; BLOCK as usize]> {
     let mut b = [0u8; BLOCK as usize];
     file.read_exact_at(&mut b, offset)?;
     Ok(b)
@@ -625,7 +626,7 @@ fn describe(e: &DecodeError, path: &Path, resource: Option<&str>) -> String {
 
 /// The local disk of a resource: data I/O and metadata, opened read-write (O_RDWR; not O_DIRECT).
 pub struct Disk {
-    file: File,
+    file: DiskFile,
     path: PathBuf,
     is_block: bool,
     layout: Layout,
@@ -650,8 +651,8 @@ fn einval(msg: String) -> io::Error {
 impl Disk {
     /// Open the local disk of `resource` and validate its metadata.
     pub fn open(path: &Path, resource: &str) -> anyhow::Result<Disk> {
-        let file = open_rw(path)?;
-        let (dev_size, is_block) = device_size(&file, path)?;
+        let file = DiskFile::new(open_rw(path)?, path);
+        let (dev_size, is_block) = device_size(file.file(), path)?;
         let p = path.display();
         let found = find_header(&file, path, dev_size, Some(resource))?;
         let header = found.block.header;
@@ -776,7 +777,7 @@ impl Disk {
     #[cfg(target_os = "freebsd")]
     pub fn sector_size(&self) -> io::Result<u32> {
         if self.is_block {
-            diskio::sector_size(&self.file)
+            diskio::sector_size(self.file.file())
         } else {
             Ok(512)
         }
@@ -829,7 +830,7 @@ impl Disk {
         if len == 0 {
             return Ok(());
         }
-        match diskio::fallocate(&self.file, diskio::PUNCH_HOLE, offset, len) {
+        match self.file.fallocate(diskio::PUNCH_HOLE, offset, len) {
             Ok(()) => Ok(()),
             Err(_) => self.write_zeroes_slow(offset, len),
         }
@@ -841,7 +842,7 @@ impl Disk {
         if len == 0 {
             return Ok(());
         }
-        match diskio::fallocate(&self.file, diskio::ZERO_RANGE, offset, len) {
+        match self.file.fallocate(diskio::ZERO_RANGE, offset, len) {
             Ok(()) => Ok(()),
             Err(_) => self.write_zeroes_slow(offset, len),
         }
@@ -877,20 +878,18 @@ impl Disk {
         }
         let mut pos = start;
         while pos < end {
-            let data =
-                match nix::unistd::lseek(&self.file, pos as i64, nix::unistd::Whence::SeekData) {
-                    Ok(d) => d as u64,
-                    Err(nix::errno::Errno::ENXIO) => return Ok(true),
-                    Err(_) => return self.range_is_zero(pos, end),
-                };
+            let data = match self.file.lseek(pos as i64, nix::unistd::Whence::SeekData) {
+                Ok(d) => d as u64,
+                Err(nix::errno::Errno::ENXIO) => return Ok(true),
+                Err(_) => return self.range_is_zero(pos, end),
+            };
             if data >= end {
                 return Ok(true);
             }
-            let hole =
-                match nix::unistd::lseek(&self.file, data as i64, nix::unistd::Whence::SeekHole) {
-                    Ok(h) => (h as u64).min(end),
-                    Err(_) => end,
-                };
+            let hole = match self.file.lseek(data as i64, nix::unistd::Whence::SeekHole) {
+                Ok(h) => (h as u64).min(end),
+                Err(_) => end,
+            };
             if !self.range_is_zero(data, hole)? {
                 return Ok(false);
             }
@@ -917,6 +916,12 @@ impl Disk {
 
     pub fn activemap(&self) -> &ActiveMap {
         &self.activemap
+    }
+
+    /// The faults injected into this disk (`tandem fault`).
+    #[cfg(feature = "faults")]
+    pub fn faults(&self) -> &super::faultdisk::Faults {
+        self.file.faults()
     }
 }
 

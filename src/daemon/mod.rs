@@ -14,6 +14,7 @@ pub mod auth;
 pub mod conflict;
 pub mod control;
 pub mod diskio;
+pub mod faultdisk;
 pub mod generation;
 // The GEOM Gate export exists on FreeBSD; its dispatch is unit-tested everywhere.
 #[cfg(any(test, target_os = "freebsd"))]
@@ -288,6 +289,10 @@ impl control::Handler for Daemon {
                         Ok(())
                     })
             }
+            #[cfg(feature = "faults")]
+            Request::Fault { resource, action } => self
+                .shared(&resource)
+                .map(|s| s.disk.faults().apply(&action)),
         };
         if let Err(e) = result {
             resp.error = Some(e);

@@ -177,6 +177,11 @@ impl Node {
 
     /// Start the daemon and wait (bounded) until its control socket answers.
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// `start` with extra environment variables for the daemon (e.g. `TANDEM_FAULTS`).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -189,6 +194,7 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
+            .envs(env.iter().copied())
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -212,6 +218,25 @@ impl Node {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Wait (bounded) for the daemon to end by itself (a power cut); its exit status.
+    pub fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("daemon not started");
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        panic!(
+            "daemon {} did not exit; log:\n{}",
+            self.name,
+            self.log_text()
+        );
     }
 
     /// SIGTERM the daemon and wait (bounded) for it to exit.

@@ -1,0 +1,808 @@
+//! The daemon's handle on its local disk: `Disk` and `ActiveMap` do all their I/O through a
+//! [`DiskFile`].
+//!
+//! Built without the cargo feature `faults` (the binary users get) a `DiskFile` is the `File`
+//! and nothing else: the same calls, no lock, no check. Built with it (the test suite), a disk
+//! can also fail the way hardware does, like Crucible's fault modes built into the product:
+//! - power-loss mode (`TANDEM_FAULTS=power-loss` when the daemon starts): every write not yet
+//!   covered by an fdatasync stays in memory (reads see it, as with a page cache); `sync_data`
+//!   writes it out. A power cut (`tandem fault RES power-cut`) drops those writes and ends the
+//!   process at once, without destructors;
+//! - EIO ranges: reads and/or writes that touch a byte range fail with EIO;
+//! - a torn write: the next write that touches a range lands only its first sectors, then the
+//!   power goes.
+//!
+//! Disk and activemap of one path share one [`Faults`] (one page cache per file), kept in the
+//! process-wide machine. Not owned here: what the daemon makes of a failing disk.
+
+use std::fs::File;
+
+use super::diskio;
+
+/// A disk file: positional I/O, fdatasync, fallocate and lseek, with faults in test builds.
+pub struct DiskFile {
+    file: File,
+    #[cfg(feature = "faults")]
+    faults: std::sync::Arc<Faults>,
+}
+
+#[cfg(not(feature = "faults"))]
+mod plain {
+    use std::fs::File;
+    use std::io;
+    use std::os::unix::fs::FileExt;
+    use std::path::Path;
+
+    use super::{DiskFile, diskio};
+
+    impl DiskFile {
+        /// The disk file `file`, opened from `path`.
+        #[inline]
+        pub fn new(file: File, path: &Path) -> DiskFile {
+            let _ = path;
+            DiskFile { file }
+        }
+
+        #[inline]
+        pub fn try_clone(&self) -> io::Result<DiskFile> {
+            Ok(DiskFile {
+                file: self.file.try_clone()?,
+            })
+        }
+
+        /// fdatasync.
+        #[inline]
+        pub fn sync_data(&self) -> io::Result<()> {
+            self.file.sync_data()
+        }
+
+        /// [`diskio::fallocate`].
+        #[inline]
+        pub fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+            diskio::fallocate(&self.file, mode, offset, len)
+        }
+
+        /// lseek(2) (the daemon uses SEEK_DATA and SEEK_HOLE to skip holes).
+        #[inline]
+        pub fn lseek(&self, offset: i64, whence: nix::unistd::Whence) -> nix::Result<i64> {
+            nix::unistd::lseek(&self.file, offset, whence)
+        }
+    }
+
+    impl FileExt for DiskFile {
+        #[inline]
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            self.file.read_at(buf, offset)
+        }
+
+        #[inline]
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+            self.file.write_at(buf, offset)
+        }
+
+        #[inline]
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.file.read_exact_at(buf, offset)
+        }
+
+        #[inline]
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.file.write_all_at(buf, offset)
+        }
+    }
+}
+
+impl DiskFile {
+    /// The file itself, for what faults do not touch: stat and the size ioctls.
+    #[inline]
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+#[cfg(feature = "faults")]
+pub use faults::{Action, Faults};
+
+#[cfg(feature = "faults")]
+mod faults {
+    use std::collections::{BTreeMap, HashMap};
+    use std::fs::File;
+    use std::io;
+    use std::os::unix::fs::FileExt;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{DiskFile, diskio};
+
+    /// Sectors of a torn write.
+    const SECTOR: u64 = 512;
+
+    /// Which I/O an EIO range fails.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+    #[serde(rename_all = "kebab-case")]
+    pub enum Op {
+        Read,
+        Write,
+        Rw,
+    }
+
+    /// A fault to inject: `tandem fault RES ACTION` and the control request behind it.
+    /// Offsets and lengths are bytes of the disk file (the data region starts at 0).
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
+    #[serde(tag = "action", rename_all = "kebab-case")]
+    pub enum Action {
+        /// Drop every write no fdatasync covered (power-loss mode) and end the daemon at once.
+        PowerCut,
+        /// Fail reads, writes or both that touch [OFFSET, OFFSET+LEN) with EIO.
+        Eio {
+            op: Op,
+            #[arg(value_parser = crate::config::parse_size)]
+            offset: u64,
+            #[arg(value_parser = crate::config::parse_size)]
+            len: u64,
+        },
+        /// The next write touching [OFFSET, OFFSET+LEN) lands only its first SECTORS 512-byte
+        /// sectors, then the power goes as with power-cut.
+        Torn {
+            #[arg(value_parser = crate::config::parse_size)]
+            offset: u64,
+            #[arg(value_parser = crate::config::parse_size)]
+            len: u64,
+            sectors: u64,
+        },
+        /// Remove the EIO ranges and the pending torn write (power-loss mode stays).
+        Clear,
+    }
+
+    /// The process's disks and their power: one per daemon ([`Machine::global`]); unit tests
+    /// make their own.
+    struct Machine {
+        inner: Arc<Power>,
+    }
+
+    struct Power {
+        disks: Mutex<HashMap<PathBuf, Arc<Faults>>>,
+        /// Disks opened from now on start in power-loss mode.
+        power_loss: bool,
+        /// A power cut ends the process (false only in unit tests, which look at the disks).
+        exits: bool,
+        /// The power is gone: I/O on faulted disks no longer happens (see `Faults::state`).
+        off: AtomicBool,
+    }
+
+    /// One disk path's faults and, in power-loss mode, its unsynced writes.
+    pub struct Faults {
+        path: PathBuf,
+        power: Weak<Power>,
+        /// Anything configured: otherwise I/O goes to the file without taking `state`.
+        armed: AtomicBool,
+        state: Mutex<State>,
+    }
+
+    #[derive(Default)]
+    struct State {
+        power_loss: bool,
+        overlay: Overlay,
+        eio: Vec<(Op, u64, u64)>,
+        /// (offset, len, sectors)
+        torn: Option<(u64, u64, u64)>,
+    }
+
+    fn intersects(offset: u64, len: u64, start: u64, rlen: u64) -> bool {
+        len > 0
+            && rlen > 0
+            && offset < start.saturating_add(rlen)
+            && start < offset.saturating_add(len)
+    }
+
+    fn eio() -> io::Error {
+        io::Error::from_raw_os_error(libc::EIO)
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    impl Machine {
+        /// The daemon's machine; `TANDEM_FAULTS=power-loss` puts its disks in power-loss mode.
+        fn global() -> &'static Machine {
+            static GLOBAL: OnceLock<Machine> = OnceLock::new();
+            GLOBAL.get_or_init(|| {
+                let spec = std::env::var("TANDEM_FAULTS").unwrap_or_default();
+                let mut power_loss = false;
+                for word in spec.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+                    match word {
+                        "power-loss" => power_loss = true,
+                        other => log::warn!("TANDEM_FAULTS: unknown fault mode {other:?} ignored"),
+                    }
+                }
+                if power_loss {
+                    log::warn!(
+                        "TANDEM_FAULTS: power-loss mode: unsynced writes are kept in memory"
+                    );
+                }
+                Machine::new(power_loss, true)
+            })
+        }
+
+        fn new(power_loss: bool, exits: bool) -> Machine {
+            Machine {
+                inner: Arc::new(Power {
+                    disks: Mutex::new(HashMap::new()),
+                    power_loss,
+                    exits,
+                    off: AtomicBool::new(false),
+                }),
+            }
+        }
+
+        /// The faults of `path`, the same for every open of the same file.
+        fn disk(&self, path: &Path) -> Arc<Faults> {
+            let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            let mut disks = lock(&self.inner.disks);
+            Arc::clone(disks.entry(key).or_insert_with(|| {
+                Arc::new(Faults {
+                    path: path.to_path_buf(),
+                    power: Arc::downgrade(&self.inner),
+                    armed: AtomicBool::new(self.inner.power_loss),
+                    state: Mutex::new(State {
+                        power_loss: self.inner.power_loss,
+                        ..State::default()
+                    }),
+                })
+            }))
+        }
+
+        fn open(&self, file: File, path: &Path) -> DiskFile {
+            DiskFile {
+                file,
+                faults: self.disk(path),
+            }
+        }
+    }
+
+    impl Power {
+        /// The power goes: unsynced writes vanish (`held`: the disk whose lock the caller holds)
+        /// and the process ends at once (`_exit`, no destructors, nothing flushed). Returns
+        /// only on a unit test's machine.
+        fn cut(&self, held: Option<(&Faults, &mut State)>) {
+            self.off.store(true, Ordering::SeqCst);
+            let disks: Vec<Arc<Faults>> = lock(&self.disks).values().cloned().collect();
+            let held_disk = held.as_ref().map(|(f, _)| *f as *const Faults);
+            if let Some((_, st)) = held {
+                st.overlay = Overlay::default();
+            }
+            for d in disks {
+                if held_disk != Some(Arc::as_ptr(&d)) {
+                    // One lock at a time: never waits while holding another disk's lock.
+                    lock(&d.state).overlay = Overlay::default();
+                }
+            }
+            if self.exits {
+                log::error!("fault injection: power cut");
+                // SAFETY: _exit ends the process without running anything else, which is
+                // exactly a machine losing power.
+                unsafe { libc::_exit(137) };
+            }
+        }
+    }
+
+    impl Faults {
+        fn power(&self) -> Option<Arc<Power>> {
+            self.power.upgrade()
+        }
+
+        /// The state, while the power is on. Once it is off, I/O in the daemon waits for the
+        /// `_exit` that follows (an error would be answered to clients and the peer, which a
+        /// dead machine does not do); on a unit test's machine it fails with EIO.
+        fn state(&self) -> io::Result<MutexGuard<'_, State>> {
+            let st = lock(&self.state);
+            match self.power() {
+                Some(p) if !p.off.load(Ordering::SeqCst) => Ok(st),
+                Some(p) if p.exits => {
+                    drop(st);
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                _ => Err(eio()),
+            }
+        }
+
+        fn rearm(&self, st: &State) {
+            let armed = st.power_loss || !st.eio.is_empty() || st.torn.is_some();
+            self.armed.store(armed, Ordering::Release);
+        }
+
+        /// Inject `action` (a power cut ends the process and does not return in the daemon).
+        pub fn apply(&self, action: &Action) {
+            match *action {
+                Action::PowerCut => {
+                    log::warn!("fault injection: {}: power cut", self.path.display());
+                    if let Some(p) = self.power() {
+                        p.cut(None);
+                    }
+                }
+                Action::Eio { op, offset, len } => {
+                    log::warn!(
+                        "fault injection: {}: EIO on {op:?} of [{offset}, +{len})",
+                        self.path.display()
+                    );
+                    let mut st = lock(&self.state);
+                    st.eio.push((op, offset, len));
+                    self.rearm(&st);
+                }
+                Action::Torn {
+                    offset,
+                    len,
+                    sectors,
+                } => {
+                    log::warn!(
+                        "fault injection: {}: the next write to [{offset}, +{len}) tears after {sectors} sectors",
+                        self.path.display()
+                    );
+                    let mut st = lock(&self.state);
+                    st.torn = Some((offset, len, sectors));
+                    self.rearm(&st);
+                }
+                Action::Clear => {
+                    log::warn!("fault injection: {}: faults cleared", self.path.display());
+                    let mut st = lock(&self.state);
+                    st.eio.clear();
+                    st.torn = None;
+                    self.rearm(&st);
+                }
+            }
+        }
+
+        fn armed(&self) -> bool {
+            self.armed.load(Ordering::Acquire)
+        }
+
+        fn check_eio(st: &State, write: bool, offset: u64, len: u64) -> io::Result<()> {
+            let hit = st.eio.iter().any(|&(op, start, rlen)| {
+                let applies = match op {
+                    Op::Read => !write,
+                    Op::Write => write,
+                    Op::Rw => true,
+                };
+                applies && intersects(offset, len, start, rlen)
+            });
+            if hit { Err(eio()) } else { Ok(()) }
+        }
+
+        fn read(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            let st = self.state()?;
+            Self::check_eio(&st, false, offset, buf.len() as u64)?;
+            let n = file.read_at(buf, offset)?;
+            st.overlay.read(&mut buf[..n], offset);
+            Ok(n)
+        }
+
+        fn write(&self, file: &File, data: &[u8], offset: u64) -> io::Result<usize> {
+            let mut st = self.state()?;
+            let len = data.len() as u64;
+            Self::check_eio(&st, true, offset, len)?;
+            if let Some((start, rlen, sectors)) = st.torn
+                && intersects(offset, len, start, rlen)
+            {
+                st.torn = None;
+                let keep = (sectors * SECTOR).min(len) as usize;
+                log::error!(
+                    "fault injection: {}: write of {len} bytes at {offset} torn after {keep} bytes",
+                    self.path.display()
+                );
+                // The first sectors reach the platter; the rest, and every unsynced write,
+                // go with the power.
+                let landed = file
+                    .write_all_at(&data[..keep], offset)
+                    .and_then(|()| file.sync_data());
+                if let Some(p) = self.power() {
+                    p.cut(Some((self, &mut st)));
+                }
+                landed?;
+                return Err(eio());
+            }
+            if st.power_loss {
+                st.overlay.insert(offset, Seg::Data(data.to_vec()));
+            } else {
+                file.write_all_at(data, offset)?;
+            }
+            Ok(data.len())
+        }
+
+        fn sync(&self, file: &File) -> io::Result<()> {
+            let mut st = self.state()?;
+            if st.power_loss {
+                st.overlay.write_out(file)?;
+            }
+            file.sync_data()
+        }
+
+        fn fallocate(&self, file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+            let mut st = self.state()?;
+            Self::check_eio(&st, true, offset, len)?;
+            // Without fallocate (FreeBSD) the real call fails and the caller writes zeroes, which
+            // the overlay keeps like any write.
+            if !st.power_loss || !cfg!(target_os = "linux") {
+                return diskio::fallocate(file, mode, offset, len);
+            }
+            st.overlay.insert(offset, Seg::Zero(len));
+            Ok(())
+        }
+
+        fn power_loss(&self) -> bool {
+            lock(&self.state).power_loss
+        }
+
+        /// Bytes held in the overlay (writes no fdatasync has covered yet).
+        #[cfg(test)]
+        fn unsynced(&self) -> u64 {
+            lock(&self.state).overlay.segs.values().map(Seg::len).sum()
+        }
+    }
+
+    impl DiskFile {
+        /// The disk file `file`, opened from `path`, with the faults of `path`.
+        pub fn new(file: File, path: &Path) -> DiskFile {
+            Machine::global().open(file, path)
+        }
+
+        pub fn try_clone(&self) -> io::Result<DiskFile> {
+            Ok(DiskFile {
+                file: self.file.try_clone()?,
+                faults: Arc::clone(&self.faults),
+            })
+        }
+
+        /// fdatasync; in power-loss mode the unsynced writes are written out first.
+        pub fn sync_data(&self) -> io::Result<()> {
+            if !self.faults.armed() {
+                return self.file.sync_data();
+            }
+            self.faults.sync(&self.file)
+        }
+
+        /// [`diskio::fallocate`]; in power-loss mode the range is zeroes in the overlay.
+        pub fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+            if !self.faults.armed() {
+                return diskio::fallocate(&self.file, mode, offset, len);
+            }
+            self.faults.fallocate(&self.file, mode, offset, len)
+        }
+
+        /// lseek(2). In power-loss mode the file's holes are not the disk's (the overlay may
+        /// fill them): SEEK_DATA/SEEK_HOLE fail and callers read instead.
+        pub fn lseek(&self, offset: i64, whence: nix::unistd::Whence) -> nix::Result<i64> {
+            if self.faults.armed() && self.faults.power_loss() {
+                return Err(nix::errno::Errno::EOPNOTSUPP);
+            }
+            nix::unistd::lseek(&self.file, offset, whence)
+        }
+
+        /// This disk's faults.
+        pub fn faults(&self) -> &Faults {
+            &self.faults
+        }
+    }
+
+    impl FileExt for DiskFile {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            if !self.faults.armed() {
+                return self.file.read_at(buf, offset);
+            }
+            self.faults.read(&self.file, buf, offset)
+        }
+
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+            if !self.faults.armed() {
+                return self.file.write_at(buf, offset);
+            }
+            self.faults.write(&self.file, buf, offset)
+        }
+    }
+
+    /// A run of unsynced bytes: data, or zeroes from a punch/zero-range.
+    enum Seg {
+        Data(Vec<u8>),
+        Zero(u64),
+    }
+
+    impl Seg {
+        fn len(&self) -> u64 {
+            match self {
+                Seg::Data(d) => d.len() as u64,
+                Seg::Zero(n) => *n,
+            }
+        }
+
+        /// The bytes [from, to) of the run.
+        fn slice(&self, from: u64, to: u64) -> Seg {
+            match self {
+                Seg::Data(d) => Seg::Data(d[from as usize..to as usize].to_vec()),
+                Seg::Zero(_) => Seg::Zero(to - from),
+            }
+        }
+    }
+
+    /// Unsynced writes by offset, never overlapping: what a page cache holds for the file.
+    #[derive(Default)]
+    struct Overlay {
+        segs: BTreeMap<u64, Seg>,
+    }
+
+    impl Overlay {
+        /// A newer write over [offset, offset+len): what it covers of older runs goes.
+        fn insert(&mut self, offset: u64, seg: Seg) {
+            let end = offset + seg.len();
+            let hit: Vec<u64> = self
+                .segs
+                .range(..end)
+                .rev()
+                .take_while(|(s, old)| *s + old.len() > offset)
+                .map(|(s, _)| *s)
+                .collect();
+            for s in hit {
+                let Some(old) = self.segs.remove(&s) else {
+                    continue;
+                };
+                let old_end = s + old.len();
+                if s < offset {
+                    self.segs.insert(s, old.slice(0, offset - s));
+                }
+                if old_end > end {
+                    self.segs.insert(end, old.slice(end - s, old.len()));
+                }
+            }
+            if end > offset {
+                self.segs.insert(offset, seg);
+            }
+        }
+
+        /// Lay the unsynced writes over `buf`, read from the file at `offset`.
+        fn read(&self, buf: &mut [u8], offset: u64) {
+            let end = offset + buf.len() as u64;
+            for (&s, seg) in self.segs.range(..end).rev() {
+                let seg_end = s + seg.len();
+                if seg_end <= offset {
+                    break;
+                }
+                let (from, to) = (s.max(offset), seg_end.min(end));
+                let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+                match seg {
+                    Seg::Data(d) => dst.copy_from_slice(&d[(from - s) as usize..(to - s) as usize]),
+                    Seg::Zero(_) => dst.fill(0),
+                }
+            }
+        }
+
+        /// Write every run to the file (punching or writing the zero runs); the caller syncs.
+        fn write_out(&mut self, file: &File) -> io::Result<()> {
+            while let Some((s, seg)) = self.segs.pop_first() {
+                let done = match &seg {
+                    Seg::Data(d) => file.write_all_at(d, s),
+                    Seg::Zero(n) => write_zeroes(file, s, *n),
+                };
+                if let Err(e) = done {
+                    self.segs.insert(s, seg);
+                    return Err(e);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
+        if diskio::fallocate(file, diskio::PUNCH_HOLE, offset, len).is_ok() {
+            return Ok(());
+        }
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = CHUNK.min(offset + len - pos) as usize;
+            file.write_all_at(&zeroes[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        const SIZE: u64 = 1 << 20;
+
+        /// A file of `SIZE` bytes of 0x11 and a unit-test machine (the power cut returns).
+        fn setup(power_loss: bool) -> (tempfile::TempDir, PathBuf, Machine) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("disk.img");
+            std::fs::write(&path, vec![0x11u8; SIZE as usize]).unwrap();
+            (dir, path, Machine::new(power_loss, false))
+        }
+
+        fn open(m: &Machine, path: &Path) -> DiskFile {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .unwrap();
+            m.open(f, path)
+        }
+
+        /// What is on the disk, past any overlay: what a restart after the power cut finds.
+        fn platter(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+            let mut b = vec![0u8; len];
+            File::open(path)
+                .unwrap()
+                .read_exact_at(&mut b, offset)
+                .unwrap();
+            b
+        }
+
+        fn read(d: &DiskFile, offset: u64, len: usize) -> Vec<u8> {
+            let mut b = vec![0u8; len];
+            d.read_exact_at(&mut b, offset).unwrap();
+            b
+        }
+
+        #[test]
+        fn unsynced_writes_are_read_back_but_not_on_the_disk() {
+            let (_d, path, m) = setup(true);
+            let d = open(&m, &path);
+            d.write_all_at(&[0xaa; 1000], 100).unwrap();
+            d.write_all_at(&[0xbb; 10], 600).unwrap();
+            let got = read(&d, 0, 2000);
+            assert_eq!(&got[..100], &[0x11; 100]);
+            assert_eq!(&got[100..600], &[0xaa; 500]);
+            assert_eq!(&got[600..610], &[0xbb; 10]);
+            assert_eq!(&got[610..1100], &[0xaa; 490]);
+            assert_eq!(&got[1100..], &[0x11; 900]);
+            assert_eq!(platter(&path, 0, 2000), vec![0x11; 2000]);
+            // A second open of the same file (the activemap's) sees the same page cache.
+            assert_eq!(read(&open(&m, &path), 600, 10), vec![0xbb; 10]);
+            d.sync_data().unwrap();
+            assert_eq!(platter(&path, 0, 2000), got);
+            assert_eq!(d.faults().unsynced(), 0);
+        }
+
+        #[test]
+        fn overlapping_writes_keep_the_newest_bytes() {
+            let mut o = Overlay::default();
+            o.insert(10, Seg::Data(vec![1; 10]));
+            o.insert(30, Seg::Data(vec![2; 10]));
+            o.insert(15, Seg::Data(vec![3; 20]));
+            o.insert(0, Seg::Zero(12));
+            let mut buf = vec![9u8; 45];
+            o.read(&mut buf, 0);
+            let mut want = vec![0u8; 12];
+            want.extend([1; 3]);
+            want.extend([3; 20]);
+            want.extend([2; 5]);
+            want.extend([9; 5]);
+            assert_eq!(buf, want);
+            assert_eq!(o.segs.len(), 4);
+        }
+
+        #[test]
+        fn a_power_cut_drops_unsynced_writes_and_keeps_synced_ones() {
+            let (_d, path, m) = setup(true);
+            let d = open(&m, &path);
+            d.write_all_at(&[0xaa; 4096], 0).unwrap();
+            d.sync_data().unwrap();
+            d.write_all_at(&[0xbb; 4096], 4096).unwrap();
+            d.write_all_at(&[0xcc; 512], 0).unwrap();
+            assert_eq!(d.faults().unsynced(), 4096 + 512);
+            d.faults().apply(&Action::PowerCut);
+            assert_eq!(platter(&path, 0, 4096), vec![0xaa; 4096]);
+            assert_eq!(platter(&path, 4096, 4096), vec![0x11; 4096]);
+            assert_eq!(d.faults().unsynced(), 0);
+            // Until the process is gone, the disk answers nothing.
+            let e = d.write_all_at(&[1], 0).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EIO));
+            assert!(d.sync_data().is_err());
+        }
+
+        #[test]
+        #[cfg(target_os = "linux")]
+        fn punches_are_unsynced_zeroes_too() {
+            let (_d, path, m) = setup(true);
+            let d = open(&m, &path);
+            d.fallocate(diskio::PUNCH_HOLE, 8192, 8192).unwrap();
+            assert_eq!(read(&d, 8192 - 1, 8194)[1..8193], vec![0u8; 8192]);
+            assert_eq!(read(&d, 8192 - 1, 1), vec![0x11]);
+            assert_eq!(platter(&path, 8192, 8192), vec![0x11; 8192]);
+            // Holes are not the file's while the overlay may fill them: callers read.
+            assert!(d.lseek(0, nix::unistd::Whence::SeekData).is_err());
+            d.sync_data().unwrap();
+            assert_eq!(platter(&path, 8192, 8192), vec![0u8; 8192]);
+            assert_eq!(platter(&path, 8192 - 1, 1), vec![0x11]);
+            d.fallocate(diskio::ZERO_RANGE, 0, 4096).unwrap();
+            d.faults().apply(&Action::PowerCut);
+            assert_eq!(platter(&path, 0, 4096), vec![0x11; 4096]);
+        }
+
+        #[test]
+        fn eio_ranges_fail_the_io_that_touches_them() {
+            let (_d, path, m) = setup(false);
+            let d = open(&m, &path);
+            let f = d.faults();
+            f.apply(&Action::Eio {
+                op: Op::Read,
+                offset: 4096,
+                len: 4096,
+            });
+            let mut b = [0u8; 512];
+            let e = d.read_exact_at(&mut b, 8192 - 256).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EIO));
+            d.read_exact_at(&mut b, 8192).unwrap();
+            d.read_exact_at(&mut b, 4096 - 512).unwrap();
+            // Writes still work, and without power-loss mode they go straight to the file.
+            d.write_all_at(&[0xaa; 512], 4096).unwrap();
+            assert_eq!(platter(&path, 4096, 512), vec![0xaa; 512]);
+            f.apply(&Action::Eio {
+                op: Op::Write,
+                offset: 0,
+                len: 1,
+            });
+            let e = d.write_all_at(&[0; 512], 0).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EIO));
+            assert!(d.fallocate(diskio::PUNCH_HOLE, 0, 4096).is_err());
+            d.read_exact_at(&mut b, 0).unwrap();
+            f.apply(&Action::Eio {
+                op: Op::Rw,
+                offset: 100_000,
+                len: 10,
+            });
+            assert!(d.read_exact_at(&mut b, 100_000 - 500).is_err());
+            assert!(d.write_all_at(&b, 100_009).is_err());
+            f.apply(&Action::Clear);
+            d.read_exact_at(&mut b, 4096).unwrap();
+            d.write_all_at(&b, 0).unwrap();
+            assert!(!f.armed());
+        }
+
+        #[test]
+        fn a_torn_write_lands_its_first_sectors_then_the_power_goes() {
+            let (_d, path, m) = setup(true);
+            let d = open(&m, &path);
+            let other = open(&m, &path);
+            d.write_all_at(&[0xcc; 512], 0).unwrap();
+            d.faults().apply(&Action::Torn {
+                offset: 65536,
+                len: 4096,
+                sectors: 3,
+            });
+            // Writes elsewhere are not torn.
+            d.write_all_at(&[0xdd; 512], 32768).unwrap();
+            let e = d.write_all_at(&[0xaa; 8192], 61440).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EIO));
+            assert_eq!(platter(&path, 61440, 1536), vec![0xaa; 1536]);
+            assert_eq!(platter(&path, 61440 + 1536, 8192 - 1536), vec![0x11; 6656]);
+            // The unsynced writes went with the power.
+            assert_eq!(platter(&path, 0, 512), vec![0x11; 512]);
+            assert_eq!(platter(&path, 32768, 512), vec![0x11; 512]);
+            assert!(other.read_exact_at(&mut [0u8; 1], 0).is_err());
+        }
+
+        #[test]
+        fn actions_are_one_json_object() {
+            let a = Action::Torn {
+                offset: 1,
+                len: 2,
+                sectors: 3,
+            };
+            let s = serde_json::to_string(&a).unwrap();
+            assert_eq!(s, r#"{"action":"torn","offset":1,"len":2,"sectors":3}"#);
+            assert_eq!(serde_json::from_str::<Action>(&s).unwrap(), a);
+            let e = r#"{"action":"eio","op":"rw","offset":0,"len":1}"#;
+            assert!(matches!(
+                serde_json::from_str::<Action>(e).unwrap(),
+                Action::Eio { op: Op::Rw, .. }
+            ));
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! Power cuts through the daemon's own fault layer (`--features faults`): a daemon started with
+//! `TANDEM_FAULTS=power-loss` keeps its unsynced writes in memory, and `tandem fault RES
+//! power-cut` drops them and ends it at once, as a machine losing power. Each scenario asserts
+//! what the user would find on the disks and in `status` after the machine comes back.
+
+mod daemon_common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use daemon_common::*;
+
+const POWER_LOSS: &[(&str, &str)] = &[("TANDEM_FAULTS", "power-loss")];
+
+/// Write `byte` over `[offset, offset + len)` through `n`'s export and send no FLUSH (fio's
+/// nbd engine flushes only when asked to; qemu-io flushes when it closes the image).
+fn write_unflushed(n: &Node, byte: u8, offset: u64, len: u64) {
+    let out = Command::new("fio")
+        .args([
+            "--name=unflushed",
+            "--ioengine=nbd",
+            &format!("--uri={}", n.nbd_uri()),
+            "--rw=write",
+            &format!("--bs={len}"),
+            &format!("--size={len}"),
+            &format!("--offset={offset}"),
+            &format!("--buffer_pattern={byte}"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fio: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn region(img: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(img)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+fn region_is(img: &Path, offset: u64, len: usize, byte: u8) -> bool {
+    region(img, offset, len).iter().all(|&b| b == byte)
+}
+
+/// `tandem fault r0 power-cut` on `n`, then wait until its daemon is gone.
+fn power_cut(n: &mut Node) {
+    n.ok(&["fault", "r0", "power-cut"]);
+    let st = n.wait_exit(20);
+    assert!(!st.success(), "a power cut is not a clean exit: {st}");
+}
+
+/// A pair like `synced_pair`, with `a`'s and `b`'s daemons started with `env_a` and `env_b`.
+fn synced_pair_with(env_a: &[(&str, &str)], env_b: &[(&str, &str)]) -> Pair {
+    let mut p = Pair::new("fullsync");
+    p.a.start_with_env(env_a);
+    p.b.start_with_env(env_b);
+    p.b.ok(&["role", "secondary", "r0"]);
+    p.a.ok(&["role", "primary", "r0"]);
+    p.a.ok(&["wait-sync", "r0", "--timeout", "60s"]);
+    p.b.wait_for(30, "secondary complete", |s| s["state"] == "complete");
+    p
+}
+
+/// The secondary loses power right after acknowledging a write that no FLUSH covered: the
+/// write was only in its page cache and is gone. The primary then dies too, and the secondary
+/// is promoted and written. When the old primary returns, both nodes hold data the other
+/// lacks: split-brain on the old primary, whose copy of the acknowledged write stays intact.
+#[test]
+fn power_cut_of_the_secondary_then_its_promotion_is_split_brain_not_an_overwrite() {
+    if !need("qemu-io", "qemu-utils") || !need("fio", "fio") {
+        return;
+    }
+    let mut p = synced_pair_with(&[], POWER_LOSS);
+    let size = u(&p.a.status(), &["data_size"]);
+    write_unflushed(&p.a, 0xaa, 1 << 20, 65536);
+    // Acknowledged by b (fullsync), but only in b's page cache.
+    assert!(
+        !region_is(&p.b.img, 1 << 20, 65536, 0xaa),
+        "b made the unflushed write durable: the power cut below loses nothing"
+    );
+    power_cut(&mut p.b);
+    assert!(region_is(&p.b.img, 1 << 20, 65536, 0));
+    assert!(
+        p.a.log_contains("lost the peer", 20),
+        "a did not notice: {}",
+        p.a.log_text()
+    );
+    p.a.kill9();
+    p.b.start_with_env(POWER_LOSS);
+    p.b.ok(&["role", "primary", "r0"]);
+    p.b.qemu_io_ok(&["write -P 0xbb 8M 64k", "flush"]);
+    p.a.start();
+    p.a.ok(&["role", "secondary", "r0"]);
+    let sa =
+        p.a.wait_for(30, "split-brain on a", |s| s["state"] == "split-brain");
+    assert_ne!(sa["connection"], "connected", "{sa}");
+    assert!(
+        region_is(&p.a.img, 1 << 20, 65536, 0xaa),
+        "the old primary's acknowledged write was overwritten"
+    );
+    assert!(!same_data(&p.a.img, &p.b.img, size));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A pipelined NBD writer that knows which writes a FLUSH made durable
+// ---------------------------------------------------------------------------------------------
+
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const REPLY_MAGIC: u32 = 0x6744_6698;
+const CMD_WRITE: u16 = 1;
+const CMD_FLUSH: u16 = 3;
+const BLOCK: usize = 4096;
+/// Blocks written in turn, one per `STRIDE` bytes from `BASE`: 16 extents of 1 MiB.
+const BLOCKS: u64 = 256;
+const BASE: u64 = 4 << 20;
+const STRIDE: u64 = 64 << 10;
+/// Requests in flight at once.
+const WINDOW: usize = 8;
+/// A FLUSH after every this many writes.
+const FLUSH_EVERY: u64 = 64;
+
+fn block_offset(b: u64) -> u64 {
+    BASE + b * STRIDE
+}
+
+/// Write number `seq` (from 1): its block, filled with `seq` as little-endian u64s.
+fn stamp(seq: u64) -> (u64, Vec<u8>) {
+    let block = seq % BLOCKS;
+    (block, seq.to_le_bytes().repeat(BLOCK / 8))
+}
+
+/// What the writer saw before its connection died.
+struct Written {
+    /// Per block, the newest write acknowledged before an acknowledged FLUSH was sent.
+    durable: HashMap<u64, u64>,
+    /// Every write sent (whether or not acknowledged): what a block may hold.
+    sent: u64,
+    acked: u64,
+    flushes: u64,
+    /// Replies with an error.
+    failed: u64,
+}
+
+fn nbd_connect(sock: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT");
+    // Fixed newstyle, no zeroes; NBD_OPT_EXPORT_NAME "r0".
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut o = b"IHAVEOPT".to_vec();
+    o.extend_from_slice(&1u32.to_be_bytes());
+    o.extend_from_slice(&2u32.to_be_bytes());
+    o.extend_from_slice(b"r0");
+    s.write_all(&o).unwrap();
+    let mut info = [0u8; 10];
+    s.read_exact(&mut info).unwrap();
+    s
+}
+
+fn nbd_send(s: &mut UnixStream, kind: u16, handle: u64, offset: u64, data: &[u8]) -> bool {
+    let mut r = Vec::with_capacity(28 + data.len());
+    r.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&kind.to_be_bytes());
+    r.extend_from_slice(&handle.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    r.extend_from_slice(data);
+    s.write_all(&r).is_ok()
+}
+
+/// The next reply: (handle, error), None once the server is gone.
+fn nbd_reply(s: &mut UnixStream) -> Option<(u64, u32)> {
+    let mut b = [0u8; 16];
+    s.read_exact(&mut b).ok()?;
+    assert_eq!(u32::from_be_bytes(b[..4].try_into().unwrap()), REPLY_MAGIC);
+    let error = u32::from_be_bytes(b[4..8].try_into().unwrap());
+    Some((u64::from_be_bytes(b[8..].try_into().unwrap()), error))
+}
+
+/// Stamp blocks through the export at `sock`, `WINDOW` writes in flight and a FLUSH every
+/// `FLUSH_EVERY`, until `limit` writes or the server is gone; `started` gets a message once
+/// 4 FLUSHes are acknowledged.
+fn write_until_gone(sock: &Path, limit: u64, started: mpsc::Sender<()>) -> Written {
+    let mut s = nbd_connect(sock);
+    // Handles: writes are their sequence number; a FLUSH is 1 << 63 | its number.
+    const FLUSH: u64 = 1 << 63;
+    let mut acked_newest: HashMap<u64, u64> = HashMap::new();
+    let mut flush_snapshots: HashMap<u64, HashMap<u64, u64>> = HashMap::new();
+    let mut w = Written {
+        durable: HashMap::new(),
+        sent: 0,
+        acked: 0,
+        flushes: 0,
+        failed: 0,
+    };
+    let mut in_flight = 0usize;
+    let mut told = false;
+    let mut flushed_at = 0;
+    loop {
+        while in_flight < WINDOW && w.sent < limit {
+            let sent_ok = if w.sent % FLUSH_EVERY == 0 && flushed_at != w.sent {
+                // A FLUSH covers the writes whose replies came before it was sent.
+                flushed_at = w.sent;
+                flush_snapshots.insert(FLUSH | w.sent, acked_newest.clone());
+                nbd_send(&mut s, CMD_FLUSH, FLUSH | w.sent, 0, &[])
+            } else {
+                w.sent += 1;
+                let (block, data) = stamp(w.sent);
+                nbd_send(&mut s, CMD_WRITE, w.sent, block_offset(block), &data)
+            };
+            if !sent_ok {
+                return w;
+            }
+            in_flight += 1;
+        }
+        if in_flight == 0 {
+            return w;
+        }
+        let Some((handle, error)) = nbd_reply(&mut s) else {
+            return w;
+        };
+        in_flight -= 1;
+        if error != 0 {
+            w.failed += 1;
+            continue;
+        }
+        if handle & FLUSH != 0 {
+            let snap = flush_snapshots.remove(&handle).unwrap();
+            for (b, seq) in snap {
+                let d = w.durable.entry(b).or_insert(0);
+                *d = (*d).max(seq);
+            }
+            w.flushes += 1;
+            if !told && w.flushes >= 4 {
+                told = true;
+                let _ = started.send(());
+            }
+        } else {
+            w.acked += 1;
+            let e = acked_newest.entry(handle % BLOCKS).or_insert(0);
+            *e = (*e).max(handle);
+        }
+    }
+}
+
+/// Every write acknowledged before an acknowledged FLUSH is in `img` (or a newer write sent to
+/// the same block); no block holds a mix of writes or a write never sent.
+fn check_stamps(img: &Path, w: &Written) -> Result<(), String> {
+    for b in 0..BLOCKS {
+        let data = region(img, block_offset(b), BLOCK);
+        let seq = u64::from_le_bytes(data[..8].try_into().unwrap());
+        if data != seq.to_le_bytes().repeat(BLOCK / 8) {
+            return Err(format!("block {b} holds a mix of writes"));
+        }
+        let durable = w.durable.get(&b).copied().unwrap_or(0);
+        if seq < durable {
+            return Err(format!(
+                "block {b} holds write {seq}, older than write {durable} that a FLUSH covered"
+            ));
+        }
+        if seq != 0 && (seq % BLOCKS != b || seq > w.sent) {
+            return Err(format!("block {b} holds write {seq}, never sent to it"));
+        }
+    }
+    Ok(())
+}
+
+/// The primary loses power under a stream of writes and FLUSHes. Every write acknowledged
+/// before an acknowledged FLUSH is on both nodes: on the secondary at once, and on the primary
+/// after it comes back and resyncs; then `tandem verify` finds the replicas identical.
+#[test]
+fn power_cut_of_the_primary_under_writes_keeps_every_flushed_write() {
+    let mut p = synced_pair_with(POWER_LOSS, &[]);
+    let (tx, rx) = mpsc::channel();
+    let sock = p.a.nbd.clone();
+    let writer = std::thread::spawn(move || write_until_gone(&sock, 200_000, tx));
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the writer did not get going");
+    power_cut(&mut p.a);
+    let w = writer.join().unwrap();
+    eprintln!(
+        "{} writes sent, {} acknowledged, {} flushes acknowledged, {} requests failed",
+        w.sent, w.acked, w.flushes, w.failed
+    );
+    assert!(w.sent < 200_000, "the power cut came after the last write");
+    assert!(w.flushes >= 4);
+    // The secondary was not cut: everything it acknowledged is in its file. The primary's
+    // disk has what its FLUSHes made durable, and lacks what the power cut took.
+    check_stamps(&p.b.img, &w).unwrap_or_else(|e| panic!("secondary: {e}"));
+    check_stamps(&p.a.img, &w).unwrap_or_else(|e| panic!("primary after the cut: {e}"));
+    let lost = (0..BLOCKS)
+        .filter(|&b| region(&p.a.img, block_offset(b), 8) != region(&p.b.img, block_offset(b), 8))
+        .count();
+    eprintln!("{lost} blocks lost their newest write with the primary's power");
+    assert!(
+        p.b.log_contains("event disconnect", 20),
+        "b did not notice: {}",
+        p.b.log_text()
+    );
+    p.a.start();
+    p.a.ok(&["role", "primary", "r0"]);
+    p.a.ok(&["wait-sync", "r0", "--timeout", "60s"]);
+    p.b.wait_for(30, "secondary complete", |s| s["state"] == "complete");
+    check_stamps(&p.a.img, &w).unwrap_or_else(|e| panic!("primary after restart: {e}"));
+    check_stamps(&p.b.img, &w).unwrap_or_else(|e| panic!("secondary after resync: {e}"));
+    let out = p.a.run(&["verify", "r0"]);
+    assert!(
+        out.status.success(),
+        "verify: {}{}\nlog a:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        p.a.log_text()
+    );
+}
+
+/// The other faults, driven through `tandem fault`: reads of an EIO range fail at the export
+/// until the fault is cleared, and a header write torn after its first sector (where all of
+/// the header lives) leaves metadata the restarted daemon accepts.
+#[test]
+fn eio_ranges_and_a_torn_header_write_through_the_cli() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let mut p = synced_pair_with(&[], &[]);
+    p.a.qemu_io_ok(&["write -P 0x5a 1M 64k", "flush"]);
+    p.a.ok(&["fault", "r0", "eio", "read", "1M", "4k"]);
+    let out = p.a.qemu_io(&["read -P 0x5a 1M 64k"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("failed"),
+        "a read of the EIO range succeeded: {text}"
+    );
+    p.a.qemu_io_ok(&["read -P 0x5a 1052672 60k"]);
+    p.a.ok(&["fault", "r0", "clear"]);
+    p.a.qemu_io_ok(&["read -P 0x5a 1M 64k"]);
+    // The header is the last 4 KiB block of the disk; demoting writes it.
+    let header = (IMG_SIZE - 4096).to_string();
+    p.a.ok(&["fault", "r0", "torn", &header, "4096", "1"]);
+    let out = p.a.run(&["role", "secondary", "r0"]);
+    assert!(!out.status.success(), "the demote outlived its torn write");
+    let st = p.a.wait_exit(20);
+    assert!(!st.success(), "{st}");
+    assert!(
+        p.a.log_text().contains("torn after 512 bytes"),
+        "{}",
+        p.a.log_text()
+    );
+    p.a.start();
+    let st = p.a.status();
+    assert_eq!(st["role"], "init", "{st}");
+    assert!(st["error"].is_null(), "{st}");
+}
