@@ -7,54 +7,14 @@ mod daemon_common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use daemon_common::*;
 
 const POWER_LOSS: &[(&str, &str)] = &[("TANDEM_FAULTS", "power-loss")];
-
-/// Write `byte` over `[offset, offset + len)` through `n`'s export and send no FLUSH (fio's
-/// nbd engine flushes only when asked to; qemu-io flushes when it closes the image).
-fn write_unflushed(n: &Node, byte: u8, offset: u64, len: u64) {
-    let out = Command::new("fio")
-        .args([
-            "--name=unflushed",
-            "--ioengine=nbd",
-            &format!("--uri={}", n.nbd_uri()),
-            "--rw=write",
-            &format!("--bs={len}"),
-            &format!("--size={len}"),
-            &format!("--offset={offset}"),
-            &format!("--buffer_pattern={byte}"),
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fio: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn region(img: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    std::fs::File::open(img)
-        .unwrap()
-        .read_exact_at(&mut buf, offset)
-        .unwrap();
-    buf
-}
-
-fn region_is(img: &Path, offset: u64, len: usize, byte: u8) -> bool {
-    region(img, offset, len).iter().all(|&b| b == byte)
-}
 
 /// `tandem fault r0 power-cut` on `n`, then wait until its daemon is gone.
 fn power_cut(n: &mut Node) {
@@ -64,7 +24,7 @@ fn power_cut(n: &mut Node) {
 }
 
 /// A pair like `synced_pair`, with `a`'s and `b`'s daemons started with `env_a` and `env_b`.
-fn synced_pair_with(env_a: &[(&str, &str)], env_b: &[(&str, &str)]) -> Pair {
+fn synced_pair_env(env_a: &[(&str, &str)], env_b: &[(&str, &str)]) -> Pair {
     let mut p = Pair::new("fullsync");
     p.a.start_with_env(env_a);
     p.b.start_with_env(env_b);
@@ -84,7 +44,7 @@ fn power_cut_of_the_secondary_then_its_promotion_is_split_brain_not_an_overwrite
     if !need("qemu-io", "qemu-utils") || !need("fio", "fio") {
         return;
     }
-    let mut p = synced_pair_with(&[], POWER_LOSS);
+    let mut p = synced_pair_env(&[], POWER_LOSS);
     let size = u(&p.a.status(), &["data_size"]);
     write_unflushed(&p.a, 0xaa, 1 << 20, 65536);
     // Acknowledged by b (fullsync), but only in b's page cache.
@@ -287,7 +247,7 @@ fn check_stamps(img: &Path, w: &Written) -> Result<(), String> {
 /// after it comes back and resyncs; then `tandem verify` finds the replicas identical.
 #[test]
 fn power_cut_of_the_primary_under_writes_keeps_every_flushed_write() {
-    let mut p = synced_pair_with(POWER_LOSS, &[]);
+    let mut p = synced_pair_env(POWER_LOSS, &[]);
     let (tx, rx) = mpsc::channel();
     let sock = p.a.nbd.clone();
     let writer = std::thread::spawn(move || write_until_gone(&sock, 200_000, tx));
@@ -330,30 +290,85 @@ fn power_cut_of_the_primary_under_writes_keeps_every_flushed_write() {
     );
 }
 
-/// The other faults, driven through `tandem fault`: reads of an EIO range fail at the export
-/// until the fault is cleared, and a header write torn after its first sector (where all of
-/// the header lives) leaves metadata the restarted daemon accepts.
+/// The power cut of the previous test, but the secondary returns as secondary: the primary's
+/// data is newer, and the write the secondary lost is resynced to it.
 #[test]
-fn eio_ranges_and_a_torn_header_write_through_the_cli() {
+fn power_cut_of_the_secondary_resyncs_the_write_it_lost() {
+    if !need("fio", "fio") {
+        return;
+    }
+    let mut p = synced_pair_env(&[], POWER_LOSS);
+    let size = u(&p.a.status(), &["data_size"]);
+    write_unflushed(&p.a, 0xaa, 1 << 20, 65536);
+    power_cut(&mut p.b);
+    assert!(region_is(&p.b.img, 1 << 20, 65536, 0));
+    assert!(p.a.log_contains("lost the peer", 20));
+    p.b.start();
+    p.b.ok(&["role", "secondary", "r0"]);
+    p.a.ok(&["wait-sync", "r0", "--timeout", "60s"]);
+    p.b.wait_for(30, "b complete", |s| s["state"] == "complete");
+    assert!(region_is(&p.b.img, 1 << 20, 65536, 0xaa));
+    assert!(same_data(&p.a.img, &p.b.img, size));
+}
+
+/// The primary's local disk fails (EIO on every read and write of its data region): the
+/// export keeps serving from the peer, as hastd and DRBD (`on-io-error detach`) do. Reads
+/// return the data, writes land on the peer, `status` says diskless, the hook hears
+/// `disk-failed`; the diskless node refuses to become primary again, and the peer, promoted,
+/// has every write.
+#[test]
+fn a_failed_local_disk_keeps_the_export_serving_from_the_peer() {
     if !need("qemu-io", "qemu-utils") {
         return;
     }
-    let mut p = synced_pair_with(&[], &[]);
+    let p = synced_pair_env(&[], &[]);
+    let size = u(&p.a.status(), &["data_size"]);
     p.a.qemu_io_ok(&["write -P 0x5a 1M 64k", "flush"]);
-    p.a.ok(&["fault", "r0", "eio", "read", "1M", "4k"]);
-    let out = p.a.qemu_io(&["read -P 0x5a 1M 64k"]);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() || text.contains("failed"),
-        "a read of the EIO range succeeded: {text}"
-    );
-    p.a.qemu_io_ok(&["read -P 0x5a 1052672 60k"]);
-    p.a.ok(&["fault", "r0", "clear"]);
+    p.a.ok(&["fault", "r0", "eio", "rw", "0", &size.to_string()]);
     p.a.qemu_io_ok(&["read -P 0x5a 1M 64k"]);
-    // The header is the last 4 KiB block of the disk; demoting writes it.
-    let header = (IMG_SIZE - 4096).to_string();
-    p.a.ok(&["fault", "r0", "torn", &header, "4096", "1"]);
+    let st = p.a.status();
+    assert_eq!(st["state"], "diskless", "{st}");
+    assert!(
+        p.a.log_text()
+            .contains("serving reads and writes from the peer")
+    );
+    p.a.qemu_io_ok(&["write -P 0x77 2M 64k", "flush", "read -P 0x77 2M 64k"]);
+    assert!(
+        region_is(&p.b.img, 2 << 20, 65536, 0x77),
+        "the write did not reach the peer"
+    );
+    assert!(
+        !region_is(&p.a.img, 2 << 20, 65536, 0x77),
+        "the failed disk took a write"
+    );
+    assert!(
+        hook_log(&p).lines().any(|l| l == "disk-failed r0"),
+        "{}",
+        hook_log(&p)
+    );
+    // Hand over: the diskless node steps down and may not come back as primary.
+    p.a.ok(&["role", "secondary", "r0"]);
+    p.b.ok(&["role", "primary", "r0"]);
+    p.b.qemu_io_ok(&["read -P 0x5a 1M 64k", "read -P 0x77 2M 64k"]);
+    p.b.ok(&["role", "secondary", "r0"]);
+    let out = p.a.run(&["role", "primary", "r0"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("local disk failed"));
+}
+
+/// A header update torn after its first sector (where all of the header lives) by a power
+/// cut: the restarted daemon opens the disk from the other header slot.
+#[test]
+fn a_torn_header_write_leaves_a_disk_that_opens() {
+    let mut p = synced_pair_env(&[], &[]);
+    // The two header slots are the last two 4 KiB blocks; demoting writes one of them.
+    let slots = (IMG_SIZE - 8192).to_string();
+    p.a.ok(&["fault", "r0", "torn", &slots, "8192", "1"]);
     let out = p.a.run(&["role", "secondary", "r0"]);
     assert!(!out.status.success(), "the demote outlived its torn write");
     let st = p.a.wait_exit(20);

@@ -72,17 +72,6 @@ fn byte_at(img: &std::path::Path, offset: u64) -> u8 {
     b[0]
 }
 
-fn hook_log(p: &Pair) -> String {
-    let name = p
-        .dir
-        .path()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .to_string();
-    std::fs::read_to_string(p.dir.path().join(format!("hooks.{name}.log"))).unwrap_or_default()
-}
-
 #[test]
 fn verify_finds_bytes_changed_behind_the_daemons_and_repair_makes_the_replicas_equal() {
     if !need("qemu-io", "qemu-utils") {

@@ -377,7 +377,7 @@ fn read_header_block(file: &impl FileExt, offset: u64) -> io::Result<[u8; BLOCK 
 const SLOT_NAMES: [char; 2] = ['A', 'B'];
 
 /// What the header slots of a device hold, A first (B is absent on a one-block device).
-fn read_slots(file: &File, dev_size: u64) -> Vec<(u64, Result<HeaderBlock, DecodeError>)> {
+fn read_slots(file: &impl FileExt, dev_size: u64) -> Vec<(u64, Result<HeaderBlock, DecodeError>)> {
     let Some((a, b)) = slot_offsets(dev_size) else {
         return Vec::new();
     };
@@ -491,7 +491,7 @@ fn no_header(errors: &[SlotError], path: &Path, resource: Option<&str>) -> Strin
 /// Read the slots of `file` (a device of `dev_size` bytes) and choose its header; errors name
 /// the path and, when given, the resource to create.
 fn find_header(
-    file: &File,
+    file: &impl FileExt,
     path: &Path,
     dev_size: u64,
     resource: Option<&str>,

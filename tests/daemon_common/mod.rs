@@ -385,11 +385,46 @@ pub fn tandem(n: &Node, args: &[&str]) -> Output {
 
 /// The `len` bytes at `offset` of `img` all equal `byte`.
 pub fn region_is(img: &Path, offset: u64, len: usize, byte: u8) -> bool {
+    region(img, offset, len).iter().all(|&b| b == byte)
+}
+
+/// The `len` bytes at `offset` of `img`.
+pub fn region(img: &Path, offset: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(img).unwrap();
     let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, offset).unwrap();
-    buf.iter().all(|&b| b == byte)
+    std::fs::File::open(img)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+/// Write `byte` over `[offset, offset + len)` through `n`'s export and send no FLUSH (fio's
+/// nbd engine flushes only when asked to; qemu-io flushes when it closes the image).
+pub fn write_unflushed(n: &Node, byte: u8, offset: u64, len: u64) {
+    fio_nbd(
+        &n.nbd_uri(),
+        &[
+            "--name=unflushed",
+            "--rw=write",
+            &format!("--bs={len}"),
+            &format!("--size={len}"),
+            &format!("--offset={offset}"),
+            &format!("--buffer_pattern={byte}"),
+        ],
+    );
+}
+
+/// What the pair's hook script recorded, one event per line (`EVENT RESOURCE ARGS...`).
+pub fn hook_log(p: &Pair) -> String {
+    let name = p
+        .dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    std::fs::read_to_string(p.dir.path().join(format!("hooks.{name}.log"))).unwrap_or_default()
 }
 
 /// Run fio with the nbd engine against `uri` and these job options; it must succeed. Returns
