@@ -110,8 +110,14 @@ impl Net {
             }
         }
         let net = Net { _lock: lock };
-        must(&["ip", "netns", "add", NS_A]);
-        must(&["ip", "netns", "add", NS_B]);
+        for ns in [NS_A, NS_B] {
+            must(&["ip", "netns", "add", ns]);
+            // No IPv6 (router solicitations, DAD) on the link: IPv4 between the two only.
+            in_ns(
+                ns,
+                &["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
+            );
+        }
         // Created inside tnf-a, its peer inside tnf-b: the link is never in the root namespace.
         must(&[
             "ip", "-n", NS_A, "link", "add", "tnf-va", "type", "veth", "peer", "name", "tnf-vb",
