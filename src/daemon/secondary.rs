@@ -22,7 +22,7 @@ use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::protocol::{
     self, AckKind, DataFrame, GoodbyeCode, MAX_DATA, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED,
-    MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Purpose,
+    MIN_PROTOCOL_VERSION, Message, NodeState, PROTOCOL_VERSION, Purpose,
 };
 use super::state::{Connection, Session, Shared};
 use super::verify;
@@ -235,6 +235,13 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
     match role {
         Role::Secondary => {}
         Role::Primary => {
+            // Two primaries: the peer was promoted while the link was down. If both were
+            // written meanwhile, that is the split-brain a demote would find: report it now,
+            // on both nodes (each accepts the other's connection).
+            let me = s.node_state();
+            if generation::decide(&their_state, &me) == Decision::SplitBrain {
+                record_split_brain(&s, &me, &their_state)?;
+            }
             goodbye(
                 &mut stream,
                 GoodbyeCode::PeerPrimary,
@@ -273,17 +280,7 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
     protocol::write_message(&mut stream, &Message::State(me.clone()))?;
     match generation::decide(&their_state, &me) {
         Decision::SplitBrain => {
-            if !me.split_brain {
-                s.disk.update_header(|h| h.split_brain = true)?;
-                log::error!(
-                    "{resource}: split-brain: both nodes were written while apart (here {}/{}, peer {}/{}); run `tandem resolve {resource} --discard-local` on one node",
-                    me.local_gen,
-                    me.peer_gen,
-                    their_state.local_gen,
-                    their_state.peer_gen
-                );
-                s.hooks.fire(Event::SplitBrain, &resource, &[]);
-            }
+            record_split_brain(&s, &me, &their_state)?;
             return Ok(());
         }
         Decision::Stale => {
@@ -341,6 +338,24 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
             thread,
         })
     })
+}
+
+/// Persist, log and hook a split-brain with the peer (once: not again while it is recorded).
+fn record_split_brain(s: &Shared, me: &NodeState, theirs: &NodeState) -> Result<()> {
+    if me.split_brain {
+        return Ok(());
+    }
+    s.disk.update_header(|h| h.split_brain = true)?;
+    let name = &s.name;
+    log::error!(
+        "{name}: split-brain: both nodes were written while apart (here {}/{}, peer {}/{}); run `tandem resolve {name} --discard-local` on one node",
+        me.local_gen,
+        me.peer_gen,
+        theirs.local_gen,
+        theirs.peer_gen
+    );
+    s.hooks.fire(Event::SplitBrain, name, &[]);
+    Ok(())
 }
 
 fn errno(e: &io::Error) -> u32 {

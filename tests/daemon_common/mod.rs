@@ -19,6 +19,8 @@ pub struct Node {
     pub img: PathBuf,
     pub nbd: PathBuf,
     pub log: PathBuf,
+    /// Run the daemon in this network namespace (`/run/netns/NAME`) instead of the test's own.
+    pub netns: Option<&'static str>,
     pub child: Option<Child>,
 }
 
@@ -100,20 +102,27 @@ remote = "{aip}:{aport}"
 impl Pair {
     /// Create the pair's files and metadata (no daemons yet).
     pub fn new(mode: &str) -> Pair {
+        let (a, b) = ("127.0.0.2", "127.0.0.3");
+        Pair::new_on(mode, (a, free_port(a)), (b, free_port(b)))
+    }
+
+    /// `new` with the nodes listening on these addresses (ip, port) of `a` and `b`.
+    pub fn new_on(mode: &str, a: (&'static str, u16), b: (&'static str, u16)) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let node = |name: &'static str, ip: &'static str| Node {
+        let node = |name: &'static str, (ip, port): (&'static str, u16)| Node {
             name,
             ip,
-            port: free_port(ip),
+            port,
             conf: d.join(format!("{name}.toml")),
             img: d.join(format!("{name}.img")),
             nbd: d.join(format!("{name}.nbd")),
             log: d.join(format!("{name}.log")),
+            netns: None,
             child: None,
         };
-        let a = node("a", "127.0.0.2");
-        let b = node("b", "127.0.0.3");
+        let a = node("a", a);
+        let b = node("b", b);
         let secret = d.join("key");
         std::fs::write(&secret, "correct horse battery staple\n").unwrap();
         std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -188,7 +197,18 @@ impl Node {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
+        // nsenter, unlike `ip netns exec`, keeps the test's mount namespace: the sockets and
+        // files the daemon creates stay visible here. It execs, so the child's PID is the
+        // daemon's.
+        let mut cmd = match self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(["-c", self.conf.to_str().unwrap(), "-v", "daemon"])
             .current_dir(self.conf.parent().unwrap())
             .stdin(Stdio::null())
@@ -477,6 +497,11 @@ pub fn synced_pair(mode: &str) -> Pair {
 pub fn synced_pair_with(mode: &str, prepare: impl FnOnce(&mut Pair)) -> Pair {
     let mut p = Pair::new(mode);
     prepare(&mut p);
+    synced(p)
+}
+
+/// Start the daemons of a new pair: `b` secondary, `a` primary, initial sync done.
+pub fn synced(mut p: Pair) -> Pair {
     p.a.start();
     p.b.start();
     p.b.ok(&["role", "secondary", "r0"]);
