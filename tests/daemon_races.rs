@@ -54,5 +54,13 @@ fn overlapping_writes(mode: &str, rounds: u32) {
             "{mode} round {round}/{rounds}: the replicas differ after overlapping writes\n{}",
             report
         );
+        // And as a user would check it, on the live pair.
+        let v = p.a.run(&["verify", "r0", "--json"]);
+        assert!(
+            v.status.success(),
+            "{mode} round {round}/{rounds}: tandem verify found differences: {}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
     }
 }
