@@ -45,7 +45,8 @@ use crate::config::{self, BackendKind, Config, Resource};
 use auth::{Secret, SharedSecret};
 use control::{ControlError, ErrorKind, Request, Response};
 use hooks::Hooks;
-use resource::{Handle, Msg};
+use resource::Handle;
+use state::Msg;
 
 /// A node's replication role for one resource; changed only by command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,11 +1,13 @@
 //! The thread that owns one replicated resource's role.
 //!
 //! The owner thread receives `Msg`s (role changes and `resolve` from the control socket,
-//! reload, stop) and is the only one that changes the role, starts or stops the NBD export
-//! (and the kernel device in front of it: `/dev/nbdN` on Linux, the GEOM Gate provider
-//! `/dev/tandem/RES` on FreeBSD) and the primary's connector. Other threads (NBD workers, the
-//! peer link, the secondary session, the control socket's status) read and update the
-//! resource's `state::Shared` under its small locks; nothing here is shared but through it.
+//! sessions the listener accepted, reload, stop) and is the only one that changes the role,
+//! starts or ends the secondary's session, and starts or stops the NBD export (and the kernel
+//! device in front of it: `/dev/nbdN` on Linux, the GEOM Gate provider `/dev/tandem/RES` on
+//! FreeBSD) and the primary's connector. So a session and a role change happen in the order of
+//! their messages, never at once. Other threads (NBD workers, the peer link, the session, the
+//! control socket's status) read and update the resource's `state::Shared` under its small
+//! locks; nothing here is shared but through it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,22 +28,8 @@ use super::nbd::NbdServer;
 use super::peer::{self, HandshakeError};
 use super::primary::{self, Replicated};
 use super::protocol::{GoodbyeCode, NodeState, Purpose};
-use super::state::{Connection, PeerAddrs, RoleError, Shared};
+use super::state::{Connection, DaemonSettings, Msg, PeerAddrs, RoleError, Session, Shared};
 use crate::config::Resource;
-
-/// Messages to a resource's owner thread.
-pub enum Msg {
-    Role {
-        role: Role,
-        force: bool,
-        reply: Sender<Result<(), RoleError>>,
-    },
-    Resolve {
-        reply: Sender<Result<(), RoleError>>,
-    },
-    Reload(Box<Resource>),
-    Stop,
-}
 
 /// Handle kept by the daemon for a running resource.
 pub struct Handle {
@@ -74,16 +62,14 @@ pub fn start(
         .clone()
         .with_context(|| format!("{}: no local disk configured for this node", res.name))?;
     let disk = Disk::open(&local, &res.name)?;
-    let shared = Arc::new(Shared::new(
-        res,
-        node,
-        disk,
+    let (tx, rx) = mpsc::channel();
+    let daemon = DaemonSettings {
         secret,
         timeout,
         probe_timeout,
         hooks,
-    ));
-    let (tx, rx) = mpsc::channel();
+    };
+    let shared = Arc::new(Shared::new(res, node, disk, daemon, tx.clone()));
     let s = Arc::clone(&shared);
     let thread = thread::Builder::new()
         .name(format!("res-{}", res.name))
@@ -96,6 +82,7 @@ pub fn start(
                 gate: None,
                 connector: None,
                 fence: None,
+                session: None,
             }
             .run(rx)
         })
@@ -125,6 +112,8 @@ struct Owner {
     connector: Option<Connector>,
     /// Fences the current export's replicated device (see `Replicated`).
     fence: Option<Arc<AtomicBool>>,
+    /// The secondary's session with the primary.
+    session: Option<Session>,
 }
 
 impl Owner {
@@ -147,6 +136,11 @@ impl Owner {
                     *self.shared.cfg.write().unwrap_or_else(|p| p.into_inner()) = *res;
                     *self.shared.addrs.write().unwrap_or_else(|p| p.into_inner()) = addrs;
                 }
+                Msg::Session(accepted) => self.start_session(*accepted),
+                Msg::EndSession { reply } => {
+                    self.end_session("a new connection from the primary");
+                    let _ = reply.send(());
+                }
                 Msg::Stop => break,
             }
         }
@@ -157,6 +151,34 @@ impl Owner {
             log::error!("{}: persisting the dirty-extent map: {e}", self.shared.name);
         }
         log::info!("{}: stopped", self.shared.name);
+    }
+
+    /// Start a session on a connection the listener accepted, if this node is still
+    /// secondary (a role change may have come first); any earlier session ends first.
+    fn start_session(&mut self, a: super::state::Accepted) {
+        let s = &self.shared;
+        if s.role() != Role::Secondary {
+            super::secondary::refuse(a.stream, "role changed");
+            log::info!(
+                "{}: {} at {}: not starting a session, the role changed meanwhile",
+                s.name,
+                a.node,
+                a.from
+            );
+            return;
+        }
+        let started = super::secondary::replace_session(&mut self.session, || {
+            super::secondary::start_session(s, a)
+        });
+        if let Err(e) = started {
+            log::error!("{}: {e:#}", s.name);
+        }
+    }
+
+    fn end_session(&mut self, why: &str) {
+        if let Some(sess) = self.session.take() {
+            super::secondary::close_session(sess, why);
+        }
     }
 
     fn change_role(&mut self, role: Role, force: bool) -> Result<(), RoleError> {
@@ -171,21 +193,9 @@ impl Owner {
         // Leave the current role.
         match current {
             Role::Primary => self.stop_primary(),
-            Role::Secondary => {
-                // The listener installs a session only while it sees role secondary under the
-                // session lock: change the role under that lock first, then end whatever
-                // session got in before, so none can start after (which would apply the old
-                // primary's writes while this node serves its own export).
-                {
-                    let _slot = self
-                        .shared
-                        .session
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    *self.shared.role.write().unwrap_or_else(|p| p.into_inner()) = role;
-                }
-                super::secondary::end_session(&self.shared)
-            }
+            // Sessions start only on this thread and only in role secondary: ending this one
+            // here means none applies the old primary's writes once the role has changed.
+            Role::Secondary => self.end_session("role change"),
             Role::Init => {}
         }
         *self.shared.role.write().unwrap_or_else(|p| p.into_inner()) = role;
@@ -435,7 +445,7 @@ impl Owner {
                 ),
             ));
         }
-        super::secondary::end_session(&self.shared);
+        self.end_session("resolve");
         let disk = &self.shared.disk;
         disk.activemap()
             .mark_all_dirty()

@@ -24,7 +24,7 @@ use super::protocol::{
     self, AckKind, DataFrame, GoodbyeCode, MAX_DATA, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED,
     MIN_PROTOCOL_VERSION, Message, NodeState, PROTOCOL_VERSION, Purpose,
 };
-use super::state::{Connection, Session, Shared};
+use super::state::{Accepted, Connection, Msg, Session, Shared};
 use super::verify;
 
 /// A peer must complete hello and authentication within this time.
@@ -37,15 +37,8 @@ const MAX_HANDSHAKES: usize = 32;
 /// Resources by name, as the listener looks them up.
 pub type Registry = Arc<Mutex<HashMap<String, Arc<Shared>>>>;
 
-/// Close the current session (if any) and wait for its thread.
-pub fn end_session(s: &Shared) {
-    let session = s.session.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(sess) = session {
-        close_session(sess, "role change");
-    }
-}
-
-fn close_session(sess: Session, reason: &str) {
+/// End a session: say goodbye, shut the socket, wait for its thread.
+pub fn close_session(sess: Session, reason: &str) {
     let _ = protocol::write_message(
         &mut &sess.stream,
         &Message::Goodbye {
@@ -57,11 +50,9 @@ fn close_session(sess: Session, reason: &str) {
     let _ = sess.thread.join();
 }
 
-/// Start a session in `slot` (the resource's session lock is held by the caller). A session
-/// already there, from an accept that raced this one, is ended and its thread joined first:
-/// two sessions applying writes at once would let the older one write into the disk after a
-/// role change ended only the newer.
-fn start_session(
+/// Start a session in `slot` (the owner thread's): a session already there is ended and its
+/// thread joined first, so two sessions never apply writes at once.
+pub fn replace_session(
     slot: &mut Option<Session>,
     start: impl FnOnce() -> Result<Session>,
 ) -> Result<()> {
@@ -71,6 +62,15 @@ fn start_session(
     *slot = Some(start()?);
     Ok(())
 }
+
+/// Turn an accepted connection away after the handshake.
+pub fn refuse(mut stream: TcpStream, reason: &str) {
+    goodbye(&mut stream, GoodbyeCode::NotReady, reason);
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// How long the listener waits for the owner thread to end an old session.
+const OWNER_WAIT: Duration = Duration::from_secs(30);
 
 /// Accept peer connections on `addr` until `stop` is set.
 pub fn listen(addr: &str, registry: Registry, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
@@ -274,8 +274,18 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
             their_state.extent_size
         );
     }
-    // One session at a time: a new connection from the primary replaces a stale one.
-    end_session(&s);
+    // One session at a time: a new connection from the primary replaces a stale one, which
+    // ends before this node's state is read, so it cannot change it afterwards.
+    let (tx, rx) = std::sync::mpsc::channel();
+    s.owner
+        .send(Msg::EndSession { reply: tx })
+        .map_err(|_| anyhow::anyhow!("{resource}: the resource is stopping"))?;
+    rx.recv_timeout(OWNER_WAIT).map_err(|_| {
+        anyhow::anyhow!(
+            "{resource}: the resource did not end its old session within {}s",
+            OWNER_WAIT.as_secs()
+        )
+    })?;
     let me = s.node_state();
     protocol::write_message(&mut stream, &Message::State(me.clone()))?;
     match generation::decide(&their_state, &me) {
@@ -291,52 +301,65 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
     }
     stream.set_read_timeout(Some(s.timeout))?;
     stream.set_write_timeout(Some(s.timeout))?;
+    // The owner thread starts the session, if this node is still secondary by then.
+    let accepted = Accepted {
+        stream,
+        memsync: mode == 1,
+        node,
+        from,
+    };
+    s.owner
+        .send(Msg::Session(Box::new(accepted)))
+        .map_err(|_| anyhow::anyhow!("{resource}: the resource is stopping"))?;
+    Ok(())
+}
+
+/// Start the session thread on an accepted connection (called by the owner thread).
+pub fn start_session(s: &Arc<Shared>, a: Accepted) -> Result<Session> {
+    let Accepted {
+        stream,
+        memsync,
+        node,
+        from,
+    } = a;
     let keep = stream.try_clone()?;
-    let s2 = Arc::clone(&s);
-    let memsync = mode == 1;
-    let mut slot = s.session.lock().unwrap_or_else(|p| p.into_inner());
-    if s.role() != Role::Secondary {
-        goodbye(&mut stream, GoodbyeCode::NotReady, "role changed");
-        return Ok(());
-    }
     s.set_conn(|c| {
         c.connection = Connection::Connected;
         c.peer_role = Some(Role::Primary);
         c.in_sync = false;
     });
-    log::info!("{resource}: primary {node} connected from {from}");
-    s.hooks.fire(Event::Connect, &resource, &[]);
-    start_session(&mut slot, move || {
-        let thread = thread::Builder::new()
-            .name(format!("sec-{resource}"))
-            .spawn(move || {
-                let closer = stream.try_clone();
-                let r = session(&s2, stream, memsync);
-                // The slot keeps a clone of the socket open: shut it, so that the primary sees
-                // the end at once (after a protocol error, say) rather than after its timeout.
-                if let Ok(c) = closer {
-                    let _ = c.shutdown(Shutdown::Both);
-                }
-                let syncing = s2.sync.active.swap(false, Ordering::AcqRel);
-                s2.set_conn(|c| {
-                    c.connection = Connection::Disconnected;
-                    c.peer_role = None;
-                    c.in_sync = false;
-                });
-                match r {
-                    Ok(()) => log::info!("{}: primary disconnected", s2.name),
-                    Err(e) => log::warn!("{}: primary connection lost: {e:#}", s2.name),
-                }
-                if syncing {
-                    s2.hooks.fire(Event::SyncIntr, &s2.name, &[]);
-                }
-                s2.hooks.fire(Event::Disconnect, &s2.name, &[]);
-            })
-            .context("starting the session thread")?;
-        Ok(Session {
-            stream: keep,
-            thread,
+    log::info!("{}: primary {node} connected from {from}", s.name);
+    s.hooks.fire(Event::Connect, &s.name, &[]);
+    let s2 = Arc::clone(s);
+    let thread = thread::Builder::new()
+        .name(format!("sec-{}", s.name))
+        .spawn(move || {
+            let closer = stream.try_clone();
+            let r = session(&s2, stream, memsync);
+            // The owner keeps a clone of the socket open: shut it, so that the primary sees
+            // the end at once (after a protocol error, say) rather than after its timeout.
+            if let Ok(c) = closer {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+            let syncing = s2.sync.active.swap(false, Ordering::AcqRel);
+            s2.set_conn(|c| {
+                c.connection = Connection::Disconnected;
+                c.peer_role = None;
+                c.in_sync = false;
+            });
+            match r {
+                Ok(()) => log::info!("{}: primary disconnected", s2.name),
+                Err(e) => log::warn!("{}: primary connection lost: {e:#}", s2.name),
+            }
+            if syncing {
+                s2.hooks.fire(Event::SyncIntr, &s2.name, &[]);
+            }
+            s2.hooks.fire(Event::Disconnect, &s2.name, &[]);
         })
+        .context("starting the session thread")?;
+    Ok(Session {
+        stream: keep,
+        thread,
     })
 }
 
@@ -595,7 +618,8 @@ mod tests {
     use crate::daemon::Role;
     use crate::daemon::auth::{Secret, Side};
     use crate::daemon::protocol::{self, AckKind, MAX_FRAME, Message, NodeState, Purpose};
-    use crate::daemon::resource::{self, Msg};
+    use crate::daemon::resource;
+    use crate::daemon::state::Msg;
 
     /// A secondary of a 16 MiB disk (1 MiB extents) whose remote is 127.0.0.1.
     fn secondary(dir: &std::path::Path) -> resource::Handle {
@@ -745,12 +769,12 @@ mod tests {
         let mut slot = None;
         let first = Arc::new(AtomicBool::new(false));
         let f = Arc::clone(&first);
-        start_session(&mut slot, || Ok(reading_session(f))).unwrap();
+        replace_session(&mut slot, || Ok(reading_session(f))).unwrap();
         assert!(!first.load(Ordering::SeqCst));
         let second = Arc::new(AtomicBool::new(false));
         let s2 = Arc::clone(&second);
         let f = Arc::clone(&first);
-        start_session(&mut slot, move || {
+        replace_session(&mut slot, move || {
             assert!(
                 f.load(Ordering::SeqCst),
                 "the old session still runs while the new one starts"

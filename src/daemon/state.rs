@@ -9,6 +9,7 @@
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,10 +24,45 @@ use super::peer::{self, Link, Outcome};
 use super::protocol::{Message, NodeState};
 use crate::config::{Replication, Resource};
 
-/// The secondary's running session with the primary (see `secondary.rs`).
+/// The secondary's running session with the primary (see `secondary.rs`); held by the owner
+/// thread, which alone starts and ends it.
 pub struct Session {
     pub stream: TcpStream,
     pub thread: JoinHandle<()>,
+}
+
+/// Messages to a resource's owner thread (`resource.rs`): the only thread that changes the
+/// role and starts or ends the secondary's session, so a session and a role change are
+/// ordered by the order of these messages.
+pub enum Msg {
+    Role {
+        role: Role,
+        force: bool,
+        reply: Sender<Result<(), RoleError>>,
+    },
+    Resolve {
+        reply: Sender<Result<(), RoleError>>,
+    },
+    Reload(Box<Resource>),
+    /// The listener authenticated the primary and both agreed to replicate: start the
+    /// session if this node is still secondary, ending any earlier one first.
+    Session(Box<Accepted>),
+    /// End the session, if any, then reply (the listener does this before it tells a newly
+    /// connected primary this node's state, so no older session changes it afterwards).
+    EndSession {
+        reply: Sender<()>,
+    },
+    Stop,
+}
+
+/// A primary's replication connection, handshake done, for the owner to start a session on.
+pub struct Accepted {
+    pub stream: TcpStream,
+    /// The primary replicates in memsync mode (acknowledge on receipt too).
+    pub memsync: bool,
+    /// The primary's node name and address, for the log.
+    pub node: String,
+    pub from: SocketAddr,
 }
 
 /// A control-socket error with the kind the CLI maps to an exit status.
@@ -205,6 +241,16 @@ impl PeerFlush {
     }
 }
 
+/// What every resource takes from the daemon's configuration.
+pub struct DaemonSettings {
+    pub secret: SharedSecret,
+    /// A peer silent this long is dead.
+    pub timeout: Duration,
+    /// How long `role primary` tries to reach the peer before deciding alone.
+    pub probe_timeout: Duration,
+    pub hooks: Hooks,
+}
+
 /// State shared by every thread working for one resource.
 pub struct Shared {
     pub name: String,
@@ -237,8 +283,8 @@ pub struct Shared {
     /// confirmed covers: the peer may lack the difference after a power cut of its machine.
     pub writes_queued: AtomicU64,
     pub writes_flushed: AtomicU64,
-    /// The secondary's current session with the primary.
-    pub session: Mutex<Option<Session>>,
+    /// The owner thread's mailbox.
+    pub owner: Sender<Msg>,
     /// The local disk failed (an I/O error under the primary's export): reads and writes go
     /// to the peer only, as hastd and DRBD (`on-io-error detach`) do. Until the daemon
     /// restarts; the disk must be replaced and recreated.
@@ -251,11 +297,15 @@ impl Shared {
         res: &Resource,
         node: &str,
         disk: Disk,
-        secret: SharedSecret,
-        timeout: Duration,
-        probe_timeout: Duration,
-        hooks: Hooks,
+        daemon: DaemonSettings,
+        owner: Sender<Msg>,
     ) -> Shared {
+        let DaemonSettings {
+            secret,
+            timeout,
+            probe_timeout,
+            hooks,
+        } = daemon;
         Shared {
             name: res.name.clone(),
             node: node.to_string(),
@@ -283,7 +333,7 @@ impl Shared {
             gen_bumped: Mutex::new(false),
             writes_queued: AtomicU64::new(0),
             writes_flushed: AtomicU64::new(0),
-            session: Mutex::new(None),
+            owner,
             disk_failed: AtomicBool::new(false),
         }
     }
