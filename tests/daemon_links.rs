@@ -8,9 +8,6 @@
 mod daemon_common;
 mod fault_proxy;
 
-use std::io::Read;
-use std::os::unix::fs::FileExt;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,66 +51,9 @@ impl Export {
     }
 }
 
-/// Run qemu-io against an export; it must finish within `limit` (killed and reported if not:
-/// a client write that hangs is the failure). Returns its output and how long it took.
+/// qemu-io on an export within `limit` (see `daemon_common::qemu_io_within`).
 fn qemu_io_within(n: &Export, cmds: &[&str], limit: Duration) -> (String, Duration) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let start = Instant::now();
-    let mut child = c
-        .arg(&n.uri)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "qemu-io {cmds:?} still running after {limit:?}\nlog:\n{}",
-                std::fs::read_to_string(&n.log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let took = start.elapsed();
-    let mut text = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut text)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut text)
-        .unwrap();
-    assert!(
-        status.success() && !text.contains("failed"),
-        "qemu-io {cmds:?}: {text}\nlog:\n{}",
-        std::fs::read_to_string(&n.log).unwrap_or_default()
-    );
-    (text, took)
-}
-
-/// `[offset, offset + len)` of `img` holds only `byte`.
-fn holds(img: &std::path::Path, offset: u64, len: u64, byte: u8) -> bool {
-    let mut buf = vec![0u8; len as usize];
-    std::fs::File::open(img)
-        .unwrap()
-        .read_exact_at(&mut buf, offset)
-        .unwrap();
-    buf.iter().all(|&x| x == byte)
+    daemon_common::qemu_io_within(&n.uri, &n.log, cmds, limit)
 }
 
 fn no_panics(p: &Pair) {
@@ -160,7 +100,7 @@ fn assert_healed(p: &Pair, written: &[(u64, u64, u8)]) {
     );
     for &(offset, len, byte) in written {
         assert!(
-            holds(&p.b.img, offset, len, byte),
+            region_is(&p.b.img, offset, len as usize, byte),
             "b lacks the write of {byte:#x} at {offset}"
         );
     }
@@ -301,7 +241,7 @@ fn acknowledged_writes_survive_a_flapping_link() {
         .collect();
     for &(offset, len, byte) in &written {
         assert!(
-            holds(&p.a.img, offset, len, byte),
+            region_is(&p.a.img, offset, len as usize, byte),
             "a lacks its acknowledged write {byte} at {offset}"
         );
     }

@@ -194,42 +194,7 @@ fn netns_pair() -> Pair {
 /// killed and the test fails: a primary that loses its peer must not hang its clients.
 fn write_bounded(n: &Node, cmds: &[&str]) -> Duration {
     let limit = Duration::from_secs(TIMEOUT_S + 12);
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let started = Instant::now();
-    let mut child = c
-        .arg(n.nbd_uri())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "qemu-io {cmds:?} through {} hung for more than {limit:?}; killed\nlog:\n{}",
-                n.name,
-                n.log_text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let took = started.elapsed();
-    let out = child.wait_with_output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmds:?} through {}: {text}\nlog:\n{}",
-        n.name,
-        n.log_text()
-    );
-    took
+    qemu_io_within(&n.nbd_uri(), &n.log, cmds, limit).1
 }
 
 fn verify_ok(p: &Pair) {

@@ -435,6 +435,47 @@ pub fn write_unflushed(n: &Node, byte: u8, offset: u64, len: u64) {
     );
 }
 
+/// Run qemu-io `cmds` on the export at `uri`; it must succeed within `limit`, or it is killed
+/// and the test fails (a client that hangs is the failure), with the daemon's log at `log`.
+/// Returns its output and how long it took.
+pub fn qemu_io_within(uri: &str, log: &Path, cmds: &[&str], limit: Duration) -> (String, Duration) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let started = Instant::now();
+    let mut child = c
+        .arg(uri)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let daemon_log = || std::fs::read_to_string(log).unwrap_or_default();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "qemu-io {cmds:?} on {uri} hung for more than {limit:?}; killed\nlog:\n{}",
+                daemon_log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed();
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmds:?} on {uri}: {text}\nlog:\n{}",
+        daemon_log()
+    );
+    (text, took)
+}
+
 /// What the pair's hook script recorded, one event per line (`EVENT RESOURCE ARGS...`).
 pub fn hook_log(p: &Pair) -> String {
     let name = p
