@@ -1610,18 +1610,10 @@ mod tests {
     fn hexdump_example_matches_the_documentation() {
         let (_d, path) = sparse(64 * MIB);
         create(&path, "r0", DEFAULT_EXTENT_SIZE, false).unwrap();
+        // The version-1 example's fields, with the version-2 data size (one more header slot).
         let header = Header {
-            resource: "r0".into(),
-            uuid: *b"\x6f\x1c\x2a\x9e\x53\x04\x4b\x7d\x8a\x10\xc3\x5e\x22\x91\xe7\x3b",
             data_size: 64 * MIB - 12288,
-            extent_size: DEFAULT_EXTENT_SIZE,
-            local_gen: 3,
-            peer_gen: 2,
-            ever_synced: true,
-            inconsistent: false,
-            discard_local: false,
-            split_brain: false,
-            prev_role: PrevRole::Primary,
+            ..v1_example()
         };
         {
             let disk = Disk::open(&path, "r0").unwrap();
