@@ -11,6 +11,7 @@ mod exit;
 mod host;
 mod logging;
 mod nbd_client;
+mod ocf;
 mod status;
 mod switch;
 #[cfg(target_os = "linux")]
@@ -144,6 +145,14 @@ enum Command {
         #[arg(long, value_name = "IFACE")]
         carrier: Option<String>,
     },
+    /// OCF resource agent for Pacemaker (ocf/tandem runs this): start, stop, promote,
+    /// demote, monitor, notify, meta-data, validate-all, reload-agent; parameters from
+    /// OCF_RESKEY_resource and OCF_RESKEY_config. Also the daemon.exec hook for fencing.
+    Ocf {
+        action: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// A complete two-node pair on loopback: sync, writes, failover, resync.
     Demo,
     /// Inject a fault into the local disk of RES in the running daemon. Only in builds with
@@ -174,6 +183,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo => {
             logging::init(None, cli.verbose, cli.quiet);
             return demo::run();
+        }
+        Command::Ocf { action, args } => {
+            std::process::exit(ocf::run(action, args, &cli.config, cli.node.as_deref()));
         }
         Command::CheckConfig => {
             let cfg = load(&cli)?;
@@ -226,7 +238,9 @@ fn run(cli: Cli) -> Result<()> {
         .into()),
         #[cfg(feature = "faults")]
         Command::Fault { resource, action } => daemon::control::cmd_fault(&cfg, &resource, action),
-        Command::CheckConfig | Command::Demo => Err(Usage("unreachable".into()).into()),
+        Command::CheckConfig | Command::Demo | Command::Ocf { .. } => {
+            Err(Usage("unreachable".into()).into())
+        }
     }
 }
 

@@ -46,12 +46,23 @@ impl Event {
 }
 
 /// The configured hook program; shared so a reload can change it under running resources.
+/// `env`: variables every hook gets (TANDEM_CONFIG, TANDEM_NODE), so a hook can call tandem
+/// with the daemon's own configuration.
 #[derive(Clone, Default)]
-pub struct Hooks(Arc<RwLock<Option<String>>>);
+pub struct Hooks(Arc<RwLock<Option<String>>>, Arc<Vec<(String, String)>>);
 
 impl Hooks {
     pub fn new(exec: Option<String>) -> Hooks {
-        Hooks(Arc::new(RwLock::new(exec.filter(|e| !e.is_empty()))))
+        Hooks(
+            Arc::new(RwLock::new(exec.filter(|e| !e.is_empty()))),
+            Arc::default(),
+        )
+    }
+
+    /// Give every hook these environment variables.
+    pub fn with_env(mut self, env: Vec<(String, String)>) -> Hooks {
+        self.1 = Arc::new(env);
+        self
     }
 
     pub fn set(&self, exec: Option<String>) {
@@ -75,6 +86,7 @@ impl Hooks {
         let Some(exec) = exec else { return };
         let mut cmd = Command::new(&exec);
         cmd.arg(event.name()).arg(resource).args(args);
+        cmd.envs(self.1.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null());
         let desc = format!("{exec} {} {resource} {}", event.name(), args.join(" "));
         let desc = desc.trim_end().to_string();
@@ -131,12 +143,18 @@ mod tests {
         let script = dir.path().join("hook.sh");
         std::fs::write(
             &script,
-            format!("#!/bin/sh\necho \"$@\" >> {}\n", out.display()),
+            format!(
+                "#!/bin/sh\necho \"$@\" \"$TANDEM_CONFIG\" \"$TANDEM_NODE\" >> {}\n",
+                out.display()
+            ),
         )
         .unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let hooks = Hooks::new(Some(script.display().to_string()));
+        let hooks = Hooks::new(Some(script.display().to_string())).with_env(vec![
+            ("TANDEM_CONFIG".into(), "/etc/t.toml".into()),
+            ("TANDEM_NODE".into(), "n1".into()),
+        ]);
         hooks.fire(Event::SplitBrain, "r0", &["x"]);
         for _ in 0..100 {
             if std::fs::read_to_string(&out)
@@ -147,6 +165,9 @@ mod tests {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        assert_eq!(std::fs::read_to_string(&out).unwrap(), "split-brain r0 x\n");
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "split-brain r0 x /etc/t.toml n1\n"
+        );
     }
 }

@@ -366,7 +366,16 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
         secret,
         timeout: cfg.daemon.timeout,
         probe_timeout: cfg.daemon.probe_timeout,
-        hooks: Hooks::new(cfg.daemon.exec.clone()),
+        hooks: Hooks::new(cfg.daemon.exec.clone()).with_env(vec![
+            (
+                "TANDEM_CONFIG".into(),
+                std::fs::canonicalize(&config_path)
+                    .unwrap_or_else(|_| config_path.clone())
+                    .display()
+                    .to_string(),
+            ),
+            ("TANDEM_NODE".into(), cfg.node.clone()),
+        ]),
         handles: Mutex::new(HashMap::new()),
         failed: Mutex::new(HashMap::new()),
         registry: Arc::new(Mutex::new(HashMap::new())),
