@@ -66,6 +66,9 @@ pub struct Env {
     pub interval_ms: u64,
     pub notify_type: Option<String>,
     pub notify_operation: Option<String>,
+    /// Pacemaker runs the action (it passes `crm_feature_set` and, for a clone, its meta
+    /// attributes); ocf-tester and hand runs set neither.
+    pub cluster: bool,
 }
 
 impl Env {
@@ -80,6 +83,8 @@ impl Env {
                 .unwrap_or(0),
             notify_type: get("OCF_RESKEY_CRM_meta_notify_type"),
             notify_operation: get("OCF_RESKEY_CRM_meta_notify_operation"),
+            cluster: get("OCF_RESKEY_crm_feature_set").is_some()
+                || get("OCF_RESKEY_CRM_meta_clone_max").is_some(),
         }
     }
 
@@ -89,7 +94,7 @@ impl Env {
 
     /// Run by Pacemaker (not by hand, not by ocf-tester outside a cluster)?
     fn in_cluster(&self) -> bool {
-        self.instance.is_some()
+        self.instance.is_some() && self.cluster
     }
 }
 
@@ -925,6 +930,7 @@ mod tests {
             ("OCF_RESKEY_resource", "r0"),
             ("OCF_RESKEY_config", "/etc/t.toml"),
             ("OCF_RESOURCE_INSTANCE", "p_r0"),
+            ("OCF_RESKEY_crm_feature_set", "3.16.2"),
             ("OCF_RESKEY_CRM_meta_interval", "10000"),
             ("OCF_RESKEY_CRM_meta_notify_type", "post"),
             ("OCF_RESKEY_CRM_meta_notify_operation", "promote"),
@@ -940,6 +946,9 @@ mod tests {
         assert_eq!(e.notify_operation.as_deref(), Some("promote"));
         let probe = Env::from_vars(|k| (k == "OCF_RESKEY_CRM_meta_interval").then(|| "0".into()));
         assert!(probe.is_probe() && !probe.in_cluster() && probe.resource.is_none());
+        // ocf-tester sets the instance name only: not a cluster.
+        let tester = Env::from_vars(|k| (k == "OCF_RESOURCE_INSTANCE").then(|| "t".into()));
+        assert!(!tester.in_cluster());
     }
 
     #[test]
