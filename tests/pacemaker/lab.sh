@@ -1,0 +1,701 @@
+#!/bin/bash
+# The Pacemaker lab: two cluster nodes (node1, node2) and a quorum-device host (qn), each in
+# its own mount + UTS + net + pid namespaces (shared/notes/pacemaker-lab.md), joined by a
+# bridge in namespace tocf-sw. Corosync 3 (knet, aes256/sha256, token 1000), qdevice
+# ffsplit against corosync-qnetd on qn, Pacemaker 2.1 with crmsh, and on each node a tandem
+# daemon whose resource r0 is a promotable clone of ocf:tandem:tandem, colocated with and
+# ordered before an ocf:heartbeat:Filesystem mount and a small service.
+#
+#   lab.sh up            build everything, cluster running, resources placed
+#   lab.sh run           up + every scenario (cold, partition, crash, return) + down
+#   lab.sh down          tear down (node inits killed by PID, loop devices, netns, files)
+#   lab.sh in NODE CMD…  run a command inside a node
+#   lab.sh crash NODE | boot NODE | partition | heal | state
+#
+# Addresses 198.18.0.11 (node1), .12 (node2), .13 (qn), only inside the namespaces; the lab
+# refuses to start when the root namespace uses 198.18.0.0/24.
+# Environment: TOCF_LAB (default /tmp/tocf), TANDEM (the binary; default target/release/tandem),
+# TOCF_RESULTS (append the timings there as markdown).
+
+set -u
+set -o pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+LAB=${TOCF_LAB:-/tmp/tocf}
+TANDEM=${TANDEM:-$ROOT/target/release/tandem}
+NET=198.18.0
+SW=tocf-sw
+NODES=(node1 node2 qn)
+declare -A IP=([node1]=$NET.11 [node2]=$NET.12 [qn]=$NET.13)
+declare -A PEER=([node1]=node2 [node2]=node1)
+DISK_MB=${TOCF_DISK_MB:-256}
+SELF=$HERE/lab.sh
+# The daemons' hooks call this script inside the nodes: they need the same lab.
+export TOCF_LAB=$LAB TANDEM
+
+T0=$(date +%s.%N)
+log() { printf '%s pcmk-lab: %s\n' "$(date +%H:%M:%S.%2N)" "$*" >&2; }
+fail() {
+	log "FAIL: $*"
+	if [ -d "$LAB" ]; then
+		cmd_state >&2 2>&1 || true
+	fi
+	exit 1
+}
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+
+# Poll `cmd` every 0.2 s until it succeeds, for at most `secs` seconds.
+wait_for() {
+	local secs=$1 what=$2
+	shift 2
+	local i n=$((secs * 5))
+	for ((i = 0; i < n; i++)); do
+		"$@" >/dev/null 2>&1 && return 0
+		sleep 0.2
+	done
+	log "timed out after ${secs}s waiting for: $what"
+	return 1
+}
+
+init_pid() { cat "$LAB/$1/init.pid" 2>/dev/null; }
+alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+# Run a command inside a node (all its namespaces; / as working directory).
+in_node() {
+	local n=$1 pid
+	shift
+	pid=$(init_pid "$n")
+	alive "$pid" || return 125
+	nsenter -t "$pid" -m -u -n -p --wd=/ -- "$@"
+}
+
+# Start a daemon inside a node; it is reparented to the node's init (setsid -f).
+spawn() {
+	local n=$1 logf=$2
+	shift 2
+	in_node "$n" env PATH="$LAB/bin:$PATH" setsid -f "$@" </dev/null >>"$LAB/$n/log/$logf" 2>&1
+}
+
+tandem_in() {
+	local n=$1
+	shift
+	in_node "$n" "$TANDEM" -c "$LAB/here/tandem.toml" "$@"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+preflight() {
+	[ "$(id -u)" = 0 ] || fail "the lab needs root (namespaces, mounts, loop devices)"
+	local t
+	for t in unshare nsenter corosync corosync-qnetd corosync-qdevice pacemakerd crm crm_mon \
+		cibadmin crm_resource modprobe nbdfuse losetup mkfs.ext4 sha256sum; do
+		command -v "$t" >/dev/null || fail "missing tool: $t"
+	done
+	[ -x "$TANDEM" ] || fail "no tandem binary at $TANDEM (cargo build --release, or set TANDEM)"
+	if grep -q " $NET\." <<<"$(ip -4 -o addr show)"; then
+		fail "the root namespace has an address in $NET.0/24: refusing to build the lab"
+	fi
+	if grep -q "^$NET\." <<<"$(ip -4 route show)"; then
+		fail "the root namespace routes $NET.0/24: refusing to build the lab"
+	fi
+	[ -e "/run/netns/$SW" ] && fail "namespace $SW exists: another lab runs (or run lab.sh down)"
+	return 0
+}
+
+write_files() {
+	local n d
+	mkdir -p "$LAB/here" "$LAB/bin"
+	ln -sfn "$TANDEM" "$LAB/bin/tandem"
+	# The resource agent directory every node sees: the installed agents plus ours.
+	cp -a /usr/lib/ocf/resource.d "$LAB/ocf-rd"
+	mkdir -p "$LAB/ocf-rd/tandem"
+	cp "$ROOT/ocf/tandem" "$LAB/ocf-rd/tandem/tandem"
+	head -c 256 /dev/urandom >"$LAB/authkey"
+	head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$LAB/secret"
+	chmod 600 "$LAB/secret"
+	cat >"$LAB/svc.sh" <<EOF
+#!/bin/sh
+# The lab's service: appends a line to the replicated filesystem every half second.
+while :; do date +%s.%N >>"$LAB/here/mnt/svc.log"; sleep 0.5; done
+EOF
+	chmod 755 "$LAB/svc.sh"
+	for n in "${NODES[@]}"; do
+		d=$LAB/$n
+		mkdir -p "$d"/{log,mnt,fuse} "$d/root/etc" "$d/root/var/lib" "$d/root/var/log"
+		cp -a /etc/corosync "$d/root/etc/"
+		cp -a /var/lib/pacemaker /var/lib/corosync "$d/root/var/lib/"
+		cp -a /var/log/pacemaker /var/log/corosync "$d/root/var/log/"
+		rm -f "$d"/root/var/lib/pacemaker/cib/* "$d"/root/var/log/pacemaker/*.log
+		install -m 400 "$LAB/authkey" "$d/root/etc/corosync/authkey"
+		cat >"$d/root/etc/corosync/corosync.conf" <<EOF
+totem {
+	version: 2
+	cluster_name: tocf
+	transport: knet
+	crypto_cipher: aes256
+	crypto_hash: sha256
+	token: 1000
+}
+nodelist {
+	node {
+		name: node1
+		nodeid: 1
+		ring0_addr: ${IP[node1]}
+	}
+	node {
+		name: node2
+		nodeid: 2
+		ring0_addr: ${IP[node2]}
+	}
+}
+quorum {
+	provider: corosync_votequorum
+	device {
+		votes: 1
+		model: net
+		net {
+			host: ${IP[qn]}
+			algorithm: ffsplit
+			tls: off
+		}
+	}
+}
+logging {
+	to_logfile: yes
+	logfile: /var/log/corosync/corosync.log
+	to_syslog: no
+	to_stderr: no
+	timestamp: on
+}
+EOF
+	done
+	for n in node1 node2; do
+		cat >"$LAB/$n/tandem.toml" <<EOF
+# Lab node $n (tests/pacemaker/lab.sh). Paths are the same on both nodes: each node sees
+# its own directory at $LAB/here.
+node = "$n"
+
+[log]
+tag = "tandem-$n"
+level = "info"
+
+[switch]
+lock = "$LAB/here/switch.lock"
+role_timeout = "15s"
+device_timeout = "15s"
+
+[daemon]
+listen = ["${IP[$n]}:7788"]
+control = "$LAB/here/control.sock"
+secret = "$LAB/secret"
+timeout = "2s"
+# The fencing hook: the agent file places/lifts the constraint on disconnect/syncdone.
+exec = "/usr/lib/ocf/resource.d/tandem/tandem"
+
+# No mountpoint: Pacemaker mounts the device (ocf:heartbeat:Filesystem) and runs the
+# service; the agent's promote makes the device (attach hook: NBD export -> loop device).
+[resource.r0]
+backend = "tandem"
+device = "$LAB/here/dev"
+nbd = "$LAB/here/r0.nbd"
+extent_size = "512K"
+attach = "$HERE/lab.sh attach"
+detach = "$HERE/lab.sh detach"
+
+[resource.r0.on.node1]
+local = "$LAB/here/disk.img"
+remote = "${IP[node2]}:7788"
+
+[resource.r0.on.node2]
+local = "$LAB/here/disk.img"
+remote = "${IP[node1]}:7788"
+EOF
+		truncate -s "${DISK_MB}M" "$LAB/$n/disk.img"
+	done
+	cat >"$LAB/cluster.crm" <<EOF
+property cib-bootstrap-options: stonith-enabled=false dc-deadtime=5s no-quorum-policy=stop
+rsc_defaults resource-stickiness=100
+primitive tandem-r0 ocf:tandem:tandem \\
+	params resource=r0 config=$LAB/here/tandem.toml binary=$TANDEM \\
+	op start timeout=60s interval=0 \\
+	op stop timeout=120s interval=0 \\
+	op promote timeout=120s interval=0 \\
+	op demote timeout=120s interval=0 \\
+	op notify timeout=30s interval=0 \\
+	op monitor interval=3s timeout=30s role=Promoted \\
+	op monitor interval=4s timeout=30s role=Unpromoted
+clone tandem-r0-clone tandem-r0 \\
+	meta promotable=true promoted-max=1 promoted-node-max=1 clone-max=2 clone-node-max=1 notify=true
+primitive fs-r0 Filesystem \\
+	params device=$LAB/here/dev directory=$LAB/here/mnt fstype=ext4 options=noatime \\
+	op start timeout=60s interval=0 op stop timeout=60s interval=0 \\
+	op monitor interval=10s timeout=40s
+primitive svc-r0 anything \\
+	params binfile=$LAB/svc.sh \\
+	op monitor interval=10s timeout=20s
+group g-r0 fs-r0 svc-r0
+colocation c-r0-on-promoted inf: g-r0 tandem-r0-clone:Promoted
+order o-r0-after-promote Mandatory: tandem-r0-clone:promote g-r0:start
+location l-r0-prefer-node1 tandem-r0-clone rule \$role=Promoted 50: #uname eq node1
+EOF
+}
+
+# Namespaces of a node, its link on the bridge, its address.
+node_up() {
+	local n=$1 pid
+	rm -f "$LAB/$n/ready"
+	setsid unshare --mount --uts --net --pid --fork --mount-proc --propagation private \
+		bash "$HERE/node-init" "$n" "$LAB" </dev/null >>"$LAB/$n/log/init.log" 2>&1 &
+	local upid=$!
+	wait_for 10 "$n init ready" test -e "$LAB/$n/ready" || fail "$n did not come up"
+	# The node's PID 1 is unshare's child (the bash running node-init).
+	pid=$(pgrep -P "$upid" -x bash | head -n1)
+	[ -n "$pid" ] || fail "no init pid for $n"
+	echo "$pid" >"$LAB/$n/init.pid"
+	echo "$upid" >"$LAB/$n/unshare.pid"
+	ip -n "$SW" link add "v-$n" type veth peer name eth0 netns "$pid" || fail "veth for $n"
+	ip -n "$SW" link set "v-$n" master br0 up
+	in_node "$n" ip addr add "${IP[$n]}/24" dev eth0
+	in_node "$n" ip link set eth0 up
+}
+
+start_tandem() {
+	local n=$1
+	rm -f "$LAB/$n/control.sock"
+	spawn "$n" daemon.log "$TANDEM" -c "$LAB/here/tandem.toml" daemon
+	wait_for 10 "tandem daemon on $n" test -S "$LAB/$n/control.sock" || fail "tandem daemon on $n"
+}
+
+start_cluster_stack() {
+	local n=$1
+	spawn "$n" corosync.out corosync -f
+	wait_for 10 "corosync on $n" in_node "$n" corosync-cfgtool -s || fail "corosync on $n"
+	spawn "$n" qdevice.out corosync-qdevice -f
+	spawn "$n" pacemaker.out env PCMK_logfile=/var/log/pacemaker/pacemaker.log \
+		PCMK_logfacility=none pacemakerd
+}
+
+crm_out() { in_node "${1:-node1}" crm_mon -1 2>/dev/null; }
+online_both() { crm_out "$1" | grep -q "Online: \[ node1 node2 \]"; }
+
+# The node that Pacemaker reports promoted (crm_resource --locate), if one.
+promoted_by_crm() {
+	in_node "$1" crm_resource --locate -r tandem-r0-clone 2>/dev/null |
+		sed -n 's/.*running on: \([a-z0-9]*\) \(Promoted\|Master\).*/\1/p' | head -n1
+}
+
+role_of() {
+	tandem_in "$1" status --json r0 2>/dev/null |
+		sed -n 's/.*"role":"\([a-z]*\)".*/\1/p' | head -n1
+}
+
+state_of() {
+	tandem_in "$1" status --json r0 2>/dev/null |
+		sed -n 's/.*"state":"\([a-z-]*\)".*/\1/p' | head -n1
+}
+
+mounted_in() { in_node "$1" awk -v m="$LAB/here/mnt" '$5 == m { f = 1 } END { exit !f }' /proc/self/mountinfo; }
+
+# node serving: Pacemaker says promoted there, tandem role primary, filesystem mounted.
+serving() {
+	[ "$(promoted_by_crm "$1")" = "$1" ] && [ "$(role_of "$1")" = primary ] && mounted_in "$1"
+}
+
+fence_constraint() {
+	in_node "$1" cibadmin --query --xpath "//rsc_location[@id='tandem-fence-r0']" >/dev/null 2>&1
+}
+
+cmd_state() {
+	local n
+	for n in node1 node2; do
+		if alive "$(init_pid "$n")"; then
+			echo "== $n: role=$(role_of "$n") state=$(state_of "$n") mounted=$(mounted_in "$n" && echo yes || echo no)"
+		else
+			echo "== $n: down"
+		fi
+	done
+	for n in node1 node2; do
+		alive "$(init_pid "$n")" && crm_out "$n" && break
+	done
+	return 0
+}
+
+# ---------------------------------------------------------------------------------------------
+# Device hooks of r0 (the daemon's attach/detach, run inside the node): the NBD export becomes
+# a file through nbdfuse, then a loop device ($TANDEM_DEVICE links to it). The loop device's
+# name is kept in the node's directory so that teardown can free it after a crash.
+
+cmd_attach() {
+	local d=$LAB/here sock=${TANDEM_NBD:-$LAB/here/r0.nbd} dev=${TANDEM_DEVICE:-$LAB/here/dev}
+	if [ -L "$dev" ] && [ -b "$dev" ]; then return 0; fi
+	if awk -v m="$d/fuse" '$5 == m { f = 1 } END { exit !f }' /proc/self/mountinfo; then
+		umount -l "$d/fuse"
+	fi
+	rm -f "$d/fuse.pid"
+	setsid nbdfuse -P "$d/fuse.pid" "$d/fuse/nbd" --unix "$sock" </dev/null >>"$d/log/nbdfuse.log" 2>&1 &
+	wait_for 10 "nbdfuse" test -s "$d/fuse.pid" || exit 1
+	local loop
+	loop=$(losetup --find --show "$d/fuse/nbd") || exit 1
+	echo "$loop" >>"$d/loops"
+	ln -sfn "$loop" "$dev"
+}
+
+cmd_detach() {
+	local d=$LAB/here dev=${TANDEM_DEVICE:-$LAB/here/dev} loop pid
+	if [ -L "$dev" ]; then
+		loop=$(readlink "$dev")
+		rm -f "$dev"
+		[ -b "$loop" ] && losetup -d "$loop" 2>/dev/null
+	fi
+	pid=$(cat "$d/fuse.pid" 2>/dev/null)
+	fusermount3 -u "$d/fuse" 2>/dev/null || umount -l "$d/fuse" 2>/dev/null
+	if alive "$pid"; then
+		kill "$pid" 2>/dev/null
+		wait_for 5 "nbdfuse exit" sh -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null
+	fi
+	rm -f "$d/fuse.pid"
+	return 0
+}
+
+# Loop devices a dead node left behind (their nbdfuse died with it).
+free_loops() {
+	local n=$1 loop
+	[ -f "$LAB/$n/loops" ] || return 0
+	while read -r loop; do
+		[ -b "$loop" ] || continue
+		if losetup -l -n -O BACK-FILE "$loop" 2>/dev/null | grep -q "$LAB/here/fuse/nbd"; then
+			losetup -d "$loop" 2>/dev/null
+		fi
+	done <"$LAB/$n/loops"
+	rm -f "$LAB/$n/loops"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+cmd_up() {
+	cmd_down quiet
+	preflight
+	mkdir -p "$LAB"
+	log "building the lab in $LAB (tandem $TANDEM)"
+	write_files
+	ip netns add "$SW" || fail "ip netns add $SW"
+	ip -n "$SW" link add br0 type bridge
+	ip -n "$SW" link set br0 up
+	ip -n "$SW" link set lo up
+	local n
+	for n in "${NODES[@]}"; do node_up "$n"; done
+	# The replicated disk, before the cluster: metadata, a first primary makes the filesystem,
+	# the initial sync, then both back to role init for Pacemaker (DRBD's procedure too).
+	for n in node1 node2; do
+		tandem_in "$n" create r0 >>"$LAB/$n/log/daemon.log" 2>&1 || fail "tandem create on $n"
+		start_tandem "$n"
+	done
+	tandem_in node2 role secondary r0 || fail "role secondary on node2"
+	tandem_in node1 role primary r0 || fail "role primary on node1"
+	wait_for 10 "NBD export on node1" test -S "$LAB/node1/r0.nbd" || fail "no export"
+	in_node node1 env TANDEM_NBD="$LAB/here/r0.nbd" TANDEM_DEVICE="$LAB/here/dev" \
+		"$HERE/lab.sh" attach || fail "attach on node1"
+	in_node node1 mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$LAB/here/dev" ||
+		fail "mkfs"
+	in_node node1 "$HERE/lab.sh" detach
+	local t
+	t=$(now)
+	tandem_in node1 wait-sync r0 --timeout 120s || fail "initial sync did not complete"
+	log "initial sync of ${DISK_MB} MiB done in $(elapsed "$t") s"
+	echo "initial_sync_s=$(elapsed "$t")" >>"$LAB/timings"
+	tandem_in node1 role init r0 || fail "role init on node1"
+	tandem_in node2 role init r0 || fail "role init on node2"
+	spawn qn qnetd.out corosync-qnetd -f -s off
+	wait_for 10 "qnetd listening" in_node qn sh -c "ss -ltn | grep -q ':5403 '" || fail "qnetd"
+	t=$(now)
+	for n in node1 node2; do start_cluster_stack "$n"; done
+	wait_for 60 "both nodes online" online_both node1 || fail "cluster did not form"
+	log "cluster online in $(elapsed "$t") s"
+	echo "cluster_online_s=$(elapsed "$t")" >>"$LAB/timings"
+	in_node node1 env PATH="$LAB/bin:$PATH" crm configure load update "$LAB/cluster.crm" >>"$LAB/node1/log/crm.log" 2>&1 ||
+		fail "crm configure load: $(tail -n5 "$LAB/node1/log/crm.log")"
+	log "lab is up"
+}
+
+cmd_boot() {
+	local n=$1
+	node_up "$n"
+	start_tandem "$n"
+	start_cluster_stack "$n"
+}
+
+# A crash / power cut: the node's init is killed, and with it every process of its pid
+# namespace; its netns, /run and mounts go with it. What it leaves: its disk and dirs.
+cmd_crash() {
+	local n=$1 pid upid
+	pid=$(init_pid "$n")
+	upid=$(cat "$LAB/$n/unshare.pid" 2>/dev/null)
+	kill -KILL "$pid" 2>/dev/null
+	wait_for 10 "$n's init gone" sh -c "! kill -0 $pid" || fail "$n's init survived SIGKILL"
+	[ -n "$upid" ] && wait_for 10 "unshare of $n gone" sh -c "! kill -0 $upid"
+	rm -f "$LAB/$n/init.pid" "$LAB/$n/unshare.pid" "$LAB/$n/control.sock"
+}
+
+# Partition: each cluster node blackholes the other (qn stays reachable from both).
+cmd_partition() {
+	in_node node1 ip route add blackhole "${IP[node2]}/32"
+	in_node node2 ip route add blackhole "${IP[node1]}/32"
+}
+
+cmd_heal() {
+	in_node node1 ip route del blackhole "${IP[node2]}/32"
+	in_node node2 ip route del blackhole "${IP[node1]}/32"
+}
+
+cmd_down() {
+	local quiet=${1:-} n pid i
+	[ -d "$LAB" ] || [ -e "/run/netns/$SW" ] || return 0
+	[ -z "$quiet" ] && log "tearing the lab down"
+	for n in "${NODES[@]}"; do
+		pid=$(init_pid "$n")
+		alive "$pid" && kill -KILL "$pid" 2>/dev/null
+	done
+	for n in "${NODES[@]}"; do
+		pid=$(init_pid "$n")
+		for ((i = 0; i < 50; i++)); do
+			alive "$pid" || break
+			sleep 0.1
+		done
+		pid=$(cat "$LAB/$n/unshare.pid" 2>/dev/null)
+		for ((i = 0; i < 50; i++)); do
+			alive "$pid" || break
+			sleep 0.1
+		done
+	done
+	# A dead node's FUSE mount is gone with its mount namespace; the loop devices remain.
+	for ((i = 0; i < 20; i++)); do
+		local busy=0
+		for n in node1 node2; do
+			[ -f "$LAB/$n/loops" ] && busy=1 && free_loops "$n"
+		done
+		[ $busy = 0 ] && break
+		sleep 0.2
+	done
+	[ -e "/run/netns/$SW" ] && ip netns del "$SW"
+	if [ -n "${TOCF_KEEP:-}" ]; then
+		log "TOCF_KEEP set: keeping $LAB"
+	else
+		rm -rf "${LAB:?}"
+	fi
+	return 0
+}
+
+# ---------------------------------------------------------------------------------------------
+# Client: writes through the promoted node's filesystem, fsynced (acknowledged), recorded with
+# its checksum; check reads every recorded file on a node.
+
+cmd_put() {
+	local n=$1 name=$2 mb=$3 f
+	f=$LAB/files/$name
+	mkdir -p "$LAB/files"
+	head -c "$((mb << 20))" /dev/urandom >"$f"
+	in_node "$n" dd if="$f" of="$LAB/here/mnt/$name" bs=1M conv=fsync status=none ||
+		return 1
+	echo "$name $(sha256sum <"$f" | cut -d' ' -f1)" >>"$LAB/acked"
+}
+
+cmd_check() {
+	local n=$1 name sum got k=0
+	while read -r name sum; do
+		got=$(in_node "$n" sha256sum "$LAB/here/mnt/$name" | cut -d' ' -f1)
+		[ "$got" = "$sum" ] || fail "$n: $name has checksum ${got:-none}, acknowledged $sum"
+		k=$((k + 1))
+	done <"$LAB/acked"
+	log "$n: all $k acknowledged files read back with their checksums"
+}
+
+# Sample both nodes continuously: a moment with two tandem primaries, two Pacemaker
+# promoted instances or two mounts, or any split-brain state, is recorded.
+cmd_sampler_start() {
+	rm -f "$LAB/sampler.stop" "$LAB/sampler.bad"
+	(
+		i=0
+		while [ ! -e "$LAB/sampler.stop" ] && [ $i -lt 3000 ]; do
+			r1=$(role_of node1)
+			r2=$(role_of node2)
+			[ "$r1" = primary ] && [ "$r2" = primary ] && echo "$(now) two primaries" >>"$LAB/sampler.bad"
+			if mounted_in node1 2>/dev/null && mounted_in node2 2>/dev/null; then
+				echo "$(now) mounted on both" >>"$LAB/sampler.bad"
+			fi
+			for n in node1 node2; do
+				[ "$(state_of "$n")" = split-brain ] && echo "$(now) split-brain on $n" >>"$LAB/sampler.bad"
+			done
+			c1=$(promoted_by_crm node1)
+			c2=$(promoted_by_crm node2)
+			if [ -n "$c1" ] && [ -n "$c2" ] && [ "$c1" != "$c2" ]; then
+				echo "$(now) promoted on $c1 (node1's view) and $c2 (node2's view)" >>"$LAB/sampler.bad"
+			fi
+			i=$((i + 1))
+		done
+		echo "$i" >"$LAB/sampler.count"
+	) &
+	echo $! >"$LAB/sampler.pid"
+}
+
+cmd_sampler_stop() {
+	touch "$LAB/sampler.stop"
+	local pid
+	pid=$(cat "$LAB/sampler.pid" 2>/dev/null)
+	[ -n "$pid" ] && { wait_for 30 "sampler exit" sh -c "! kill -0 $pid" || kill -9 "$pid"; }
+	log "sampler took $(cat "$LAB/sampler.count" 2>/dev/null || echo '?') samples of both nodes"
+	if [ -s "$LAB/sampler.bad" ]; then
+		head -n5 "$LAB/sampler.bad" >&2
+		fail "unsafe state observed ($(wc -l <"$LAB/sampler.bad") samples)"
+	fi
+}
+
+json_num() { sed -n "s/.*\"$2\":\([0-9]*\).*/\1/p" <<<"$1" | head -n1; }
+
+timing() {
+	log "timing: $1 = $2 s"
+	echo "$1=$2" >>"$LAB/timings"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios (each continues from the previous one's state).
+
+scenario_cold() {
+	log "== cold start: one node promoted, sync complete, a client writes"
+	local t
+	t=$(now)
+	wait_for 60 "node1 serving" serving node1 || fail "no node promoted and serving"
+	timing cold_promoted_after_config_s "$(elapsed "$t")"
+	[ "$(role_of node2)" = secondary ] || fail "node2 is $(role_of node2), expected secondary"
+	wait_for 30 "both complete" sh -c "[ \"\$($SELF state-of node1)\" = complete ] && [ \"\$($SELF state-of node2)\" = complete ]" ||
+		fail "the pair is not in sync"
+	wait_for 30 "svc-r0 writing" in_node node1 test -s "$LAB/here/mnt/svc.log" ||
+		fail "the service does not run on the promoted node"
+	cmd_put node1 cold1 4 || fail "client write on node1"
+	cmd_check node1
+}
+
+scenario_partition() {
+	log "== partition: node1 (primary, quorate by ffsplit) stays, node2 stops"
+	cmd_sampler_start
+	cmd_partition
+	local t
+	t=$(now)
+	wait_for 30 "node2 stopped (no quorum)" sh -c "[ \"\$($SELF role-of node2)\" = init ]" ||
+		fail "node2 did not stop without quorum"
+	timing partition_minority_stopped_s "$(elapsed "$t")"
+	wait_for 20 "fence constraint placed" fence_constraint node1 ||
+		fail "node1 did not place the fencing constraint"
+	timing partition_fence_placed_s "$(elapsed "$t")"
+	serving node1 || fail "node1 stopped serving in the partition"
+	in_node node1 corosync-quorumtool -s | grep -q "Quorate:.*Yes" || fail "node1 not quorate"
+	cmd_put node1 part1 4 || fail "client write on node1 during the partition"
+	cmd_heal
+	t=$(now)
+	wait_for 60 "node2 back as secondary, in sync" sh -c "[ \"\$($SELF role-of node2)\" = secondary ] && [ \"\$($SELF state-of node1)\" = complete ]" ||
+		fail "node2 did not resync after the heal"
+	timing heal_to_in_sync_s "$(elapsed "$t")"
+	wait_for 20 "fence constraint lifted" sh -c "! $SELF in node1 cibadmin --query --xpath \"//rsc_location[@id='tandem-fence-r0']\"" ||
+		fail "the fencing constraint stayed after syncdone"
+	cmd_sampler_stop
+	serving node1 || fail "node1 is not serving after the heal"
+	local v
+	v=$(tandem_in node1 verify r0 --json) || fail "tandem verify failed: $v"
+	grep -q '"differing":\[\]' <<<"$v" || fail "verify found differences: $v"
+	log "verify: no difference ($v)"
+	cmd_check node1
+}
+
+scenario_crash() {
+	log "== crash of the promoted node1: node2 promoted with every acknowledged write"
+	cmd_put node1 crash1 4 || fail "client write before the crash"
+	local t
+	cmd_sampler_start
+	t=$(now)
+	cmd_crash node1
+	wait_for 60 "node2 promoted" sh -c "[ \"\$($SELF promoted-by node2)\" = node2 ]" ||
+		fail "node2 was not promoted"
+	timing crash_to_promoted_reported_s "$(elapsed "$t")"
+	wait_for 60 "node2 serving" serving node2 || fail "node2 does not serve"
+	timing crash_to_mounted_s "$(elapsed "$t")"
+	cmd_sampler_stop
+	cmd_check node2
+	wait_for 20 "fence constraint placed by node2" fence_constraint node2 ||
+		fail "node2 (primary, peer gone) did not place the fencing constraint"
+	cmd_put node2 after1 8 || fail "client write on node2"
+}
+
+scenario_return() {
+	log "== node1 returns: resyncs only the dirty extents, stays unpromoted"
+	local t s total resynced
+	t=$(now)
+	cmd_boot node1
+	wait_for 90 "node1 in sync" sh -c "[ \"\$($SELF role-of node1)\" = secondary ] && [ \"\$($SELF state-of node1)\" = complete ]" ||
+		fail "node1 did not resync"
+	timing return_boot_to_in_sync_s "$(elapsed "$t")"
+	s=$(tandem_in node1 status --json r0)
+	total=$(json_num "$s" data_size)
+	resynced=$(json_num "$s" bytes_resynced)
+	log "node1 resynced $resynced of $total bytes"
+	echo "return_resynced_bytes=$resynced" >>"$LAB/timings"
+	echo "data_size_bytes=$total" >>"$LAB/timings"
+	[ -n "$resynced" ] && [ "$resynced" -ge $((8 << 20)) ] ||
+		fail "node1 resynced $resynced bytes, less than the 8 MiB written while it was away"
+	[ "$resynced" -lt $((total / 4)) ] || fail "node1 resynced $resynced of $total bytes: not only the dirty extents"
+	wait_for 20 "fence constraint lifted" sh -c "! $SELF in node2 cibadmin --query --xpath \"//rsc_location[@id='tandem-fence-r0']\"" ||
+		fail "node2's fencing constraint stayed after the resync"
+	serving node2 || fail "node2 stopped serving when node1 returned"
+	local v
+	v=$(tandem_in node2 verify r0 --json) || fail "tandem verify failed: $v"
+	grep -q '"differing":\[\]' <<<"$v" || fail "verify found differences: $v"
+	cmd_check node2
+}
+
+cmd_run() {
+	rm -f "$LAB/timings"
+	local t
+	t=$(now)
+	cmd_up
+	scenario_cold
+	scenario_partition
+	scenario_crash
+	scenario_return
+	timing total_s "$(elapsed "$t")"
+	if [ -n "${TOCF_RESULTS:-}" ]; then
+		cp "$LAB/timings" "$TOCF_RESULTS"
+	fi
+	log "all scenarios passed"
+	cat "$LAB/timings"
+}
+
+main() {
+	local cmd=${1:-help}
+	shift || true
+	case $cmd in
+	up) cmd_up ;;
+	down) cmd_down ;;
+	run)
+		trap 'cmd_down' EXIT
+		cmd_run
+		;;
+	in) in_node "$@" ;;
+	boot) cmd_boot "$@" ;;
+	crash) cmd_crash "$@" ;;
+	partition) cmd_partition ;;
+	heal) cmd_heal ;;
+	state) cmd_state ;;
+	put) cmd_put "$@" ;;
+	check) cmd_check "$@" ;;
+	attach) cmd_attach ;;
+	detach) cmd_detach ;;
+	role-of) role_of "$1" ;;
+	state-of) state_of "$1" ;;
+	promoted-by) promoted_by_crm "$1" ;;
+	scenario-*) "${cmd//-/_}" ;;
+	help | -h | --help) sed -n '2,20p' "$0" ;;
+	*) fail "unknown command $cmd (try help)" ;;
+	esac
+}
+
+main "$@"
