@@ -7,7 +7,8 @@
 # ordered before an ocf:heartbeat:Filesystem mount and a small service.
 #
 #   lab.sh up            build everything, cluster running, resources placed
-#   lab.sh run           up + every scenario (cold, partition, crash, return) + down
+#   lab.sh run           up + the scenarios (cold, partition, crash, return, partition
+#                        again with the primary on the other node) + down
 #   lab.sh down          tear down (node inits killed by PID, loop devices, netns, files)
 #   lab.sh in NODE CMD…  run a command inside a node
 #   lab.sh crash NODE | boot NODE | partition | heal | state
@@ -15,7 +16,8 @@
 # Addresses 198.18.0.11 (node1), .12 (node2), .13 (qn), only inside the namespaces; the lab
 # refuses to start when the root namespace uses 198.18.0.0/24.
 # Environment: TOCF_LAB (default /tmp/tocf), TANDEM (the binary; default target/release/tandem),
-# TOCF_RESULTS (append the timings there as markdown).
+# TOCF_RESULTS (copy the timings there), TOCF_HEURISTICS (qdevice heuristics mode, default
+# sync; `off` shows what they prevent: a primary on node2 loses the vote in a partition).
 
 set -u
 set -o pipefail
@@ -121,6 +123,12 @@ write_files() {
 while :; do date +%s.%N >>"$LAB/here/mnt/svc.log"; sleep 0.5; done
 EOF
 	chmod 755 "$LAB/svc.sh"
+	cat >"$LAB/is-primary" <<EOF
+#!/bin/sh
+# qdevice heuristics: pass (exit 0) on the node where tandem resource r0 is primary.
+"$TANDEM" -c "$LAB/here/tandem.toml" status --json r0 2>/dev/null | grep -q '"role":"primary"'
+EOF
+	chmod 755 "$LAB/is-primary"
 	for n in "${NODES[@]}"; do
 		d=$LAB/$n
 		mkdir -p "$d"/{log,mnt,fuse} "$d/root/etc" "$d/root/var/lib" "$d/root/var/log"
@@ -159,6 +167,12 @@ quorum {
 			host: ${IP[qn]}
 			algorithm: ffsplit
 			tls: off
+		}
+		# The vote of a 1:1 split goes to the side whose heuristics pass: the side of
+		# the tandem primary, so the primary keeps running and nothing diverges.
+		heuristics {
+			mode: ${TOCF_HEURISTICS:-sync}
+			exec_primary: $LAB/is-primary
 		}
 	}
 }
@@ -238,7 +252,6 @@ primitive svc-r0 anything \\
 group g-r0 fs-r0 svc-r0
 colocation c-r0-on-promoted inf: g-r0 tandem-r0-clone:Promoted
 order o-r0-after-promote Mandatory: tandem-r0-clone:promote g-r0:start
-location l-r0-prefer-node1 tandem-r0-clone rule \$role=Promoted 50: #uname eq node1
 EOF
 }
 
@@ -561,95 +574,123 @@ timing() {
 # ---------------------------------------------------------------------------------------------
 # Scenarios (each continues from the previous one's state).
 
+# The scenarios run in order, each from the state the previous one left. $LAB/primary names
+# the node that is primary: whichever Pacemaker picked at the cold start, then the survivor.
+
+primary() { cat "$LAB/primary"; }
+secondary() { echo "${PEER[$(primary)]}"; }
+
 scenario_cold() {
 	log "== cold start: one node promoted, sync complete, a client writes"
-	local t
+	local t p
 	t=$(now)
-	wait_for 60 "node1 serving" serving node1 || fail "no node promoted and serving"
+	wait_for 60 "a node serving" sh -c "$SELF serving node1 || $SELF serving node2" ||
+		fail "no node promoted and serving"
 	timing cold_promoted_after_config_s "$(elapsed "$t")"
-	[ "$(role_of node2)" = secondary ] || fail "node2 is $(role_of node2), expected secondary"
+	if serving node1; then p=node1; else p=node2; fi
+	echo "$p" >"$LAB/primary"
+	log "Pacemaker promoted $p"
+	[ "$(role_of "${PEER[$p]}")" = secondary ] || fail "${PEER[$p]} is not secondary"
 	wait_for 30 "both complete" sh -c "[ \"\$($SELF state-of node1)\" = complete ] && [ \"\$($SELF state-of node2)\" = complete ]" ||
 		fail "the pair is not in sync"
-	wait_for 30 "svc-r0 writing" in_node node1 test -s "$LAB/here/mnt/svc.log" ||
+	wait_for 30 "svc-r0 writing" in_node "$p" test -s "$LAB/here/mnt/svc.log" ||
 		fail "the service does not run on the promoted node"
-	cmd_put node1 cold1 4 || fail "client write on node1"
-	cmd_check node1
+	cmd_put "$p" cold1 4 || fail "client write on $p"
+	cmd_check "$p"
 }
 
+# Partition (N: 1 or 2): the secondary has no quorum (the qdevice heuristics give the vote
+# to the primary's side, whatever its node id) and stops; the primary stays promoted and
+# fences the secondary off; nothing diverges.
 scenario_partition() {
-	log "== partition: node1 (primary, quorate by ffsplit) stays, node2 stops"
+	local k=$1 p s t v
+	p=$(primary)
+	s=$(secondary)
+	log "== partition $k, primary on $p: $s (no quorum) stops, $p stays promoted"
 	cmd_sampler_start
 	cmd_partition
-	local t
 	t=$(now)
-	wait_for 30 "node2 stopped (no quorum)" sh -c "[ \"\$($SELF role-of node2)\" = init ]" ||
-		fail "node2 did not stop without quorum"
-	timing partition_minority_stopped_s "$(elapsed "$t")"
-	wait_for 20 "fence constraint placed" fence_constraint node1 ||
-		fail "node1 did not place the fencing constraint"
-	timing partition_fence_placed_s "$(elapsed "$t")"
-	serving node1 || fail "node1 stopped serving in the partition"
-	in_node node1 corosync-quorumtool -s | grep -q "Quorate:.*Yes" || fail "node1 not quorate"
-	cmd_put node1 part1 4 || fail "client write on node1 during the partition"
+	wait_for 30 "$s stopped (no quorum)" sh -c "[ \"\$($SELF role-of $s)\" = init ]" ||
+		fail "$s did not stop without quorum"
+	timing "partition${k}_secondary_stopped_s" "$(elapsed "$t")"
+	wait_for 20 "fence constraint placed" fence_constraint "$p" ||
+		fail "$p did not place the fencing constraint"
+	timing "partition${k}_fence_placed_s" "$(elapsed "$t")"
+	serving "$p" || fail "$p stopped serving in the partition"
+	in_node "$p" corosync-quorumtool -s | grep -q "Quorate:.*Yes" || fail "$p is not quorate"
+	if in_node "$s" corosync-quorumtool -s | grep -q "Quorate:.*Yes"; then
+		fail "$s is quorate in the partition"
+	fi
+	cmd_put "$p" "part$k" 4 || fail "client write on $p during the partition"
 	cmd_heal
 	t=$(now)
-	wait_for 60 "node2 back as secondary, in sync" sh -c "[ \"\$($SELF role-of node2)\" = secondary ] && [ \"\$($SELF state-of node1)\" = complete ]" ||
-		fail "node2 did not resync after the heal"
-	timing heal_to_in_sync_s "$(elapsed "$t")"
-	wait_for 20 "fence constraint lifted" sh -c "! $SELF in node1 cibadmin --query --xpath \"//rsc_location[@id='tandem-fence-r0']\"" ||
+	wait_for 60 "$s back as secondary, in sync" sh -c "[ \"\$($SELF role-of $s)\" = secondary ] && [ \"\$($SELF state-of $p)\" = complete ]" ||
+		fail "$s did not resync after the heal"
+	timing "partition${k}_heal_to_in_sync_s" "$(elapsed "$t")"
+	wait_for 20 "fence constraint lifted" sh -c "! $SELF in $p cibadmin --query --xpath \"//rsc_location[@id='tandem-fence-r0']\"" ||
 		fail "the fencing constraint stayed after syncdone"
+	# Settled: no switch back, no late second primary.
+	sleep 5
 	cmd_sampler_stop
-	serving node1 || fail "node1 is not serving after the heal"
-	local v
-	v=$(tandem_in node1 verify r0 --json) || fail "tandem verify failed: $v"
+	serving "$p" || fail "$p is not serving after the heal"
+	v=$(tandem_in "$p" verify r0 --json) || fail "tandem verify failed: $v"
 	grep -q '"differing":\[\]' <<<"$v" || fail "verify found differences: $v"
 	log "verify: no difference ($v)"
-	cmd_check node1
+	cmd_check "$p"
 }
 
 scenario_crash() {
-	log "== crash of the promoted node1: node2 promoted with every acknowledged write"
-	cmd_put node1 crash1 4 || fail "client write before the crash"
-	local t
+	local p s t
+	p=$(primary)
+	s=$(secondary)
+	log "== crash of the promoted $p: $s promoted with every acknowledged write"
+	cmd_put "$p" crash1 4 || fail "client write before the crash"
 	cmd_sampler_start
 	t=$(now)
-	cmd_crash node1
-	wait_for 60 "node2 promoted" sh -c "[ \"\$($SELF promoted-by node2)\" = node2 ]" ||
-		fail "node2 was not promoted"
+	cmd_crash "$p"
+	wait_for 60 "$s promoted" sh -c "[ \"\$($SELF promoted-by $s)\" = $s ]" ||
+		fail "$s was not promoted"
 	timing crash_to_promoted_reported_s "$(elapsed "$t")"
-	wait_for 60 "node2 serving" serving node2 || fail "node2 does not serve"
+	wait_for 60 "$s serving" serving "$s" || fail "$s does not serve"
 	timing crash_to_mounted_s "$(elapsed "$t")"
 	cmd_sampler_stop
-	cmd_check node2
-	wait_for 20 "fence constraint placed by node2" fence_constraint node2 ||
-		fail "node2 (primary, peer gone) did not place the fencing constraint"
-	cmd_put node2 after1 8 || fail "client write on node2"
+	echo "$s" >"$LAB/primary"
+	cmd_check "$s"
+	wait_for 20 "fence constraint placed by $s" fence_constraint "$s" ||
+		fail "$s (primary, peer gone) did not place the fencing constraint"
+	cmd_put "$s" after1 8 || fail "client write on $s"
 }
 
 scenario_return() {
-	log "== node1 returns: resyncs only the dirty extents, stays unpromoted"
-	local t s total resynced
+	local p s t st total resynced v
+	p=$(primary)
+	s=$(secondary)
+	log "== $s returns: resyncs only the dirty extents, stays unpromoted"
 	t=$(now)
-	cmd_boot node1
-	wait_for 90 "node1 in sync" sh -c "[ \"\$($SELF role-of node1)\" = secondary ] && [ \"\$($SELF state-of node1)\" = complete ]" ||
-		fail "node1 did not resync"
+	cmd_boot "$s"
+	cmd_sampler_start
+	wait_for 90 "$s in sync" sh -c "[ \"\$($SELF role-of $s)\" = secondary ] && [ \"\$($SELF state-of $s)\" = complete ]" ||
+		fail "$s did not resync"
 	timing return_boot_to_in_sync_s "$(elapsed "$t")"
-	s=$(tandem_in node1 status --json r0)
-	total=$(json_num "$s" data_size)
-	resynced=$(json_num "$s" bytes_resynced)
-	log "node1 resynced $resynced of $total bytes"
+	st=$(tandem_in "$s" status --json r0)
+	total=$(json_num "$st" data_size)
+	resynced=$(json_num "$st" bytes_resynced)
+	log "$s resynced $resynced of $total bytes"
 	echo "return_resynced_bytes=$resynced" >>"$LAB/timings"
 	echo "data_size_bytes=$total" >>"$LAB/timings"
 	[ -n "$resynced" ] && [ "$resynced" -ge $((8 << 20)) ] ||
-		fail "node1 resynced $resynced bytes, less than the 8 MiB written while it was away"
-	[ "$resynced" -lt $((total / 4)) ] || fail "node1 resynced $resynced of $total bytes: not only the dirty extents"
-	wait_for 20 "fence constraint lifted" sh -c "! $SELF in node2 cibadmin --query --xpath \"//rsc_location[@id='tandem-fence-r0']\"" ||
-		fail "node2's fencing constraint stayed after the resync"
-	serving node2 || fail "node2 stopped serving when node1 returned"
-	local v
-	v=$(tandem_in node2 verify r0 --json) || fail "tandem verify failed: $v"
+		fail "$s resynced $resynced bytes, less than the 8 MiB written while it was away"
+	[ "$resynced" -lt $((total / 4)) ] || fail "$s resynced $resynced of $total bytes: not only the dirty extents"
+	wait_for 20 "fence constraint lifted" sh -c "! $SELF in $p cibadmin --query --xpath \"//rsc_location[@id='tandem-fence-r0']\"" ||
+		fail "$p's fencing constraint stayed after the resync"
+	# Settled: the returning node does not take the promotion back.
+	sleep 5
+	cmd_sampler_stop
+	serving "$p" || fail "$p stopped serving when $s returned"
+	[ "$(role_of "$s")" = secondary ] || fail "$s is $(role_of "$s") after its return"
+	v=$(tandem_in "$p" verify r0 --json) || fail "tandem verify failed: $v"
 	grep -q '"differing":\[\]' <<<"$v" || fail "verify found differences: $v"
-	cmd_check node2
+	cmd_check "$p"
 }
 
 cmd_run() {
@@ -658,9 +699,10 @@ cmd_run() {
 	t=$(now)
 	cmd_up
 	scenario_cold
-	scenario_partition
+	scenario_partition 1
 	scenario_crash
 	scenario_return
+	scenario_partition 2
 	timing total_s "$(elapsed "$t")"
 	if [ -n "${TOCF_RESULTS:-}" ]; then
 		cp "$LAB/timings" "$TOCF_RESULTS"
@@ -692,6 +734,7 @@ main() {
 	role-of) role_of "$1" ;;
 	state-of) state_of "$1" ;;
 	promoted-by) promoted_by_crm "$1" ;;
+	serving) serving "$1" ;;
 	scenario-*) "${cmd//-/_}" ;;
 	help | -h | --help) sed -n '2,20p' "$0" ;;
 	*) fail "unknown command $cmd (try help)" ;;
