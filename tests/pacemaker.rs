@@ -1,18 +1,21 @@
 //! The Pacemaker lab (tests/pacemaker/lab.sh): two cluster nodes and a corosync-qnetd host,
 //! each in its own mount + UTS + net + pid namespaces, Corosync 3 (knet, crypto on, token
-//! 1000) with a qdevice (ffsplit), Pacemaker 2.1 configured with crmsh: a promotable clone of
-//! ocf:tandem:tandem, colocated with and ordered before an ocf:heartbeat:Filesystem mount and
-//! a small service (ocf:heartbeat:anything). One test runs the four scenarios in order, each
-//! from the state the previous one left:
+//! 1000) with a qdevice (ffsplit, heuristics: the vote goes to the side of the tandem
+//! primary), Pacemaker 2.1 configured with crmsh: a promotable clone of ocf:tandem:tandem,
+//! colocated with and ordered before an ocf:heartbeat:Filesystem mount and a small service
+//! (ocf:heartbeat:anything). One test runs the scenarios in order, each from the state the
+//! previous one left:
 //!
-//! - cold start: node1 promoted and serving, the pair in sync, a client write reads back;
-//! - partition: node2 (no quorum) stops, node1 stays promoted and places the fencing
-//!   constraint; never two primaries, two promoted instances, two mounts or a split-brain
-//!   (sampled on both sides throughout); after the heal node2 resyncs, the constraint is
-//!   lifted and `tandem verify` finds no difference;
-//! - crash of the promoted node1 (its namespace init killed): node2 promoted with every
-//!   acknowledged write, and it fences node1 off;
-//! - node1 returns: it resyncs only the dirty extents, stays unpromoted, the constraint goes.
+//! - cold start: one node promoted and serving, the pair in sync, a client write reads back;
+//! - partition: the secondary (no quorum) stops, the primary stays promoted and places the
+//!   fencing constraint; never two primaries, two promoted instances, two mounts or a
+//!   split-brain (sampled on both sides throughout); after the heal the secondary resyncs,
+//!   the constraint is lifted and `tandem verify` finds no difference;
+//! - crash of the promoted node (its namespace init killed): the survivor is promoted with
+//!   every acknowledged write, and fences the dead node off;
+//! - the crashed node returns: it resyncs only the dirty extents and stays unpromoted;
+//! - partition again, now with the primary on the other node (so one of the two partitions
+//!   has the primary on node2, which the plain ffsplit tie-breaker would leave without quorum).
 //!
 //! `stonith-enabled=false` only because there is no fencing device on this machine; the
 //! qdevice gives the quorum that makes the minority stop. Needs root and the Debian packages
@@ -110,7 +113,8 @@ fn pacemaker_cluster_scenarios() {
     for key in [
         "crash_to_promoted_reported_s=",
         "return_resynced_bytes=",
-        "partition_minority_stopped_s=",
+        "partition1_secondary_stopped_s=",
+        "partition2_secondary_stopped_s=",
     ] {
         assert!(text.contains(key), "no {key} in the lab's timings");
     }

@@ -48,12 +48,12 @@ fail() {
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 
-# Poll `cmd` every 0.2 s until it succeeds, for at most `secs` seconds.
+# Poll `cmd` every 0.2 s until it succeeds, for at most `secs` seconds (and 5 polls a second).
 wait_for() {
 	local secs=$1 what=$2
 	shift 2
-	local i n=$((secs * 5))
-	for ((i = 0; i < n; i++)); do
+	local i n=$((secs * 5)) end=$((SECONDS + secs))
+	for ((i = 0; i < n && SECONDS < end; i++)); do
 		"$@" >/dev/null 2>&1 && return 0
 		sleep 0.2
 	done
