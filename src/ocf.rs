@@ -64,6 +64,8 @@ pub struct Env {
     pub instance: Option<String>,
     /// OCF_RESKEY_CRM_meta_interval in ms; 0 (or unset) on a probe.
     pub interval_ms: u64,
+    /// OCF_CHECK_LEVEL: 10 and up also reads the primary's device.
+    pub check_level: u32,
     pub notify_type: Option<String>,
     pub notify_operation: Option<String>,
     /// Pacemaker runs the action (it passes `crm_feature_set` and, for a clone, its meta
@@ -79,6 +81,9 @@ impl Env {
             config: get("OCF_RESKEY_config").map(PathBuf::from),
             instance: get("OCF_RESOURCE_INSTANCE"),
             interval_ms: get("OCF_RESKEY_CRM_meta_interval")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            check_level: get("OCF_CHECK_LEVEL")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             notify_type: get("OCF_RESKEY_CRM_meta_notify_type"),
@@ -142,6 +147,8 @@ pub struct Observed {
     pub mounted: bool,
     /// A service of this resource that says it is not running.
     pub service_down: Option<String>,
+    /// OCF_CHECK_LEVEL >= 10 on a primary: why its device could not be read.
+    pub device_error: Option<String>,
 }
 
 /// The monitor's exit code for what was observed.
@@ -168,7 +175,11 @@ pub fn monitor_rc(o: &Observed, probe: bool) -> i32 {
     };
     match v.role.as_str() {
         "primary" => {
-            if (o.has_fs && !o.mounted) || o.service_down.is_some() || v.error {
+            if (o.has_fs && !o.mounted)
+                || o.service_down.is_some()
+                || o.device_error.is_some()
+                || v.error
+            {
                 rc::FAILED_PROMOTED
             } else {
                 rc::RUNNING_PROMOTED
@@ -264,6 +275,7 @@ up-to-date copy alone, none for a stale, syncing or split-brain copy.
     <action name="demote" timeout="120s"/>
     <action name="monitor" timeout="30s" interval="10s" depth="0" role="Promoted"/>
     <action name="monitor" timeout="30s" interval="11s" depth="0" role="Unpromoted"/>
+    <action name="monitor" timeout="30s" interval="31s" depth="10" role="Promoted"/>
     <action name="notify" timeout="30s"/>
     <action name="meta-data" timeout="5s"/>
     <action name="validate-all" timeout="30s"/>
@@ -432,7 +444,26 @@ fn observe_daemon(ctx: &Ctx) -> Daemon {
     }
 }
 
-fn observe(ctx: &Ctx) -> Observed {
+/// Read the first 4 KiB of the primary's device, bypassing the page cache, within 10 s.
+fn read_device(r: &Resource) -> Option<String> {
+    if !r.device.exists() {
+        // Without a filesystem or an attach hook a tandem resource is used through its
+        // export socket only; its device may never exist.
+        let wanted = r.mountpoint.is_some() || r.pool.is_some() || r.attach.is_some();
+        return wanted.then(|| format!("its device {} is absent", r.device.display()));
+    }
+    let dev = format!("if={}", r.device.display());
+    let c = Cmd::new(
+        "dd",
+        &[&dev, "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
+    )
+    .timeout(Some(Duration::from_secs(10)));
+    c.run()
+        .err()
+        .map(|e| format!("its device cannot be read: {e:#}"))
+}
+
+fn observe(ctx: &Ctx, env: &Env) -> Observed {
     let r = ctx.res();
     let has_fs = r.mountpoint.is_some() || r.pool.is_some();
     let daemon = observe_daemon(ctx);
@@ -448,16 +479,22 @@ fn observe(ctx: &Ctx) -> Observed {
     } else {
         None
     };
+    let device_error = if primary && env.check_level >= 10 {
+        read_device(r)
+    } else {
+        None
+    };
     Observed {
         daemon,
         has_fs,
         mounted: has_fs && switch::is_up(r),
         service_down,
+        device_error,
     }
 }
 
 fn monitor(ctx: &Ctx, env: &Env) -> i32 {
-    let o = observe(ctx);
+    let o = observe(ctx, env);
     let code = monitor_rc(&o, env.is_probe());
     if let Daemon::Up(v) = &o.daemon {
         if env.in_cluster() {
@@ -468,9 +505,10 @@ fn monitor(ctx: &Ctx, env: &Env) -> i32 {
             warn!(
                 "ocf monitor {}: primary but {}",
                 ctx.name,
-                match &o.service_down {
-                    Some(s) => format!("service {s} is not running"),
-                    None => "its filesystem is not mounted".into(),
+                match (&o.device_error, &o.service_down) {
+                    (Some(e), _) => e.clone(),
+                    (None, Some(s)) => format!("service {s} is not running"),
+                    (None, None) => "its filesystem is not mounted".into(),
                 }
             );
         }
@@ -809,6 +847,7 @@ mod tests {
             has_fs,
             mounted,
             service_down: None,
+            device_error: None,
         }
     }
 
@@ -824,6 +863,9 @@ mod tests {
         assert_eq!(monitor_rc(&obs(up("primary"), true, false), false), 9);
         let mut o = obs(up("primary"), true, true);
         o.service_down = Some("nfs".into());
+        assert_eq!(monitor_rc(&o, false), 9);
+        let mut o = obs(up("primary"), true, true);
+        o.device_error = Some("its device cannot be read".into());
         assert_eq!(monitor_rc(&o, false), 9);
         // Mounted without the role is not a clean state.
         assert_eq!(monitor_rc(&obs(up("secondary"), true, true), false), 1);
@@ -932,6 +974,7 @@ mod tests {
             ("OCF_RESOURCE_INSTANCE", "p_r0"),
             ("OCF_RESKEY_crm_feature_set", "3.16.2"),
             ("OCF_RESKEY_CRM_meta_interval", "10000"),
+            ("OCF_CHECK_LEVEL", "10"),
             ("OCF_RESKEY_CRM_meta_notify_type", "post"),
             ("OCF_RESKEY_CRM_meta_notify_operation", "promote"),
         ];
@@ -944,6 +987,7 @@ mod tests {
         assert_eq!(e.config, Some(PathBuf::from("/etc/t.toml")));
         assert!(!e.is_probe() && e.in_cluster());
         assert_eq!(e.notify_operation.as_deref(), Some("promote"));
+        assert_eq!(e.check_level, 10);
         let probe = Env::from_vars(|k| (k == "OCF_RESKEY_CRM_meta_interval").then(|| "0".into()));
         assert!(probe.is_probe() && !probe.in_cluster() && probe.resource.is_none());
         // ocf-tester sets the instance name only: not a cluster.

@@ -238,7 +238,7 @@ primitive tandem-r0 ocf:tandem:tandem \\
 	op promote timeout=120s interval=0 \\
 	op demote timeout=120s interval=0 \\
 	op notify timeout=30s interval=0 \\
-	op monitor interval=3s timeout=30s role=Promoted \\
+	op monitor interval=3s timeout=30s role=Promoted OCF_CHECK_LEVEL=10 \\
 	op monitor interval=4s timeout=30s role=Unpromoted
 clone tandem-r0-clone tandem-r0 \\
 	meta promotable=true promoted-max=1 promoted-node-max=1 clone-max=2 clone-node-max=1 notify=true
