@@ -136,6 +136,14 @@ EOF
 		cp -a /var/lib/pacemaker /var/lib/corosync "$d/root/var/lib/"
 		cp -a /var/log/pacemaker /var/log/corosync "$d/root/var/log/"
 		rm -f "$d"/root/var/lib/pacemaker/cib/* "$d"/root/var/log/pacemaker/*.log
+		# A CIB on disk with dc-deadtime=5s, as a cluster that was set up before has: the
+		# first election then waits 5 s instead of the default 20 s (no signature file:
+		# Pacemaker accepts an unsigned CIB and signs it on its first write).
+		rm -f "$LAB/cib.xml"
+		CIB_file=$LAB/cib.xml cibadmin --empty >"$LAB/cib.xml" &&
+			CIB_file=$LAB/cib.xml crm_attribute --type crm_config --name dc-deadtime \
+				--update 5s || fail "cannot make the initial CIB"
+		install -o hacluster -g haclient -m 600 "$LAB/cib.xml" "$d/root/var/lib/pacemaker/cib/cib.xml"
 		install -m 400 "$LAB/authkey" "$d/root/etc/corosync/authkey"
 		cat >"$d/root/etc/corosync/corosync.conf" <<EOF
 totem {
