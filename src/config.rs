@@ -53,6 +53,14 @@ pub struct Config {
     pub resources: Vec<Resource>,
     /// `[watch]`: what `tandem watch` looks for; None without the section.
     pub watch: Option<WatchConfig>,
+    /// `[metrics]`: where the daemon serves Prometheus metrics; None: not served.
+    pub metrics: Option<MetricsConfig>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MetricsConfig {
+    /// `IP:PORT` of the `/metrics` HTTP listener.
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -224,6 +232,9 @@ pub struct Resource {
     pub extent_size: u64,
     pub nbd: PathBuf,
     pub nbd_tcp: Option<SocketAddr>,
+    /// `nbd_tcp` may be a non-loopback address (the export has no authentication).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub nbd_tcp_allow_remote: bool,
     /// This node's disk (backend `tandem`).
     pub local: Option<PathBuf>,
     /// The peer's replication address `host:port` (backend `tandem`).
@@ -419,6 +430,13 @@ struct RawConfig {
     #[serde(default)]
     resource: BTreeMap<String, Spanned<RawResource>>,
     watch: Option<RawWatch>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -489,6 +507,7 @@ struct RawResource {
     extent_size: Option<Spanned<String>>,
     nbd: Option<PathBuf>,
     nbd_tcp: Option<Spanned<String>>,
+    nbd_tcp_allow_remote: Option<bool>,
     #[serde(default)]
     on: BTreeMap<String, Spanned<RawOn>>,
 }
@@ -770,6 +789,21 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
         }),
     };
 
+    let metrics = match raw.metrics.as_ref().and_then(|m| m.listen.as_ref()) {
+        None => None,
+        Some(l) => Some(MetricsConfig {
+            listen: l.get_ref().parse().map_err(|_| {
+                src.error(
+                    l.span(),
+                    format!(
+                        "metrics listen address {:?} is not IP:PORT (e.g. \"127.0.0.1:9857\")",
+                        l.get_ref()
+                    ),
+                )
+            })?,
+        }),
+    };
+
     Ok(Config {
         file: path.to_path_buf(),
         node,
@@ -779,6 +813,7 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
         services,
         resources,
         watch,
+        metrics,
     })
 }
 
@@ -867,12 +902,25 @@ fn resolve_resource(
             )
         })?),
     };
+    let nbd_tcp_allow_remote = r.nbd_tcp_allow_remote.unwrap_or(false);
+    if let (Some(addr), Some(s)) = (nbd_tcp, &r.nbd_tcp)
+        && !addr.ip().is_loopback()
+        && !nbd_tcp_allow_remote
+    {
+        return Err(src.error(
+            s.span(),
+            format!(
+                "resource {name:?}: nbd_tcp {addr} is not a loopback address: the NBD export has no authentication, so whoever reaches it reads and writes the disk; use 127.0.0.1 or ::1, or set nbd_tcp_allow_remote = true to accept that"
+            ),
+        ));
+    }
     if backend != BackendKind::Tandem {
         for (what, set) in [
             ("replication", r.replication.is_some()),
             ("extent_size", r.extent_size.is_some()),
             ("nbd", r.nbd.is_some()),
             ("nbd_tcp", r.nbd_tcp.is_some()),
+            ("nbd_tcp_allow_remote", r.nbd_tcp_allow_remote.is_some()),
         ] {
             if set {
                 return Err(err(format!("{what} is only for backend = \"tandem\"")));
@@ -994,6 +1042,7 @@ fn resolve_resource(
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("{DEFAULT_RUN_DIR}/{name}.nbd"))),
         nbd_tcp,
+        nbd_tcp_allow_remote,
         local,
         remote: remote_checked,
         peer,
