@@ -44,9 +44,16 @@ mod tests {
         let path = Arc::new(dir.path().join("s.sock"));
         let widest = Arc::new(AtomicU32::new(0));
         let done = Arc::new(AtomicBool::new(false));
-        let (p, w, d) = (Arc::clone(&path), Arc::clone(&widest), Arc::clone(&done));
+        let running = Arc::new(AtomicBool::new(false));
+        let (p, w, d, r) = (
+            Arc::clone(&path),
+            Arc::clone(&widest),
+            Arc::clone(&done),
+            Arc::clone(&running),
+        );
         let watcher = std::thread::spawn(move || {
             let mut seen = 0u64;
+            r.store(true, Ordering::Release);
             while !d.load(Ordering::Acquire) {
                 if let Ok(m) = std::fs::symlink_metadata(&*p) {
                     w.fetch_or(m.mode() & 0o077, Ordering::Relaxed);
@@ -55,11 +62,14 @@ mod tests {
             }
             seen
         });
+        while !running.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
         let old = {
             let _one = UMASK.lock().unwrap();
             umask(Mode::empty())
         };
-        for _ in 0..300 {
+        for _ in 0..3000 {
             let l = bind_private(&path).unwrap();
             drop(l);
             std::fs::remove_file(&*path).unwrap();
