@@ -1351,6 +1351,55 @@ remote = "192.168.10.11"
     }
 
     #[test]
+    fn nbd_tcp_is_loopback_only_unless_allowed() {
+        let res = |extra: &str| {
+            format!(
+                "node = \"a\"\n[resource.r0]\nbackend = \"tandem\"\n{extra}\n[resource.r0.on.a]\nlocal = \"/dev/sdb\"\nremote = \"198.18.0.2:8457\"\n[resource.r0.on.b]\nlocal = \"/dev/sdb\"\nremote = \"198.18.0.1:8457\"\n"
+            )
+        };
+        let c = p(&res("nbd_tcp = \"127.0.0.1:10809\"")).unwrap();
+        assert_eq!(
+            c.resources[0].nbd_tcp.unwrap().to_string(),
+            "127.0.0.1:10809"
+        );
+        assert!(p(&res("nbd_tcp = \"[::1]:10809\"")).is_ok());
+        let e = err(&res("nbd_tcp = \"0.0.0.0:10809\""));
+        assert!(
+            e.starts_with("/etc/tandem.toml:4:11: resource \"r0\": nbd_tcp 0.0.0.0:10809 is not a loopback address: the NBD export has no authentication"),
+            "{e}"
+        );
+        assert!(e.contains("nbd_tcp_allow_remote = true"), "{e}");
+        let c = p(&res(
+            "nbd_tcp = \"198.18.0.1:10809\"\nnbd_tcp_allow_remote = true",
+        ))
+        .unwrap();
+        assert!(c.resources[0].nbd_tcp_allow_remote);
+        // check-config prints it back and it parses again.
+        assert!(p(&to_toml(&c).unwrap()).unwrap().resources[0].nbd_tcp_allow_remote);
+    }
+
+    #[test]
+    fn metrics_section() {
+        assert!(p("").unwrap().metrics.is_none());
+        assert!(p("[metrics]\n").unwrap().metrics.is_none());
+        let c = p("[metrics]\nlisten = \"127.0.0.1:9857\"\n").unwrap();
+        assert_eq!(
+            c.metrics.as_ref().unwrap().listen.to_string(),
+            "127.0.0.1:9857"
+        );
+        let again = p(&to_toml(&c).unwrap()).unwrap();
+        assert_eq!(again.metrics.unwrap().listen.to_string(), "127.0.0.1:9857");
+        let e = err("[metrics]\nlisten = \"localhost\"\n");
+        assert!(
+            e.starts_with(
+                "/etc/tandem.toml:2:10: metrics listen address \"localhost\" is not IP:PORT"
+            ),
+            "{e}"
+        );
+        assert!(err("[metrics]\nport = 1\n").contains("unknown field"));
+    }
+
+    #[test]
     fn select_resources() {
         let c = p(EXAMPLE).unwrap();
         assert_eq!(c.select(&[]).unwrap().len(), 1);
