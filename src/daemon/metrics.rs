@@ -216,7 +216,8 @@ pub fn render(node: &str, resources: &[Sample<'_>], switch: Option<&SwitchRecord
         let up = u8::from(r.status.error.is_none());
         let _ = writeln!(f.out, "tandem_resource_up{{{}}} {up}", lbl(&r.status));
     }
-    let enums: [(&str, &str, &[&str], fn(&ResourceStatus) -> &str); 3] = [
+    type GetStr = fn(&ResourceStatus) -> &str;
+    let enums: [(&str, &str, &[&str], GetStr); 3] = [
         (
             "tandem_role",
             "The resource's role on this node: 1 for the current one.",
