@@ -63,12 +63,21 @@ impl Notifier {
 /// The watchdog interval systemd asked for: `$WATCHDOG_USEC`, if `$WATCHDOG_PID` is unset or
 /// names this process.
 pub fn watchdog_interval() -> Option<Duration> {
-    if let Some(pid) = std::env::var_os("WATCHDOG_PID")
-        && pid.to_str().and_then(|p| p.parse::<u32>().ok()) != Some(std::process::id())
+    interval_for(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )
+}
+
+/// `WATCHDOG_USEC` and `WATCHDOG_PID` as sd_watchdog_enabled(3) reads them, for process `me`.
+fn interval_for(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    if let Some(pid) = pid
+        && pid.parse::<u32>().ok() != Some(me)
     {
         return None;
     }
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    let usec: u64 = usec?.parse().ok()?;
     (usec > 0).then(|| Duration::from_micros(usec))
 }
 
@@ -197,6 +206,18 @@ mod tests {
         let mut buf = [0u8; 4096];
         let n = s.recv(&mut buf).unwrap();
         String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[test]
+    fn the_watchdog_interval_is_for_this_process_only() {
+        let s = Some(Duration::from_secs(30));
+        assert_eq!(interval_for(Some("30000000"), None, 42), s);
+        assert_eq!(interval_for(Some("30000000"), Some("42"), 42), s);
+        assert_eq!(interval_for(Some("30000000"), Some("41"), 42), None);
+        assert_eq!(interval_for(Some("30000000"), Some("x"), 42), None);
+        assert_eq!(interval_for(Some("0"), None, 42), None);
+        assert_eq!(interval_for(Some("soon"), None, 42), None);
+        assert_eq!(interval_for(None, Some("42"), 42), None);
     }
 
     #[test]
