@@ -8,7 +8,9 @@
 //! the sync-direction table in `generation.rs`, hook events in `hooks.rs`, the online verify in
 //! `verify.rs`. The primary's export is an NBD socket (`nbd.rs`), attached to `/dev/nbdN` on
 //! Linux (`kernel_nbd.rs`) and shown as `/dev/tandem/RES` through GEOM Gate on FreeBSD
-//! (`ggate.rs`).
+//! (`ggate.rs`). The Prometheus endpoint is `metrics.rs`, the systemd notify protocol and the
+//! watchdog of the owner threads `systemd.rs`, the private (mode 0600) unix sockets
+//! `unixsock.rs`.
 pub mod activemap;
 pub mod auth;
 pub mod conflict;
