@@ -616,3 +616,38 @@ fn status_json_fields_match_the_man_page() {
     p.a.stop();
     p.b.stop();
 }
+
+/// `nbd_tcp` on an address that is not loopback: the daemon refuses to start and says why and
+/// what to do; with `nbd_tcp_allow_remote = true` the configuration is accepted.
+#[test]
+fn nbd_tcp_off_loopback_is_refused_unless_allowed() {
+    let p = Pair::new("fullsync");
+    let text = std::fs::read_to_string(&p.a.conf).unwrap();
+    let nbd_line = format!("nbd = \"{}\"\n", p.a.nbd.display());
+    assert!(text.contains(&nbd_line), "{text}");
+    let remote = text.replace(
+        &nbd_line,
+        &format!("{nbd_line}nbd_tcp = \"0.0.0.0:10809\"\n"),
+    );
+    std::fs::write(&p.a.conf, &remote).unwrap();
+    let out = Command::new(BIN)
+        .args(["-c", p.a.conf.to_str().unwrap(), "daemon"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("resource \"r0\": nbd_tcp 0.0.0.0:10809 is not a loopback address: the NBD export has no authentication")
+            && err.contains("set nbd_tcp_allow_remote = true"),
+        "{err}"
+    );
+    let allowed = remote.replace(
+        "nbd_tcp = \"0.0.0.0:10809\"\n",
+        "nbd_tcp = \"0.0.0.0:10809\"\nnbd_tcp_allow_remote = true\n",
+    );
+    std::fs::write(&p.a.conf, allowed).unwrap();
+    let out = p.a.run(&["check-config"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nbd_tcp_allow_remote = true"));
+}
