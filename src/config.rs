@@ -53,6 +53,14 @@ pub struct Config {
     pub resources: Vec<Resource>,
     /// `[watch]`: what `tandem watch` looks for; None without the section.
     pub watch: Option<WatchConfig>,
+    /// `[metrics]`: where the daemon serves Prometheus metrics; None: not served.
+    pub metrics: Option<MetricsConfig>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MetricsConfig {
+    /// `IP:PORT` of the `/metrics` HTTP listener.
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -224,6 +232,9 @@ pub struct Resource {
     pub extent_size: u64,
     pub nbd: PathBuf,
     pub nbd_tcp: Option<SocketAddr>,
+    /// `nbd_tcp` may be a non-loopback address (the export has no authentication).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub nbd_tcp_allow_remote: bool,
     /// This node's disk (backend `tandem`).
     pub local: Option<PathBuf>,
     /// The peer's replication address `host:port` (backend `tandem`).
@@ -419,6 +430,13 @@ struct RawConfig {
     #[serde(default)]
     resource: BTreeMap<String, Spanned<RawResource>>,
     watch: Option<RawWatch>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -489,6 +507,7 @@ struct RawResource {
     extent_size: Option<Spanned<String>>,
     nbd: Option<PathBuf>,
     nbd_tcp: Option<Spanned<String>>,
+    nbd_tcp_allow_remote: Option<bool>,
     #[serde(default)]
     on: BTreeMap<String, Spanned<RawOn>>,
 }
@@ -770,6 +789,21 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
         }),
     };
 
+    let metrics = match raw.metrics.as_ref().and_then(|m| m.listen.as_ref()) {
+        None => None,
+        Some(l) => Some(MetricsConfig {
+            listen: l.get_ref().parse().map_err(|_| {
+                src.error(
+                    l.span(),
+                    format!(
+                        "metrics listen address {:?} is not IP:PORT (e.g. \"127.0.0.1:9857\")",
+                        l.get_ref()
+                    ),
+                )
+            })?,
+        }),
+    };
+
     Ok(Config {
         file: path.to_path_buf(),
         node,
@@ -779,6 +813,7 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
         services,
         resources,
         watch,
+        metrics,
     })
 }
 
@@ -867,12 +902,25 @@ fn resolve_resource(
             )
         })?),
     };
+    let nbd_tcp_allow_remote = r.nbd_tcp_allow_remote.unwrap_or(false);
+    if let (Some(addr), Some(s)) = (nbd_tcp, &r.nbd_tcp)
+        && !addr.ip().is_loopback()
+        && !nbd_tcp_allow_remote
+    {
+        return Err(src.error(
+            s.span(),
+            format!(
+                "resource {name:?}: nbd_tcp {addr} is not a loopback address: the NBD export has no authentication, so whoever reaches it reads and writes the disk; use 127.0.0.1 or ::1, or set nbd_tcp_allow_remote = true to accept that"
+            ),
+        ));
+    }
     if backend != BackendKind::Tandem {
         for (what, set) in [
             ("replication", r.replication.is_some()),
             ("extent_size", r.extent_size.is_some()),
             ("nbd", r.nbd.is_some()),
             ("nbd_tcp", r.nbd_tcp.is_some()),
+            ("nbd_tcp_allow_remote", r.nbd_tcp_allow_remote.is_some()),
         ] {
             if set {
                 return Err(err(format!("{what} is only for backend = \"tandem\"")));
@@ -994,6 +1042,7 @@ fn resolve_resource(
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("{DEFAULT_RUN_DIR}/{name}.nbd"))),
         nbd_tcp,
+        nbd_tcp_allow_remote,
         local,
         remote: remote_checked,
         peer,
@@ -1299,6 +1348,55 @@ remote = "192.168.10.11"
         assert_eq!((again.address, again.interface), (w.address, w.interface));
         assert!(err("[watch]\naddress = \"vip\"\n").starts_with("/etc/tandem.toml:2:11:"));
         assert!(err("[watch]\ninterface = \"eth0\"\n").contains("address"));
+    }
+
+    #[test]
+    fn nbd_tcp_is_loopback_only_unless_allowed() {
+        let res = |extra: &str| {
+            format!(
+                "node = \"a\"\n[resource.r0]\nbackend = \"tandem\"\n{extra}\n[resource.r0.on.a]\nlocal = \"/dev/sdb\"\nremote = \"198.18.0.2:8457\"\n[resource.r0.on.b]\nlocal = \"/dev/sdb\"\nremote = \"198.18.0.1:8457\"\n"
+            )
+        };
+        let c = p(&res("nbd_tcp = \"127.0.0.1:10809\"")).unwrap();
+        assert_eq!(
+            c.resources[0].nbd_tcp.unwrap().to_string(),
+            "127.0.0.1:10809"
+        );
+        assert!(p(&res("nbd_tcp = \"[::1]:10809\"")).is_ok());
+        let e = err(&res("nbd_tcp = \"0.0.0.0:10809\""));
+        assert!(
+            e.starts_with("/etc/tandem.toml:4:11: resource \"r0\": nbd_tcp 0.0.0.0:10809 is not a loopback address: the NBD export has no authentication"),
+            "{e}"
+        );
+        assert!(e.contains("nbd_tcp_allow_remote = true"), "{e}");
+        let c = p(&res(
+            "nbd_tcp = \"198.18.0.1:10809\"\nnbd_tcp_allow_remote = true",
+        ))
+        .unwrap();
+        assert!(c.resources[0].nbd_tcp_allow_remote);
+        // check-config prints it back and it parses again.
+        assert!(p(&to_toml(&c).unwrap()).unwrap().resources[0].nbd_tcp_allow_remote);
+    }
+
+    #[test]
+    fn metrics_section() {
+        assert!(p("").unwrap().metrics.is_none());
+        assert!(p("[metrics]\n").unwrap().metrics.is_none());
+        let c = p("[metrics]\nlisten = \"127.0.0.1:9857\"\n").unwrap();
+        assert_eq!(
+            c.metrics.as_ref().unwrap().listen.to_string(),
+            "127.0.0.1:9857"
+        );
+        let again = p(&to_toml(&c).unwrap()).unwrap();
+        assert_eq!(again.metrics.unwrap().listen.to_string(), "127.0.0.1:9857");
+        let e = err("[metrics]\nlisten = \"localhost\"\n");
+        assert!(
+            e.starts_with(
+                "/etc/tandem.toml:2:10: metrics listen address \"localhost\" is not IP:PORT"
+            ),
+            "{e}"
+        );
+        assert!(err("[metrics]\nport = 1\n").contains("unknown field"));
     }
 
     #[test]

@@ -14,8 +14,13 @@ use crate::config::{Config, Resource};
 use crate::host::service;
 use crate::switch::is_up;
 
+/// The version of the `status --json` schema (documented field by field in tandem(8)): bumped
+/// when a field changes meaning or goes away; new fields do not bump it.
+pub const JSON_VERSION: u32 = 1;
+
 #[derive(Serialize)]
 pub struct Status {
+    pub version: u32,
     pub node: String,
     pub resources: Vec<ResourceStatus>,
     pub services: Vec<ServiceStatus>,
@@ -65,6 +70,7 @@ pub fn collect(cfg: &Config, names: &[String]) -> Result<Status> {
         })
         .collect();
     Ok(Status {
+        version: JSON_VERSION,
         node: cfg.node.clone(),
         resources,
         services,

@@ -6,9 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(libnbd-bin nbdfuse fio ucarp samba smbclient mandoc psmisc iproute2 nftables xfsprogs e2fsprogs fuse3 qemu-utils util-linux
-  pacemaker corosync corosync-qnetd corosync-qdevice crmsh pacemaker-cli-utils resource-agents libxml2-utils kmod)
+  pacemaker corosync corosync-qnetd corosync-qdevice crmsh pacemaker-cli-utils resource-agents libxml2-utils kmod
+  prometheus curl)
 tools=(nbdinfo nbdfuse fio ucarp smbd smbclient mandoc fuser ip nft mkfs.xfs mkfs.ext4 fusermount3 qemu-io losetup
-  pacemakerd corosync corosync-qnetd corosync-qdevice crm crm_mon ocf-tester xmllint modprobe)
+  pacemakerd corosync corosync-qnetd corosync-qdevice crm crm_mon ocf-tester xmllint modprobe
+  promtool curl)
 missing=()
 for t in "${tools[@]}"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -124,7 +124,7 @@ fn tandem_toml_5_documents_every_key() {
         let k = match k.as_str() {
             "service" => "[[service]]".to_string(),
             "resource" => "[resource.".to_string(),
-            "log" | "switch" | "daemon" | "watch" => format!("[{k}]"),
+            "log" | "switch" | "daemon" | "watch" | "metrics" => format!("[{k}]"),
             _ => format!(".It Ic {k} No"),
         };
         assert!(man.contains(&k), "tandem.toml.5 lacks {k}");
@@ -176,6 +176,14 @@ fn unit_files_verify() {
         }
     }
     assert!(units.iter().any(|u| u == "tandem.service"), "{units:?}");
+    // The daemon speaks the notify protocol with a watchdog (src/daemon/systemd.rs).
+    let daemon = repo("systemd/tandem.service");
+    for line in ["Type=notify", "NotifyAccess=main", "WatchdogSec=60s"] {
+        assert!(
+            daemon.lines().any(|l| l == line),
+            "tandem.service lacks {line}"
+        );
+    }
     for unit in &units {
         let out = Command::new("systemd-analyze")
             .args(["verify", "--man=no"])

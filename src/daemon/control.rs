@@ -4,11 +4,10 @@
 //! `request` (and `wait_sync` on top of it).
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -557,25 +556,35 @@ pub fn serve(
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    // Created under a restrictive umask so it is never accessible to others, even briefly.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let bound = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener =
-        bound.with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // Never accessible to others, even briefly.
+    let listener = super::unixsock::bind_private(path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
     listener.set_nonblocking(true)?;
     let path = path.to_path_buf();
+    let live = Arc::new(AtomicUsize::new(0));
     let t = thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             while !stop.load(Ordering::Acquire) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let h = Arc::clone(&handler);
-                        let _ = thread::Builder::new()
-                            .name("control-conn".into())
-                            .spawn(move || serve_one(stream, h));
+                        if live.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                            live.fetch_sub(1, Ordering::AcqRel);
+                            refuse_busy(stream);
+                            continue;
+                        }
+                        let (h, l) = (Arc::clone(&handler), Arc::clone(&live));
+                        let spawned =
+                            thread::Builder::new()
+                                .name("control-conn".into())
+                                .spawn(move || {
+                                    serve_one(stream, h);
+                                    l.fetch_sub(1, Ordering::AcqRel);
+                                });
+                        if let Err(e) = spawned {
+                            live.fetch_sub(1, Ordering::AcqRel);
+                            log::warn!("control socket: cannot start a connection thread: {e}");
+                        }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         thread::sleep(Duration::from_millis(50))
@@ -592,47 +601,97 @@ pub fn serve(
     Ok(t)
 }
 
-fn serve_one(stream: UnixStream, handler: Arc<dyn Handler>) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut w = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    let mut reader = BufReader::new(stream.take_limited());
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() || line.is_empty() {
-        return;
+/// Connections served at once (a `verify` holds one for its whole run); more are told the
+/// daemon is busy.
+const MAX_CONNECTIONS: usize = 32;
+/// A request is one line of at most this many bytes, and must arrive whole within
+/// REQUEST_TIMEOUT (a deadline, not a per-read timeout).
+const MAX_REQUEST: usize = 64 << 10;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The answer must be taken within this time.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// A reply larger than this is replaced by an error (a status of every resource is a few KiB
+/// per resource; names are deduplicated before).
+const MAX_REPLY: usize = 4 << 20;
+
+fn error_response(kind: ErrorKind, message: String) -> Response {
+    Response {
+        error: Some(ControlError { kind, message }),
+        ..Default::default()
     }
-    let resp = match serde_json::from_str::<Request>(&line) {
+}
+
+fn refuse_busy(mut stream: UnixStream) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    let resp = error_response(
+        ErrorKind::Failed,
+        format!("the daemon is busy: {MAX_CONNECTIONS} control connections are open; try again"),
+    );
+    if let Ok(mut out) = serde_json::to_string(&resp) {
+        out.push('\n');
+        let _ = stream.write_all(out.as_bytes());
+    }
+}
+
+/// One request line, read within REQUEST_TIMEOUT and MAX_REQUEST bytes; None if the client
+/// closed, stalled or sent too much (it gets no answer).
+fn read_request(stream: &mut UnixStream) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut line = Vec::with_capacity(512);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = line.iter().position(|&b| b == b'\n') {
+            line.truncate(end);
+            return Some(line);
+        }
+        if line.len() > MAX_REQUEST {
+            return None;
+        }
+        let left = deadline.checked_duration_since(Instant::now())?;
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .ok()?;
+        match std::io::Read::read(stream, &mut chunk) {
+            Ok(0) if line.is_empty() => return None,
+            // A last request without its newline.
+            Ok(0) => return Some(line),
+            Ok(n) => line.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+fn serve_one(mut stream: UnixStream, handler: Arc<dyn Handler>) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(REPLY_TIMEOUT));
+    let Some(line) = read_request(&mut stream) else {
+        return;
+    };
+    let resp = match serde_json::from_slice::<Request>(&line) {
         Ok(req) => handler.handle(req),
-        Err(e) => Response {
-            error: Some(ControlError {
-                kind: ErrorKind::Usage,
-                message: format!("bad request: {e}"),
-            }),
-            ..Default::default()
-        },
+        Err(e) => error_response(ErrorKind::Usage, format!("bad request: {e}")),
     };
     let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{}".into());
-    out.push('\n');
-    let _ = w.write_all(out.as_bytes());
-}
-
-trait TakeLimited {
-    fn take_limited(self) -> std::io::Take<UnixStream>;
-}
-
-impl TakeLimited for UnixStream {
-    /// Requests are small; a client cannot make us buffer more than this.
-    fn take_limited(self) -> std::io::Take<UnixStream> {
-        std::io::Read::take(self, 64 << 10)
+    if out.len() > MAX_REPLY {
+        let e = error_response(
+            ErrorKind::Usage,
+            format!(
+                "the answer would be {} bytes, more than the {MAX_REPLY} allowed: ask for fewer resources",
+                out.len()
+            ),
+        );
+        out = serde_json::to_string(&e).unwrap_or_else(|_| "{}".into());
     }
+    out.push('\n');
+    let _ = stream.write_all(out.as_bytes());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     struct Fake;
     impl Handler for Fake {

@@ -155,6 +155,9 @@ mod faults {
         },
         /// Remove the EIO ranges and the pending torn write (power-loss mode stays).
         Clear,
+        /// Not a disk fault: the resource's owner thread stops answering for SECONDS (for
+        /// the watchdog tests); the daemon handles it, the disk ignores it.
+        WedgeOwner { seconds: u64 },
     }
 
     /// The process's disks and their power: one per daemon ([`Machine::global`]); unit tests
@@ -355,6 +358,7 @@ mod faults {
                     st.torn = None;
                     self.rearm(&st);
                 }
+                Action::WedgeOwner { .. } => {}
             }
         }
 

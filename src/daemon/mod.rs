@@ -8,7 +8,9 @@
 //! the sync-direction table in `generation.rs`, hook events in `hooks.rs`, the online verify in
 //! `verify.rs`. The primary's export is an NBD socket (`nbd.rs`), attached to `/dev/nbdN` on
 //! Linux (`kernel_nbd.rs`) and shown as `/dev/tandem/RES` through GEOM Gate on FreeBSD
-//! (`ggate.rs`).
+//! (`ggate.rs`). The Prometheus endpoint is `metrics.rs`, the systemd notify protocol and the
+//! watchdog of the owner threads `systemd.rs`, the private (mode 0600) unix sockets
+//! `unixsock.rs`.
 pub mod activemap;
 pub mod auth;
 pub mod conflict;
@@ -22,6 +24,7 @@ pub mod ggate;
 pub mod hooks;
 pub mod kernel_nbd;
 pub mod metadata;
+pub mod metrics;
 pub mod nbd;
 pub mod peer;
 pub mod primary;
@@ -30,6 +33,8 @@ pub mod resource;
 pub mod secondary;
 pub mod state;
 pub mod sync;
+pub mod systemd;
+pub mod unixsock;
 pub mod verify;
 
 use std::collections::HashMap;
@@ -89,6 +94,8 @@ struct Daemon {
     /// Resources that could not start (no metadata, disk missing), with the reason.
     failed: Mutex<HashMap<String, String>>,
     registry: secondary::Registry,
+    /// `switch.lock`: `tandem switch` records its last event beside it, for the metrics.
+    switch_lock: PathBuf,
 }
 
 impl Daemon {
@@ -152,6 +159,9 @@ impl Daemon {
             v.sort();
             return Ok(v);
         }
+        // Each resource once, in the order asked: a request naming one resource thousands of
+        // times gets one answer for it, not thousands.
+        let mut names: Vec<String> = Vec::new();
         for w in wanted {
             if !handles.contains_key(w) && !failed.contains_key(w) {
                 return Err(ControlError {
@@ -159,8 +169,11 @@ impl Daemon {
                     message: format!("{w}: no such tandem resource running in this daemon"),
                 });
             }
+            if !names.contains(w) {
+                names.push(w.clone());
+            }
         }
-        Ok(wanted.to_vec())
+        Ok(names)
     }
 
     fn call(
@@ -291,6 +304,18 @@ impl control::Handler for Daemon {
                     })
             }
             #[cfg(feature = "faults")]
+            Request::Fault {
+                resource,
+                action: faultdisk::Action::WedgeOwner { seconds },
+            } => self.shared(&resource).and_then(|s| {
+                s.owner
+                    .send(Msg::Wedge(std::time::Duration::from_secs(seconds)))
+                    .map_err(|_| ControlError {
+                        kind: ErrorKind::Failed,
+                        message: format!("{resource}: resource is stopping"),
+                    })
+            }),
+            #[cfg(feature = "faults")]
             Request::Fault { resource, action } => self
                 .shared(&resource)
                 .map(|s| s.disk.faults().apply(&action)),
@@ -302,36 +327,72 @@ impl control::Handler for Daemon {
     }
 }
 
-/// Tell systemd (Type=notify) that we are ready; a plain datagram, no crate needed.
-fn notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(e) => {
-            log::warn!("NOTIFY_SOCKET: {e}");
-            return;
+impl Daemon {
+    /// Every resource for the metrics: running ones with their recorded metrics, failed ones
+    /// as not up.
+    fn metrics_text(&self) -> String {
+        let running: Vec<Arc<state::Shared>> = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|h| Arc::clone(&h.shared))
+            .collect();
+        let mut samples: Vec<metrics::Sample<'_>> = running
+            .iter()
+            .map(|s| metrics::Sample {
+                status: s.status(),
+                metrics: Some(&s.metrics),
+            })
+            .collect();
+        let failed: Vec<String> = self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        samples.extend(
+            self.statuses(&failed)
+                .into_iter()
+                .map(|status| metrics::Sample {
+                    status,
+                    metrics: None,
+                }),
+        );
+        samples.sort_by(|a, b| a.status.name.cmp(&b.status.name));
+        let switch = crate::switch::last_switch(&self.switch_lock);
+        metrics::render(&self.node, &samples, switch.as_ref())
+    }
+}
+
+impl systemd::Owners for Daemon {
+    fn ping(&self) -> Vec<(String, systemd::Ping)> {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, h)| {
+                let tx = h.tx.clone();
+                let ping: systemd::Ping =
+                    Box::new(move |answer| tx.send(Msg::Ping(answer)).is_ok());
+                (name.clone(), ping)
+            })
+            .collect()
+    }
+
+    fn status_line(&self) -> String {
+        let names = self.names(&[]).unwrap_or_default();
+        let parts: Vec<String> = self
+            .statuses(&names)
+            .iter()
+            .map(|r| format!("{} {} {} {}", r.name, r.role, r.connection, r.state))
+            .collect();
+        if parts.is_empty() {
+            "no resources".into()
+        } else {
+            parts.join("; ")
         }
-    };
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::linux::net::SocketAddrExt;
-            std::os::unix::net::SocketAddr::from_abstract_name(name)
-                .and_then(|a| sock.send_to_addr(b"READY=1\n", &a))
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            let _ = name;
-            Err(std::io::Error::other("abstract sockets need Linux"))
-        }
-    } else {
-        sock.send_to(b"READY=1\n", &path)
-    };
-    if let Err(e) = sent {
-        log::warn!("NOTIFY_SOCKET {}: {e}", path.to_string_lossy());
     }
 }
 
@@ -379,6 +440,7 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
         handles: Mutex::new(HashMap::new()),
         failed: Mutex::new(HashMap::new()),
         registry: Arc::new(Mutex::new(HashMap::new())),
+        switch_lock: cfg.switch.lock.clone(),
     });
     let mut current = tandem_resources(&cfg);
     for r in &current {
@@ -399,12 +461,41 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
         handler,
         Arc::clone(&stop),
     )?);
+    if let Some(m) = &cfg.metrics {
+        let d = Arc::clone(&daemon);
+        threads.push(metrics::serve(
+            m.listen,
+            Arc::new(move || d.metrics_text()),
+            Arc::clone(&stop),
+        )?);
+    }
     log::info!(
         "daemon ready on node {} ({} resources)",
         cfg.node,
         current.len()
     );
-    notify_ready();
+    let notifier = systemd::Notifier::from_env().map(Arc::new);
+    let watchdog_stop = Arc::new(AtomicBool::new(false));
+    let mut watchdog = None;
+    if let Some(n) = &notifier {
+        n.send("READY=1\n");
+        let interval = systemd::watchdog_interval();
+        // An owner thread legitimately blocks for up to a demote (the export drains for the
+        // dead-peer timeout plus 10 s, then a flush to the peer): only longer is wedged.
+        let bound = interval
+            .unwrap_or_default()
+            .max(2 * cfg.daemon.timeout + std::time::Duration::from_secs(10));
+        match systemd::start(
+            Arc::clone(n),
+            daemon.clone(),
+            interval,
+            bound,
+            Arc::clone(&watchdog_stop),
+        ) {
+            Ok(t) => watchdog = Some(t),
+            Err(e) => log::error!("cannot start the watchdog thread: {e}"),
+        }
+    }
     let mut listen = cfg.daemon.listen.clone();
     loop {
         let sig = signals.wait().context("waiting for signals")?;
@@ -491,6 +582,13 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
                 break;
             }
         }
+    }
+    if let Some(n) = &notifier {
+        n.send("STOPPING=1\n");
+    }
+    watchdog_stop.store(true, Ordering::Release);
+    if let Some(t) = watchdog {
+        let _ = t.join();
     }
     stop.store(true, Ordering::Release);
     let names: Vec<String> = daemon

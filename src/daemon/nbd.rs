@@ -17,7 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -131,6 +131,10 @@ const MAX_INFLIGHT_BYTES: usize = 256 << 20;
 const MAX_CONNECTIONS: usize = 64;
 /// A client must finish the handshake within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A reply the client does not take within this time (its socket buffer stays full) ends the
+/// connection: a client that sends requests and never reads the replies cannot hold a
+/// connection's threads forever. Per write call: a client that reads, however slowly, stays.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `shutdown` waits for connection threads.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 /// Socket read buffer: many request headers per system call.
@@ -533,6 +537,13 @@ impl Stream {
             Stream::Tcp(s) => s.set_read_timeout(t),
         }
     }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
 }
 
 impl Read for Stream {
@@ -625,6 +636,8 @@ struct Conn {
     /// A write completed while a FLUSH was waiting.
     writes_done: Condvar,
     buffers: Mutex<Vec<Vec<u8>>>,
+    /// The first reply that could not be sent (it ended the connection).
+    reply_error: Mutex<Option<io::Error>>,
 }
 
 impl Conn {
@@ -635,9 +648,14 @@ impl Conn {
         head[8..16].copy_from_slice(&cookie.to_be_bytes());
         let mut w = lock(&self.writer);
         let res = write_two(&mut *w, &head, data);
-        if res.is_err() {
-            // The client is gone: wake the reader so the connection winds down.
+        if let Err(e) = &res {
+            // The client is gone or takes no replies: wake the reader so the connection
+            // winds down.
             w.shutdown();
+            let mut first = lock(&self.reply_error);
+            if first.is_none() {
+                *first = Some(io::Error::new(e.kind(), e.to_string()));
+            }
         }
         res
     }
@@ -918,7 +936,13 @@ enum Opening<'a> {
 }
 
 /// Serves one client from its first byte to close.
-fn serve(stream: Stream, dev: Arc<dyn BlockDevice>, opening: Opening, counters: Arc<Counters>) {
+fn serve(
+    stream: Stream,
+    dev: Arc<dyn BlockDevice>,
+    opening: Opening,
+    counters: Arc<Counters>,
+    reply_timeout: Duration,
+) {
     let peer = match (&stream, opening) {
         (Stream::Unix(_), Opening::Transmission) => "kernel".to_string(),
         (Stream::Unix(_), _) => "unix".to_string(),
@@ -927,9 +951,13 @@ fn serve(stream: Stream, dev: Arc<dyn BlockDevice>, opening: Opening, counters: 
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "tcp".into()),
     };
-    if let Err(e) = serve_inner(&stream, dev, opening, counters) {
+    if let Err(e) = serve_inner(&stream, dev, opening, counters, reply_timeout) {
         match e.kind() {
             io::ErrorKind::InvalidData => warn!("nbd: closing {peer}: {e}"),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => warn!(
+                "nbd: closing {peer}: it took no reply for {}s",
+                reply_timeout.as_secs_f64()
+            ),
             _ => debug!("nbd: {peer}: {e}"),
         }
     }
@@ -942,7 +970,10 @@ fn serve_inner(
     dev: Arc<dyn BlockDevice>,
     opening: Opening,
     counters: Arc<Counters>,
+    reply_timeout: Duration,
 ) -> io::Result<()> {
+    // Replies (and handshake answers) are written with a timeout: see REPLY_TIMEOUT.
+    stream.set_write_timeout(Some(reply_timeout))?;
     let mut r = BufReader::with_capacity(READ_BUFFER, stream.try_clone()?);
     let mut w = stream.try_clone()?;
     let size = dev.size();
@@ -967,10 +998,21 @@ fn serve_inner(
         room: Condvar::new(),
         writes_done: Condvar::new(),
         buffers: Mutex::new(Vec::new()),
+        reply_error: Mutex::new(None),
     });
     let result = transmission(&conn, &mut r, size);
     conn.close_and_drain();
-    result
+    // A reply that timed out shut the socket down, which ended the reader with a plain end of
+    // stream or a reset: say why the connection really ended.
+    match conn
+        .reply_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        Some(e) => Err(e),
+        None => result,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -989,6 +1031,7 @@ struct Shared {
     /// Connection threads still running.
     live: Mutex<usize>,
     live_cv: Condvar,
+    reply_timeout: Duration,
 }
 
 /// An NBD server exporting one device on a unix socket and/or a TCP address.
@@ -1030,11 +1073,7 @@ fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
-    Ok(listener)
+    super::unixsock::bind_private(path).with_context(|| format!("binding {}", path.display()))
 }
 
 impl NbdServer {
@@ -1045,6 +1084,17 @@ impl NbdServer {
         tcp: Option<SocketAddr>,
         export_name: &str,
         dev: Arc<dyn BlockDevice>,
+    ) -> anyhow::Result<NbdServer> {
+        NbdServer::start_with(unix, tcp, export_name, dev, REPLY_TIMEOUT)
+    }
+
+    /// `start` with another reply timeout (tests).
+    pub fn start_with(
+        unix: Option<&Path>,
+        tcp: Option<SocketAddr>,
+        export_name: &str,
+        dev: Arc<dyn BlockDevice>,
+        reply_timeout: Duration,
     ) -> anyhow::Result<NbdServer> {
         if unix.is_none() && tcp.is_none() {
             bail!("NBD server needs a unix socket path or a TCP address");
@@ -1085,6 +1135,7 @@ impl NbdServer {
             conns: Mutex::new(HashMap::new()),
             live: Mutex::new(0),
             live_cv: Condvar::new(),
+            reply_timeout,
         });
         let s = Arc::clone(&shared);
         let acceptor = thread::Builder::new()
@@ -1282,7 +1333,13 @@ fn admit_client(shared: &Arc<Shared>, stream: Stream, handshake: bool) -> io::Re
             } else {
                 Opening::Transmission
             };
-            serve(stream, Arc::clone(&s.dev), opening, Arc::clone(&s.counters));
+            serve(
+                stream,
+                Arc::clone(&s.dev),
+                opening,
+                Arc::clone(&s.counters),
+                s.reply_timeout,
+            );
             lock(&s.conns).remove(&id);
             *lock(&s.live) -= 1;
             s.live_cv.notify_all();

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::activemap::Pending;
 use super::generation::{self, Decision};
 use super::hooks::Event;
+use super::metrics::Op;
 use super::nbd::BlockDevice;
 use super::peer::{self, Completion, HandshakeError, Link, Outcome};
 use super::protocol::{self, GoodbyeCode, Message, Purpose};
@@ -120,7 +121,7 @@ impl Replicated {
         let Some((first, last)) = guard.extents() else {
             return Ok(());
         };
-        let completion = {
+        let (completion, queued) = {
             let _order = s.conflicts.claim(offset, len);
             let _locks = s.locks.shared(first, last);
             self.check_fence()?;
@@ -132,6 +133,7 @@ impl Replicated {
                 }
                 Err(e) => return Err(e),
             };
+            let queued = Instant::now();
             let c = s.link().map(|l| l.submit_frame(remote));
             if c.is_some() {
                 s.writes_queued.fetch_add(1, Ordering::AcqRel);
@@ -142,7 +144,7 @@ impl Replicated {
                 drop(guard);
                 return self.peer_wrote(c, len);
             }
-            c
+            (c, queued)
         };
         // Queued before the local fdatasync of a FUA write, so both run at the same time.
         if fua && let Err(e) = s.disk.sync_data() {
@@ -160,6 +162,7 @@ impl Replicated {
         let mode = s.mode();
         if fua || mode == Replication::Fullsync {
             if c.wait(Outcome::Written) {
+                s.metrics.round_trip.observe(queued.elapsed());
                 guard.done(true);
                 s.counters
                     .bytes_replicated
@@ -186,7 +189,7 @@ impl Replicated {
         // memsync (received) or async (queued): the writer is answered now, but the extents stay
         // in flight (dirty, also on disk) until the peer has written the data, so a crash of
         // this node before that still resyncs them.
-        self.after_written(c, guard.defer(), len);
+        self.after_written(c, guard.defer(), len, queued);
         Ok(())
     }
 
@@ -247,12 +250,13 @@ impl Replicated {
         Ok(())
     }
 
-    fn after_written(&self, c: Arc<Completion>, pending: Pending, len: u64) {
+    fn after_written(&self, c: Arc<Completion>, pending: Pending, len: u64, queued: Instant) {
         let s = Arc::clone(&self.s);
         let fenced = Arc::clone(&self.fenced);
         c.on_final(move |ok| {
             s.disk.activemap().complete_pending(pending, ok);
             if ok {
+                s.metrics.round_trip.observe(queued.elapsed());
                 s.counters
                     .bytes_replicated
                     .fetch_add(len, Ordering::Relaxed);
@@ -276,6 +280,7 @@ impl BlockDevice for Replicated {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let _t = self.s.metrics.request(Op::Read).start();
         self.s.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.s
             .counters
@@ -292,6 +297,7 @@ impl BlockDevice for Replicated {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let _t = self.s.metrics.request(Op::Write).start();
         self.s.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.s
             .counters
@@ -308,6 +314,7 @@ impl BlockDevice for Replicated {
     }
 
     fn flush(&self) -> io::Result<()> {
+        let _t = self.s.metrics.request(Op::Flush).start();
         self.s.counters.flushes.fetch_add(1, Ordering::Relaxed);
         // The peer processes in order: its flush ack covers every write queued before. It is
         // queued before the local fdatasync so that the two run at the same time.
@@ -342,6 +349,7 @@ impl BlockDevice for Replicated {
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let _t = self.s.metrics.request(Op::Trim).start();
         self.s.counters.trims.fetch_add(1, Ordering::Relaxed);
         let disk = &self.s.disk;
         self.modify(
@@ -362,6 +370,7 @@ impl BlockDevice for Replicated {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> io::Result<()> {
+        let _t = self.s.metrics.request(Op::WriteZeroes).start();
         self.s.counters.writes.fetch_add(1, Ordering::Relaxed);
         let disk = &self.s.disk;
         let local = || {

@@ -141,6 +141,18 @@ impl Owner {
                     self.end_session("a new connection from the primary");
                     let _ = reply.send(());
                 }
+                Msg::Ping(answer) => {
+                    let _ = answer.send(());
+                }
+                #[cfg(feature = "faults")]
+                Msg::Wedge(d) => {
+                    log::warn!(
+                        "fault injection: {}: owner thread wedged for {}s",
+                        self.shared.name,
+                        d.as_secs()
+                    );
+                    thread::sleep(d);
+                }
                 Msg::Stop => break,
             }
         }

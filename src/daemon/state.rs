@@ -20,6 +20,7 @@ use super::conflict::Conflicts;
 use super::control::{Counters as CounterValues, ErrorKind, ResourceStatus};
 use super::hooks::{Event, Hooks};
 use super::metadata::Disk;
+use super::metrics::ResourceMetrics;
 use super::peer::{self, Link, Outcome};
 use super::protocol::{Message, NodeState};
 use crate::config::{Replication, Resource};
@@ -52,6 +53,12 @@ pub enum Msg {
     EndSession {
         reply: Sender<()>,
     },
+    /// The watchdog checks that the owner thread is alive: answer on the sender.
+    Ping(Sender<()>),
+    /// Test hook (`tandem fault RES wedge-owner SECS`): the owner thread stops answering
+    /// messages for this long.
+    #[cfg(feature = "faults")]
+    Wedge(Duration),
     Stop,
 }
 
@@ -269,6 +276,8 @@ pub struct Shared {
     pub link: RwLock<Option<Arc<Link>>>,
     pub conn: Mutex<ConnInfo>,
     pub counters: Counters,
+    /// Latency histograms and link events for the metrics (`metrics.rs`).
+    pub metrics: ResourceMetrics,
     pub sync: SyncProgress,
     /// Progress of the running (or last) online verify.
     pub verify: SyncProgress,
@@ -325,6 +334,7 @@ impl Shared {
                 in_sync: false,
             }),
             counters: Counters::default(),
+            metrics: ResourceMetrics::default(),
             sync: SyncProgress::default(),
             verify: SyncProgress::default(),
             verifying: Mutex::new(()),
@@ -367,7 +377,21 @@ impl Shared {
 
     pub fn set_conn(&self, f: impl FnOnce(&mut ConnInfo)) {
         let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let (was_up, was_in_sync) = (c.connection == Connection::Connected, c.in_sync);
         f(&mut c);
+        let m = &self.metrics;
+        match (was_up, c.connection == Connection::Connected) {
+            (false, true) => {
+                m.links_established.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                m.links_lost.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        if was_in_sync != c.in_sync {
+            m.mark_in_sync_now();
+        }
     }
 
     pub fn conn(&self) -> ConnInfo {
@@ -501,6 +525,9 @@ impl Shared {
         } else {
             "degraded"
         };
+        if state == "complete" {
+            self.metrics.mark_in_sync_now();
+        }
         let total = self.sync.total.load(Ordering::Relaxed);
         let done = self.sync.done.load(Ordering::Relaxed);
         let cn = &self.counters;

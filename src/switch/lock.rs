@@ -6,8 +6,10 @@
 //! event whose resources all got a newer event gives up (exit 75, nothing done); one that
 //! keeps some resources acts on those only.
 //!
-//! The sequence file, text: `next N`, one `res NAME SEQ` per resource, and
-//! `last SEQ WORD running|done` (the event being applied or applied last).
+//! The sequence file, text: `next N`, one `res NAME SEQ` per resource,
+//! `last SEQ WORD running|done` (the event being applied or applied last), and
+//! `finished SEQ WORD ok|failed END_UNIX_SECONDS DURATION_SECONDS` (the last event that ran to
+//! its end, which the daemon exports as metrics).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -28,6 +30,19 @@ pub struct SeqState {
     pub next: u64,
     pub newest: BTreeMap<String, u64>,
     pub last: Option<(u64, String, bool)>,
+    pub finished: Option<Finished>,
+}
+
+/// The last switch event that ran to its end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub seq: u64,
+    /// master | slave
+    pub word: String,
+    pub ok: bool,
+    /// Unix time of its end, and how long it took from its start.
+    pub ended: f64,
+    pub seconds: f64,
 }
 
 impl SeqState {
@@ -42,6 +57,15 @@ impl SeqState {
                 }
                 ["last", n, word, st] => {
                     s.last = Some((n.parse().unwrap_or(0), word.to_string(), *st == "running"))
+                }
+                ["finished", n, word, result, ended, secs] => {
+                    s.finished = Some(Finished {
+                        seq: n.parse().unwrap_or(0),
+                        word: word.to_string(),
+                        ok: *result == "ok",
+                        ended: ended.parse().unwrap_or(0.0),
+                        seconds: secs.parse().unwrap_or(0.0),
+                    })
                 }
                 _ => {}
             }
@@ -58,6 +82,16 @@ impl SeqState {
             out += &format!(
                 "last {n} {w} {}\n",
                 if *running { "running" } else { "done" }
+            );
+        }
+        if let Some(f) = &self.finished {
+            out += &format!(
+                "finished {} {} {} {:.3} {:.3}\n",
+                f.seq,
+                f.word,
+                if f.ok { "ok" } else { "failed" },
+                f.ended,
+                f.seconds
             );
         }
         out
@@ -114,6 +148,23 @@ pub fn read_state(lock: &Path) -> SeqState {
     std::fs::read_to_string(seq_path(lock))
         .map(|t| SeqState::parse(&t))
         .unwrap_or_default()
+}
+
+/// Record how event `seq` (`word`) ended, for the daemon's metrics.
+pub fn finish(lock: &Path, seq: u64, word: &str, ok: bool, took: Duration) -> Result<()> {
+    let ended = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    with_seq(lock, |st| {
+        st.finished = Some(Finished {
+            seq,
+            word: word.to_string(),
+            ok,
+            ended,
+            seconds: took.as_secs_f64(),
+        })
+    })
 }
 
 /// An event that has its sequence number.
@@ -261,5 +312,15 @@ mod tests {
         assert_eq!(read_state(&lock).last, Some((3, "slave".into(), true)));
         drop(g);
         assert_eq!(read_state(&lock).last, Some((3, "slave".into(), false)));
+        finish(&lock, 3, "slave", false, Duration::from_millis(1500)).unwrap();
+        let f = read_state(&lock).finished.unwrap();
+        assert_eq!(
+            (f.seq, f.word.as_str(), f.ok, f.seconds),
+            (3, "slave", false, 1.5)
+        );
+        assert!(f.ended > 1.7e9, "{f:?}");
+        // The other lines survive a later event.
+        record(&lock, &["r1".into()]).unwrap();
+        assert_eq!(read_state(&lock).finished.unwrap().seq, 3);
     }
 }

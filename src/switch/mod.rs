@@ -86,6 +86,7 @@ fn act(
         print_plan(cfg, target, resources, &role, delay);
         return Ok(());
     }
+    let began = Instant::now();
     let names: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
     let word = match target {
         Target::Master => "master",
@@ -152,8 +153,32 @@ fn act(
             exec::took(start.elapsed())
         );
     }
+    // For the daemon's metrics; the switch itself does not depend on it.
+    if let Err(e) = lock::finish(
+        &cfg.switch.lock,
+        ticket.seq,
+        word,
+        result.is_ok(),
+        began.elapsed(),
+    ) {
+        warn!("event #{}: recording its result: {e:#}", ticket.seq);
+    }
     guard.done();
     result
+}
+
+/// The last switch event that ran to its end, for the daemon's metrics.
+pub fn last_switch(lock: &std::path::Path) -> Option<crate::daemon::metrics::SwitchRecord> {
+    let st = read_state(lock);
+    let f = st.finished?;
+    Some(crate::daemon::metrics::SwitchRecord {
+        seq: f.seq,
+        event: f.word,
+        result: if f.ok { "ok" } else { "failed" }.into(),
+        ended_unix: f.ended,
+        seconds: f.seconds,
+        running: st.last.is_some_and(|(_, _, running)| running),
+    })
 }
 
 /// Promote; on failure roll back every resource of this switch and run on_promote_failure.

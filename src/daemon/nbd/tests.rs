@@ -2,6 +2,7 @@
 //! that misbehaves. Each test skips, saying why, when its client is not installed.
 
 use super::*;
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Command as Proc, Output, Stdio};
 
 const SIZE: u64 = 64 << 20;
@@ -693,4 +694,45 @@ fn shutdown_during_pipelined_io_returns_and_closes() {
         r.join().unwrap();
     }
     assert!(UnixStream::connect(&f.sock).is_err());
+}
+
+/// A client that sends reads and never takes the replies is disconnected once a reply waits
+/// longer than the reply timeout; meanwhile and afterwards other clients are served.
+#[test]
+fn a_client_that_never_reads_replies_is_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let dev = Arc::new(FileDevice::open(&img, Some(SIZE)).unwrap());
+    let sock = dir.path().join("nbd.sock");
+    let bound = Duration::from_secs(2);
+    let server = NbdServer::start_with(Some(&sock), None, NAME, dev, bound).unwrap();
+    let f = Fixture {
+        dir,
+        sock,
+        img,
+        server: Some(server),
+    };
+    let mut s = raw_session(&f.sock);
+    // 100 MiB of replies asked for, far more than the socket buffers hold.
+    for cookie in 0..100 {
+        send(&mut s, wire::CMD_READ, 0, cookie, 0, 1 << 20, &[]);
+    }
+    let sent = Instant::now();
+    still_serving(&f);
+    // Poll (bounded) until the server has hung up: a peek sees the buffered replies, so look
+    // at the connection count instead of reading, which would unblock the server.
+    let mut closed = false;
+    while sent.elapsed() < bound * 5 {
+        if *lock(&f.server().shared.live) == 0 {
+            closed = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let took = sent.elapsed();
+    assert!(closed, "the stuck connection is still open after {took:?}");
+    assert!(took >= bound, "closed after {took:?}, before the bound");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(closed_by_server(&mut s));
+    still_serving(&f);
 }
