@@ -36,13 +36,21 @@ pub struct Handle {
     pub shared: Arc<Shared>,
     pub tx: Sender<Msg>,
     thread: Option<JoinHandle<()>>,
+    /// The peer watcher (`watch_peer`) and its stop flag.
+    watcher: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
 impl Handle {
-    /// Stop the owner thread (demotes to init first) and wait for it.
+    /// Stop the owner thread (demotes to init first) and the peer watcher, and wait for them.
     pub fn stop(mut self) {
+        if let Some((stop, _)) = &self.watcher {
+            stop.store(true, Ordering::Release);
+        }
         let _ = self.tx.send(Msg::Stop);
         if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some((_, t)) = self.watcher.take() {
             let _ = t.join();
         }
     }
@@ -55,6 +63,7 @@ pub fn start(
     secret: SharedSecret,
     timeout: Duration,
     probe_timeout: Duration,
+    ping_interval: Duration,
     hooks: Hooks,
 ) -> Result<Handle> {
     let local: PathBuf = res
@@ -67,9 +76,16 @@ pub fn start(
         secret,
         timeout,
         probe_timeout,
+        ping_interval,
         hooks,
     };
     let shared = Arc::new(Shared::new(res, node, disk, daemon, tx.clone()));
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    let (s, st) = (Arc::clone(&shared), Arc::clone(&watch_stop));
+    let watcher = thread::Builder::new()
+        .name(format!("watch-{}", res.name))
+        .spawn(move || watch_peer(&s, &st))
+        .context("starting the peer watcher")?;
     let s = Arc::clone(&shared);
     let thread = thread::Builder::new()
         .name(format!("res-{}", res.name))
@@ -92,7 +108,28 @@ pub fn start(
         shared,
         tx,
         thread: Some(thread),
+        watcher: Some((watch_stop, watcher)),
     })
+}
+
+/// While this node is not primary and no session is running, ask the peer every
+/// `ping_interval` how it is (a probe, bounded by `probe_timeout`), so that its silence is
+/// known before a promote asks: a peer that answers is heard (`Shared::heard_peer`), and a
+/// promote then probes it for its role and data; one silent for `daemon.timeout` is gone or
+/// cut off, and a promote skips the probe, which could only time out. Without this, two idle
+/// nodes (neither primary, so no link pings) would seem dead to each other, and a stale node
+/// would be promoted without the generation check.
+fn watch_peer(s: &Shared, stop: &AtomicBool) {
+    while !peer::sleep_unless(stop, s.ping_interval) {
+        let idle = s.role() != Role::Primary && s.conn().connection != Connection::Connected;
+        if !idle || s.addrs().remote.is_none() {
+            continue;
+        }
+        match probe_within(s, s.probe_timeout) {
+            Probe::State(_) | Probe::Refused(_) => {}
+            Probe::Unreachable(e) => log::trace!("{}: peer watcher: {e:#}", s.name),
+        }
+    }
 }
 
 /// The primary's background connector.
@@ -252,17 +289,38 @@ impl Owner {
         if cfg.remote.is_none() {
             return Ok(());
         }
+        let timeout = self.shared.timeout;
+        let silence = self.shared.peer_silence();
         // A secondary connected to a live primary knows the answer without asking.
         if self.shared.role() == Role::Secondary
             && self.shared.conn().connection == Connection::Connected
             && self.shared.conn().peer_role == Some(Role::Primary)
+            && silence < timeout
         {
             return Err(RoleError::new(
                 ErrorKind::PeerPrimary,
                 format!("{name}: the peer is primary"),
             ));
         }
-        let peer = match probe(&self.shared) {
+        if silence >= timeout {
+            // Nothing from the peer for daemon.timeout, though it pings an idle link and
+            // answers the watcher's probes while it lives: it is down or cut off, and a probe
+            // could only time out. (A session still "connected" has not noticed yet.)
+            log::info!(
+                "{name}: nothing heard from the peer for {} ms (daemon.timeout {} ms); becoming primary without it",
+                silence.as_millis(),
+                timeout.as_millis()
+            );
+            return Ok(());
+        }
+        // The peer was heard within daemon.timeout: ask it, but not beyond the moment it
+        // would count as gone.
+        let bound = self
+            .shared
+            .probe_timeout
+            .min(timeout - silence)
+            .max(MIN_PROBE);
+        let peer = match probe_within(&self.shared, bound) {
             Probe::State(p) => p,
             Probe::Unreachable(e) => {
                 log::info!("{name}: peer unreachable ({e:#}); becoming primary without it");
@@ -476,9 +534,18 @@ pub enum Probe {
     Refused(String),
 }
 
-/// Ask the peer for its role and state (bounded by `daemon.probe_timeout`).
-pub fn probe(shared: &Shared) -> Probe {
-    match probe_inner(shared) {
+/// A promote's probe of a peer heard just before `daemon.timeout` ran out still gets this
+/// long: a reachable peer answers within a few round trips.
+const MIN_PROBE: Duration = Duration::from_millis(50);
+
+/// Ask the peer for its role and state, connecting and answering within `bound` each; an
+/// answer (even a refusal) counts as hearing from the peer.
+pub fn probe_within(shared: &Shared, bound: Duration) -> Probe {
+    let r = probe_inner(shared, bound);
+    if matches!(r, Ok(_) | Err(ProbeError::Refused(..))) {
+        shared.heard_peer();
+    }
+    match r {
         Ok(s) => Probe::State(s),
         Err(ProbeError::Refused(code, why)) => Probe::Refused(format!("{code:?}: {why}")),
         Err(ProbeError::Other(e)) => Probe::Unreachable(e),
@@ -496,12 +563,12 @@ impl From<anyhow::Error> for ProbeError {
     }
 }
 
-fn probe_inner(shared: &Shared) -> Result<NodeState, ProbeError> {
+fn probe_inner(shared: &Shared, bound: Duration) -> Result<NodeState, ProbeError> {
     let addrs = shared.addrs();
     let to = addrs
         .remote
         .context("the peer's address did not resolve when the configuration was loaded")?;
-    let mut stream = peer::connect_from(to, addrs.from, shared.probe_timeout)?;
+    let mut stream = peer::connect_from(to, addrs.from, bound)?;
     let hello = peer::Hello {
         resource: &shared.name,
         node: &shared.node,
@@ -510,7 +577,7 @@ fn probe_inner(shared: &Shared) -> Result<NodeState, ProbeError> {
         secret: &shared.secret.get(),
         state: shared.node_state(),
     };
-    let r = peer::handshake_connect(&mut stream, &hello, shared.probe_timeout);
+    let r = peer::handshake_connect(&mut stream, &hello, bound);
     let _ = super::protocol::write_message(
         &mut stream,
         &super::protocol::Message::Goodbye {
@@ -555,6 +622,7 @@ pub(crate) fn start_for_test(dir: &std::path::Path, node: &str) -> Handle {
         SharedSecret::new(super::auth::Secret::from_bytes(b"k")),
         Duration::from_secs(10),
         Duration::from_secs(2),
+        Duration::from_millis(500),
         Hooks::new(None),
     )
     .unwrap()
