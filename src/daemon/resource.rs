@@ -290,18 +290,14 @@ impl Owner {
             return Ok(());
         }
         let timeout = self.shared.timeout;
-        let silence = self.shared.peer_silence();
         // A secondary connected to a live primary knows the answer without asking.
-        if self.shared.role() == Role::Secondary
-            && self.shared.conn().connection == Connection::Connected
-            && self.shared.conn().peer_role == Some(Role::Primary)
-            && silence < timeout
-        {
+        if self.connected_to_primary() && !self.primary_went_silent() {
             return Err(RoleError::new(
                 ErrorKind::PeerPrimary,
                 format!("{name}: the peer is primary"),
             ));
         }
+        let silence = self.shared.peer_silence();
         if silence >= timeout {
             // Nothing from the peer for daemon.timeout, though it pings an idle link and
             // answers the watcher's probes while it lives: it is down or cut off, and a probe
@@ -363,6 +359,45 @@ impl Owner {
             )),
             _ => Ok(()),
         }
+    }
+
+    fn connected_to_primary(&self) -> bool {
+        let c = self.shared.conn();
+        self.shared.role() == Role::Secondary
+            && c.connection == Connection::Connected
+            && c.peer_role == Some(Role::Primary)
+    }
+
+    /// The primary this secondary is connected to has missed its pings: wait (at most until
+    /// it has been silent for daemon.timeout, so less than that) for it to be heard again or
+    /// to count as gone, rather than have the caller retry. True: gone; false: it is alive.
+    /// A primary heard within two ping intervals is alive, with no wait.
+    fn primary_went_silent(&self) -> bool {
+        let s = &self.shared;
+        let mut last = s.peer_silence();
+        if last < 2 * s.ping_interval {
+            return false;
+        }
+        log::info!(
+            "{}: the primary has been silent for {} ms; waiting up to daemon.timeout ({} ms) for it",
+            s.name,
+            last.as_millis(),
+            s.timeout.as_millis()
+        );
+        // Bounded: silence only grows until the peer is heard, and reaches the timeout.
+        for _ in 0..(s.timeout.as_millis() / 5 + 2) {
+            let now = s.peer_silence();
+            if now >= s.timeout || !self.connected_to_primary() {
+                return true;
+            }
+            if now < last {
+                log::info!("{}: the primary answered again", s.name);
+                return false;
+            }
+            last = now;
+            thread::sleep(Duration::from_millis(5));
+        }
+        s.peer_silence() >= s.timeout
     }
 
     fn start_primary(&mut self) -> Result<()> {
