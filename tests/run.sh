@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libnbd-bin nbdfuse fio ucarp samba smbclient mandoc psmisc iproute2 nftables xfsprogs e2fsprogs fuse3 qemu-utils util-linux)
-tools=(nbdinfo nbdfuse fio ucarp smbd smbclient mandoc fuser ip nft mkfs.xfs mkfs.ext4 fusermount3 qemu-io losetup)
+packages=(libnbd-bin nbdfuse fio ucarp keepalived samba smbclient mandoc psmisc iproute2 nftables xfsprogs e2fsprogs fuse3 qemu-utils util-linux)
+tools=(nbdinfo nbdfuse fio ucarp keepalived smbd smbclient mandoc fuser ip nft mkfs.xfs mkfs.ext4 fusermount3 qemu-io losetup)
 missing=()
 for t in "${tools[@]}"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
 if [ ${#missing[@]} -gt 0 ]; then
