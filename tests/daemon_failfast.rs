@@ -183,7 +183,7 @@ fn stale_data_is_refused_even_when_the_link_has_been_idle_past_the_timeout() {
     if !need("qemu-io", "qemu-utils") {
         return;
     }
-    let mut p = Pair::new("fullsync");
+    let p = Pair::new("fullsync");
     use_default_timeouts(&p);
     let mut p = synced(p);
     p.b.kill9();

@@ -4,7 +4,7 @@
 //! elsewhere, and as a fallback if inotify cannot be set up, a check every 100 ms.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 
@@ -27,6 +27,7 @@ mod linux {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     use std::os::fd::AsFd;
+    use std::time::Instant;
 
     /// A check anyway this often: an event missed (the node made in a directory that was
     /// itself created and filled between two watches) costs at most this.
