@@ -112,7 +112,7 @@ pub fn start(
     })
 }
 
-/// While this node is not primary and no session is running, ask the peer every
+/// While this node is not primary and no session carries the peer's pings, ask the peer every
 /// `ping_interval` how it is (a probe, bounded by `probe_timeout`), so that its silence is
 /// known before a promote asks: a peer that answers is heard (`Shared::heard_peer`), and a
 /// promote then probes it for its role and data; one silent for `daemon.timeout` is gone or
@@ -121,8 +121,12 @@ pub fn start(
 /// would be promoted without the generation check.
 fn watch_peer(s: &Shared, stop: &AtomicBool) {
     while !peer::sleep_unless(stop, s.ping_interval) {
-        let idle = s.role() != Role::Primary && s.conn().connection != Connection::Connected;
-        if !idle || s.addrs().remote.is_none() {
+        // A session that carries the primary's pings needs no probe; one that went quiet may
+        // be a stalled connection to a live peer, which the probe (a connection of its own)
+        // tells apart from a dead one.
+        let quiet =
+            s.conn().connection != Connection::Connected || s.peer_silence() >= 2 * s.ping_interval;
+        if s.role() == Role::Primary || !quiet || s.addrs().remote.is_none() {
             continue;
         }
         match probe_within(s, s.probe_timeout) {

@@ -54,6 +54,9 @@ in_ns() {
 
 backend() { cat "$LAB/backend" 2>/dev/null || echo none; }
 fstype() { cat "$LAB/fs" 2>/dev/null || echo ext4; }
+# xfs refuses a second filesystem with the UUID of one still mounted, and the crashed host's
+# lingers a moment in this one kernel (two machines do not share one): nouuid, in the lab only.
+mount_options() { [ "$(fstype)" = xfs ] && echo noatime,nouuid || echo noatime; }
 # Make the share's filesystem on $1.
 mkfs_share() {
 	case $(fstype) in
@@ -179,7 +182,10 @@ write_host() {
 	chmod 700 "$d/smb/private"
 	local dev
 	if [ "$(backend)" = none ]; then
-		dev=$(cat "$LAB/shared.loop")
+		# Each host sees the shared disk through a device of its own, as two machines see
+		# one LUN: the survivor's fsck never finds the device held by the crashed host's
+		# filesystem, which lingers a moment in this one kernel.
+		dev=$(cat "$LAB/shared.loop.$h")
 	else
 		dev=$d/dev
 	fi
@@ -234,7 +240,7 @@ status = "$HERE/lab.sh smbd-status $h"
 backend = "$(backend)"
 mountpoint = "$d/mnt"
 fstype = "$(fstype)"
-mount_options = "noatime"
+mount_options = "$(mount_options)"
 device = "$dev"
 EOF
 		if [ "$(backend)" = tandem ]; then
@@ -455,6 +461,8 @@ cmd_up() {
 		truncate -s "${DISK_MB}M" "$LAB/shared.img"
 		losetup --find --show "$LAB/shared.img" >"$LAB/shared.loop" || fail "losetup"
 		mkfs_share "$(cat "$LAB/shared.loop")" || fail "mkfs"
+		cp "$LAB/shared.loop" "$LAB/shared.loop.A"
+		losetup --find --show "$LAB/shared.img" >"$LAB/shared.loop.B" || fail "losetup"
 	fi
 	write_host A
 	write_host B
@@ -667,16 +675,16 @@ cmd_down() {
 		umount -l "$d/mnt" 2>/dev/null
 		TANDEM_DEVICE=$d/dev cmd_detach "$h" 2>/dev/null
 	done
-	if [ -s "$LAB/shared.loop" ]; then
-		losetup -d "$(cat "$LAB/shared.loop")" 2>/dev/null
-	fi
+	for f in "$LAB"/shared.loop "$LAB"/shared.loop.B; do
+		[ -s "$f" ] && losetup -d "$(cat "$f")" 2>/dev/null
+	done
 	for ns in "${NETNS[@]}"; do
 		[ -e "/run/netns/$ns" ] && ip netns del "$ns"
 	done
 	if [ -n "${LAB_KEEP:-}" ]; then
 		log "LAB_KEEP set: keeping $LAB for inspection"
 	else
-		rm -rf "${LAB:?}"/{A,B,C,shared.img,shared.loop,secret,sampler.*,fs}
+		rm -rf "${LAB:?}"/{A,B,C,shared.img,shared.loop,shared.loop.A,shared.loop.B,secret,sampler.*,fs}
 	fi
 	return 0
 }
