@@ -594,13 +594,12 @@ pub fn connect_from(to: SocketAddr, from: Option<IpAddr>, timeout: Duration) -> 
             let err = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SocketError)
                 .context("getsockopt")?;
             if err != 0 {
-                bail!(
-                    "connecting to {to}: {}",
-                    std::io::Error::from_raw_os_error(err)
-                );
+                // The io::Error kept in the chain: a probe tells "refused" from "timed out".
+                return Err(anyhow::Error::new(std::io::Error::from_raw_os_error(err))
+                    .context(format!("connecting to {to}")));
             }
         }
-        Some(e) => bail!("connecting to {to}: {e}"),
+        Some(e) => return Err(anyhow::Error::new(e).context(format!("connecting to {to}"))),
     }
     nix::fcntl::fcntl(
         &fd,

@@ -301,32 +301,61 @@ impl Owner {
                 format!("{name}: the peer is primary"),
             ));
         }
-        let silence = self.shared.peer_silence();
-        if silence >= timeout {
-            // Nothing from the peer for daemon.timeout, though it pings an idle link and
-            // answers the watcher's probes while it lives: it is down or cut off, and a probe
-            // could only time out. (A session still "connected" has not noticed yet.)
-            log::info!(
-                "{name}: nothing heard from the peer for {} ms (daemon.timeout {} ms); becoming primary without it",
-                silence.as_millis(),
-                timeout.as_millis()
-            );
-            return Ok(());
-        }
-        // The peer was heard within daemon.timeout: ask it, but not beyond the moment it
-        // would count as gone.
-        let bound = self
-            .shared
-            .probe_timeout
-            .min(timeout - silence)
-            .max(MIN_PROBE);
-        let peer = match probe_within(&self.shared, bound) {
-            Probe::State(p) => p,
-            Probe::Unreachable(e) => {
-                log::info!("{name}: peer unreachable ({e:#}); becoming primary without it");
+        // Ask the peer until it answers or has been silent for daemon.timeout: a peer heard
+        // within that time is alive, and is not promoted over because one probe was slow.
+        let deadline = std::time::Instant::now() + timeout;
+        let peer = loop {
+            let silence = self.shared.peer_silence();
+            if silence >= timeout {
+                // Nothing from the peer for daemon.timeout, though it pings an idle link and
+                // answers the watcher's probes while it lives: it is down or cut off, and a
+                // probe could only time out. (A session still "connected" has not noticed.)
+                log::info!(
+                    "{name}: nothing heard from the peer for {} ms (daemon.timeout {} ms); becoming primary without it",
+                    silence.as_millis(),
+                    timeout.as_millis()
+                );
                 return Ok(());
             }
-            Probe::Refused(why) if !force => {
+            // Not beyond the moment the peer would count as gone.
+            let bound = self
+                .shared
+                .probe_timeout
+                .min(timeout - silence)
+                .max(MIN_PROBE);
+            match probe_within(&self.shared, bound) {
+                Probe::State(p) => break Ok(p),
+                Probe::Unreachable(e) if connection_refused(&e) => {
+                    // Nothing listens on the peer's port: its daemon is not running, so it
+                    // serves nothing.
+                    log::info!("{name}: peer unreachable ({e:#}); becoming primary without it");
+                    return Ok(());
+                }
+                Probe::Unreachable(e) if std::time::Instant::now() >= deadline => {
+                    if force {
+                        log::warn!(
+                            "{name}: the peer was heard {} ms ago but does not answer ({e:#}); promoting anyway (--force)",
+                            self.shared.peer_silence().as_millis()
+                        );
+                        return Ok(());
+                    }
+                    return Err(RoleError::new(
+                        ErrorKind::Failed,
+                        format!(
+                            "{name}: the peer was heard {} ms ago but does not answer a probe ({e:#}); not promoting over it (try again, or use --force)",
+                            self.shared.peer_silence().as_millis()
+                        ),
+                    ));
+                }
+                Probe::Unreachable(e) => {
+                    log::info!("{name}: no answer from the peer yet ({e:#}); asking again");
+                }
+                Probe::Refused(why) => break Err(why),
+            }
+        };
+        let peer = match peer {
+            Ok(p) => p,
+            Err(why) if !force => {
                 // The peer answered but will not talk to us (wrong secret, other protocol
                 // version): a configuration error, not an absent peer.
                 return Err(RoleError::new(
@@ -336,7 +365,7 @@ impl Owner {
                     ),
                 ));
             }
-            Probe::Refused(why) => {
+            Err(why) => {
                 log::warn!("{name}: the peer refused us ({why}); promoting anyway (--force)");
                 return Ok(());
             }
@@ -571,6 +600,14 @@ pub enum Probe {
     Unreachable(anyhow::Error),
     /// The peer answered and refused (authentication, version).
     Refused(String),
+}
+
+/// Did the connection fail because nothing listens on the peer's port?
+fn connection_refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
 }
 
 /// A promote's probe of a peer heard just before `daemon.timeout` ran out still gets this
