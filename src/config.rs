@@ -38,6 +38,13 @@ const DEFAULT_RUN_DIR: &str = if cfg!(target_os = "freebsd") {
 };
 pub const DEFAULT_PORT: u16 = 8457;
 pub const DEFAULT_EXTENT_SIZE: u64 = 2 * 1024 * 1024;
+/// `daemon.timeout`: below what VRRP with sub-second adverts or CARP need to notice a dead
+/// master, so the link state is known when the switch asks for role primary.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+/// `daemon.probe_timeout`: a reachable peer answers in a few round trips, well within this.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+/// `daemon.ping_interval`.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_millis(200);
 
 // ---------------------------------------------------------------------------------------------
 // The resolved configuration, as the rest of tandem sees it.
@@ -110,6 +117,10 @@ pub struct DaemonConfig {
     /// How long `role primary` tries to reach the peer before deciding it is gone.
     #[serde(serialize_with = "ser_duration")]
     pub probe_timeout: Duration,
+    /// Each side of an idle link sends a ping this often (and an idle secondary checks
+    /// that its peer still answers).
+    #[serde(serialize_with = "ser_duration")]
+    pub ping_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -476,6 +487,7 @@ struct RawDaemon {
     exec: Option<String>,
     timeout: Option<Spanned<String>>,
     probe_timeout: Option<Spanned<String>>,
+    ping_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -681,17 +693,42 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
             .into()
         }),
         exec: raw.daemon.exec.clone().filter(|s| !s.trim().is_empty()),
-        timeout: src.duration(&raw.daemon.timeout, Duration::from_secs(20))?,
-        probe_timeout: src.duration(&raw.daemon.probe_timeout, Duration::from_secs(2))?,
+        timeout: src.duration(&raw.daemon.timeout, DEFAULT_TIMEOUT)?,
+        probe_timeout: src.duration(&raw.daemon.probe_timeout, DEFAULT_PROBE_TIMEOUT)?,
+        ping_interval: src.duration(&raw.daemon.ping_interval, DEFAULT_PING_INTERVAL)?,
     };
+    let span_of = |v: &Option<Spanned<String>>| v.as_ref().map(|t| t.span()).unwrap_or(0..0);
     if daemon.timeout < Duration::from_millis(100) {
-        let span = raw
-            .daemon
-            .timeout
-            .as_ref()
-            .map(|t| t.span())
-            .unwrap_or(0..0);
-        return Err(src.error(span, "daemon.timeout must be at least 100ms"));
+        return Err(src.error(
+            span_of(&raw.daemon.timeout),
+            "daemon.timeout must be at least 100ms",
+        ));
+    }
+    if daemon.probe_timeout < Duration::from_millis(10) {
+        return Err(src.error(
+            span_of(&raw.daemon.probe_timeout),
+            "daemon.probe_timeout must be at least 10ms",
+        ));
+    }
+    if daemon.ping_interval < Duration::from_millis(10) {
+        return Err(src.error(
+            span_of(&raw.daemon.ping_interval),
+            "daemon.ping_interval must be at least 10ms",
+        ));
+    }
+    if daemon.ping_interval * 2 > daemon.timeout {
+        let span = match raw.daemon.ping_interval {
+            Some(_) => span_of(&raw.daemon.ping_interval),
+            None => span_of(&raw.daemon.timeout),
+        };
+        return Err(src.error(
+            span,
+            format!(
+                "daemon.ping_interval ({}) must be at most half of daemon.timeout ({}): a live peer would be taken for dead between two pings",
+                format_duration(daemon.ping_interval),
+                format_duration(daemon.timeout)
+            ),
+        ));
     }
 
     let mut resources = Vec::new();
@@ -1406,5 +1443,32 @@ remote = "192.168.10.11"
         assert_eq!(c.select(&["all".into()]).unwrap().len(), 1);
         let e = c.select(&["nope".into()]).unwrap_err();
         assert!(e.downcast_ref::<Usage>().is_some());
+    }
+
+    #[test]
+    fn link_timing_defaults_and_bounds() {
+        let c = p("node = \"s1\"\n").unwrap();
+        assert_eq!(c.daemon.timeout, Duration::from_secs(1));
+        assert_eq!(c.daemon.probe_timeout, Duration::from_millis(300));
+        assert_eq!(c.daemon.ping_interval, Duration::from_millis(200));
+        let c = p("node = \"s1\"\n[daemon]\nping_interval = \"50ms\"\ntimeout = \"3s\"\n").unwrap();
+        assert_eq!(c.daemon.ping_interval, Duration::from_millis(50));
+        let e = err("node = \"s1\"\n[daemon]\nping_interval = \"600ms\"\n");
+        assert!(e.contains("/etc/tandem.toml:3:17:"), "{e}");
+        assert!(e.contains("at most half of daemon.timeout (1s)"), "{e}");
+        // Lowering the timeout alone below twice the default ping interval points at it.
+        let e = err("node = \"s1\"\n[daemon]\ntimeout = \"300ms\"\n");
+        assert!(
+            e.contains("/etc/tandem.toml:3:11:") && e.contains("ping_interval"),
+            "{e}"
+        );
+        assert!(err("node = \"s1\"\n[daemon]\nping_interval = \"0s\"\n").contains("at least 10ms"));
+        assert!(
+            err("node = \"s1\"\n[daemon]\nprobe_timeout = \"1ms\"\n").contains("at least 10ms")
+        );
+        assert!(
+            err("node = \"s1\"\n[daemon]\nping_interval = \"fast\"\n")
+                .starts_with("/etc/tandem.toml:3:17:")
+        );
     }
 }

@@ -32,7 +32,7 @@ fn have(tool: &str) -> bool {
 }
 
 /// Why the lab cannot run here, if it cannot.
-fn skip_reason(backend: &str) -> Option<String> {
+fn skip_reason(backend: &str, mode: &str) -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return Some("not root (network namespaces, mounts and loop devices need root)".into());
     }
@@ -47,10 +47,13 @@ fn skip_reason(backend: &str) -> Option<String> {
     if backend == "tandem" {
         tools.push("nbdfuse");
     }
+    if mode == "keepalived" {
+        tools.push("keepalived");
+    }
     let missing: Vec<&str> = tools.into_iter().filter(|t| !have(t)).collect();
     if !missing.is_empty() {
         return Some(format!(
-            "missing {} (apt-get install ucarp samba smbclient nbdfuse)",
+            "missing {} (apt-get install ucarp samba smbclient nbdfuse keepalived)",
             missing.join(", ")
         ));
     }
@@ -62,7 +65,7 @@ fn skip_reason(backend: &str) -> Option<String> {
 fn unimplemented(mode: &str) -> Option<String> {
     // `tandem watch` runs the switch's code: both modes need it.
     let probe = match mode {
-        "switch" | "watch" => ["switch", "--dry-run", "master"],
+        "switch" | "watch" | "keepalived" => ["switch", "--dry-run", "master"],
         _ => return None,
     };
     let dir = tempfile::tempdir().ok()?;
@@ -181,7 +184,7 @@ impl Drop for Lab<'_> {
 fn scenario(name: &str, mode: &str, limit: Duration, tandem_only: bool) {
     let serial = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let backend = backend();
-    if let Some(why) = skip_reason(&backend) {
+    if let Some(why) = skip_reason(&backend, mode) {
         eprintln!("lab scenario {name}: SKIPPED: {why}");
         return;
     }
@@ -194,7 +197,7 @@ fn scenario(name: &str, mode: &str, limit: Duration, tandem_only: bool) {
     }
     // LAB_MODE=baseline runs the same scenarios with the seed script's flow instead.
     let mode = match std::env::var("LAB_MODE") {
-        Ok(m) if !m.is_empty() && mode != "watch" => m,
+        Ok(m) if !m.is_empty() && mode != "watch" && mode != "keepalived" => m,
         _ => mode.to_string(),
     };
     let mode = mode.as_str();
@@ -256,4 +259,11 @@ fn lab_partition() {
 #[test]
 fn lab_tandem_watch() {
     scenario("watch", "watch", Duration::from_secs(150), false);
+}
+
+/// keepalived with VRRPv3 adverts every 200 ms instead of ucarp: A crashes, B takes over and
+/// serves every acknowledged file (checksums through the VIP).
+#[test]
+fn lab_keepalived_fast_adverts() {
+    scenario("keepalived", "keepalived", Duration::from_secs(150), false);
 }

@@ -5,10 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libnbd-bin nbdfuse fio ucarp samba smbclient mandoc psmisc iproute2 nftables xfsprogs e2fsprogs fuse3 qemu-utils util-linux
+packages=(libnbd-bin nbdfuse fio ucarp keepalived samba smbclient mandoc psmisc iproute2 nftables xfsprogs e2fsprogs fuse3 qemu-utils util-linux
   pacemaker corosync corosync-qnetd corosync-qdevice crmsh pacemaker-cli-utils resource-agents libxml2-utils kmod
   prometheus curl)
-tools=(nbdinfo nbdfuse fio ucarp smbd smbclient mandoc fuser ip nft mkfs.xfs mkfs.ext4 fusermount3 qemu-io losetup
+tools=(nbdinfo nbdfuse fio ucarp keepalived smbd smbclient mandoc fuser ip nft mkfs.xfs mkfs.ext4 fusermount3 qemu-io losetup
   pacemakerd corosync corosync-qnetd corosync-qdevice crm crm_mon ocf-tester xmllint modprobe
   promtool curl)
 missing=()

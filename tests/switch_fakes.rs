@@ -445,3 +445,111 @@ pool = "tank0"
     assert!(!e.calls().contains("role primary"), "{}", e.calls());
     assert_eq!(e.get("hast/hast0/role").as_deref(), Some("secondary"));
 }
+
+/// The stamps the fakes and services wrote: (what, pool or service, nanoseconds).
+fn stamps(e: &Env) -> Vec<(String, String, u128)> {
+    std::fs::read_to_string(e.state().join("stamps"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 3, "stamp line {l:?}");
+            (f[0].to_string(), f[1].to_string(), f[2].parse().unwrap())
+        })
+        .collect()
+}
+
+fn stamp(all: &[(String, String, u128)], what: &str, name: &str) -> u128 {
+    all.iter()
+        .find(|(w, n, _)| w == what && n == name)
+        .unwrap_or_else(|| panic!("no {what} {name} in {all:?}"))
+        .2
+}
+
+/// Two resources come up side by side: each import (the mount of a zfs resource) starts
+/// before the other one ends. A service that uses only the quick resource starts before the
+/// slow one is mounted; the one that uses both starts after. Order of stamps only, no timing.
+#[test]
+fn resources_mount_concurrently_and_each_service_starts_when_its_own_are_up() {
+    let e = Env::new();
+    e.write_config(
+        r#"
+node = "s1"
+[switch]
+lock = "@DIR@/switch.lock"
+role_timeout = "5s"
+device_timeout = "5s"
+[[service]]
+name = "early"
+manager = "command"
+resources = ["hast0"]
+start = "echo service-start early $(date +%s%N) >> @STATE@/stamps; touch @DIR@/early.running"
+stop = "rm -f @DIR@/early.running"
+status = "test -f @DIR@/early.running"
+[[service]]
+name = "both"
+manager = "command"
+start = "echo service-start both $(date +%s%N) >> @STATE@/stamps; touch @DIR@/both.running"
+stop = "rm -f @DIR@/both.running"
+status = "test -f @DIR@/both.running"
+[resource.hast0]
+backend = "hast"
+device = "@STATE@/dev/hast0"
+fstype = "zfs"
+pool = "tank0"
+[resource.hast1]
+backend = "hast"
+device = "@STATE@/dev/hast1"
+fstype = "zfs"
+pool = "tank1"
+"#,
+    );
+    e.set("hast/hast0/role", "secondary");
+    e.set("hast/hast1/role", "secondary");
+    e.set("zpool/tank0/import_delay", "0.3");
+    e.set("zpool/tank1/import_delay", "1.5");
+    let r = e.run(&["promote"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let s = stamps(&e);
+    let (s0, e0) = (
+        stamp(&s, "import-start", "tank0"),
+        stamp(&s, "import-end", "tank0"),
+    );
+    let (s1, e1) = (
+        stamp(&s, "import-start", "tank1"),
+        stamp(&s, "import-end", "tank1"),
+    );
+    assert!(
+        s1 < e0 && s0 < e1,
+        "the imports did not overlap: {s:?}\n{r:?}"
+    );
+    let early = stamp(&s, "service-start", "early");
+    assert!(e0 < early && early < e1, "early: {s:?}\n{r:?}");
+    assert!(
+        e1 < stamp(&s, "service-start", "both"),
+        "both: {s:?}\n{r:?}"
+    );
+    // Demote and promote again: the same, every step still logged once per resource.
+    let r = e.run(&["demote"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!e.exists("zpool/tank0/imported") && !e.exists("zpool/tank1/imported"));
+}
+
+/// A failure in one resource's chain stops the promote: no service starts, both resources
+/// are rolled back, and the error names the resource that failed.
+#[test]
+fn a_failing_import_beside_a_slow_one_rolls_both_back() {
+    let e = hast_env("5s");
+    e.set("zpool/tank0/import_delay", "0.5");
+    e.set("zpool/tank1/fail_import", "");
+    let r = e.run(&["promote"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("promote hast1: import pool tank1 failed"),
+        "{r:?}"
+    );
+    assert_eq!(e.read("events"), "");
+    assert!(!e.exists("zpool/tank0/imported") && !e.exists("zpool/tank1/imported"));
+    assert_eq!(e.get("hast/hast0/role").as_deref(), Some("secondary"));
+    assert_eq!(e.get("hast/hast1/role").as_deref(), Some("secondary"));
+}

@@ -114,7 +114,7 @@ pub struct RoleCtx {
 /// Any other error is a failure (exit 1, after rollback). Both must be cheap to call again:
 /// the switch skips `promote` when `status()` already says primary, and rolls back with
 /// `demote`.
-pub trait Backend {
+pub trait Backend: Send + Sync {
     /// False for `none`: no role to change, `status().role` means nothing.
     fn has_roles(&self) -> bool {
         true

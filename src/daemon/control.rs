@@ -143,6 +143,10 @@ pub struct ResourceStatus {
     pub peer_gen: u64,
     pub inconsistent: bool,
     pub counters: Counters,
+    /// How long since the peer was last heard (link, session, handshake or probe), or since
+    /// the daemon started if never; a peer silent for `daemon.timeout` counts as gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_silent_ms: Option<u64>,
     /// Why the resource is not running (its disk could not be opened), if so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -89,6 +89,7 @@ struct Daemon {
     secret: SharedSecret,
     timeout: std::time::Duration,
     probe_timeout: std::time::Duration,
+    ping_interval: std::time::Duration,
     hooks: Hooks,
     handles: Mutex<HashMap<String, Handle>>,
     /// Resources that could not start (no metadata, disk missing), with the reason.
@@ -106,6 +107,7 @@ impl Daemon {
             self.secret.clone(),
             self.timeout,
             self.probe_timeout,
+            self.ping_interval,
             self.hooks.clone(),
         ) {
             Ok(h) => {
@@ -427,6 +429,7 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
         secret,
         timeout: cfg.daemon.timeout,
         probe_timeout: cfg.daemon.probe_timeout,
+        ping_interval: cfg.daemon.ping_interval,
         hooks: Hooks::new(cfg.daemon.exec.clone()).with_env(vec![
             (
                 "TANDEM_CONFIG".into(),

@@ -1,7 +1,7 @@
 //! One authenticated connection to the peer, as the primary uses it for replication.
 //!
 //! A `Link` owns two threads: the sender writes frames from a channel in order (and a `Ping`
-//! when idle for a quarter of the timeout); the receiver reads `Ack`s and completes the waiting
+//! when idle for `daemon.ping_interval`); the receiver reads `Ack`s and completes the waiting
 //! request by sequence number. Requests are pipelined: any number can be in flight. When the
 //! connection fails (I/O error, bad frame, no frame within the timeout), every pending request
 //! completes as failed, so callers finish them locally as degraded.
@@ -194,11 +194,15 @@ pub struct Link {
     dead_mx: Mutex<()>,
     stream: TcpStream,
     last_error: Mutex<Option<String>>,
+    started: Instant,
+    /// When a frame last came from the peer, in milliseconds after `started`.
+    heard_at: AtomicU64,
 }
 
 impl Link {
-    /// Start the sender and receiver threads on an authenticated stream.
-    pub fn start(stream: TcpStream, timeout: Duration) -> Result<Arc<Link>> {
+    /// Start the sender and receiver threads on an authenticated stream: a peer silent for
+    /// `timeout` is dead; an idle link is pinged every `ping_every`.
+    pub fn start(stream: TcpStream, timeout: Duration, ping_every: Duration) -> Result<Arc<Link>> {
         let peer = stream.peer_addr().context("peer address")?;
         stream
             .set_read_timeout(Some(timeout))
@@ -222,10 +226,12 @@ impl Link {
             dead_mx: Mutex::new(()),
             stream: stream.try_clone().context("cloning the peer socket")?,
             last_error: Mutex::new(None),
+            started: Instant::now(),
+            heard_at: AtomicU64::new(0),
         });
         let wstream = stream.try_clone().context("cloning the peer socket")?;
         let l = Arc::clone(&link);
-        let ping_every = (timeout / 4).max(Duration::from_millis(50));
+        let ping_every = ping_every.max(Duration::from_millis(10));
         thread::Builder::new()
             .name("peer-send".into())
             .spawn(move || {
@@ -260,7 +266,12 @@ impl Link {
             .name("peer-recv".into())
             .spawn(move || {
                 loop {
-                    match protocol::read_message(&mut rstream, MAX_FRAME) {
+                    let msg = protocol::read_message(&mut rstream, MAX_FRAME);
+                    if msg.is_ok() {
+                        let ms = l.started.elapsed().as_millis() as u64;
+                        l.heard_at.store(ms, Ordering::Relaxed);
+                    }
+                    match msg {
                         Ok(Message::Ack { seq, kind, status }) => {
                             let c = match l.pending.lock() {
                                 Ok(mut p) => {
@@ -369,6 +380,12 @@ impl Link {
     /// Frame bytes of the requests sent and not yet acknowledged as written.
     pub fn pending_bytes(&self) -> usize {
         self.pending.lock().map(|p| p.bytes).unwrap_or(0)
+    }
+
+    /// How long since the peer last sent a frame (an ack, a reply, a ping or pong).
+    pub fn silent_for(&self) -> Duration {
+        let at = Duration::from_millis(self.heard_at.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(at)
     }
 
     pub fn is_dead(&self) -> bool {
@@ -577,13 +594,12 @@ pub fn connect_from(to: SocketAddr, from: Option<IpAddr>, timeout: Duration) -> 
             let err = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SocketError)
                 .context("getsockopt")?;
             if err != 0 {
-                bail!(
-                    "connecting to {to}: {}",
-                    std::io::Error::from_raw_os_error(err)
-                );
+                // The io::Error kept in the chain: a probe tells "refused" from "timed out".
+                return Err(anyhow::Error::new(std::io::Error::from_raw_os_error(err))
+                    .context(format!("connecting to {to}")));
             }
         }
-        Some(e) => bail!("connecting to {to}: {e}"),
+        Some(e) => return Err(anyhow::Error::new(e).context(format!("connecting to {to}"))),
     }
     nix::fcntl::fcntl(
         &fd,
@@ -763,7 +779,7 @@ mod tests {
             // Keep the socket open until the link closes it.
             let _ = protocol::read_message(&mut r, MAX_FRAME);
         });
-        Link::start(client, Duration::from_secs(10)).unwrap()
+        Link::start(client, Duration::from_secs(10), Duration::from_secs(2)).unwrap()
     }
 
     fn seq_extent(m: &Message) -> (u64, u64) {

@@ -514,8 +514,12 @@ fn connect_once(
         state: me.clone(),
     };
     let theirs = match peer::handshake_connect(&mut stream, &hello, s.timeout) {
-        Ok(t) => t,
+        Ok(t) => {
+            s.heard_peer();
+            t
+        }
         Err(HandshakeError::Refused(code, reason)) => {
+            s.heard_peer();
             s.set_conn(|c| {
                 c.peer_role = if code == GoodbyeCode::PeerPrimary {
                     Some(Role::Primary)
@@ -600,7 +604,7 @@ fn connect_once(
         Decision::FullSync { .. } | Decision::DirtySync => {}
     }
     s.set_conn(|c| c.stale = false);
-    let link = Link::start(stream, s.timeout)?;
+    let link = Link::start(stream, s.timeout, s.ping_interval)?;
     *s.link.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&link));
     s.set_conn(|c| {
         c.connection = Connection::Connected;

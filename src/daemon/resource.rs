@@ -36,13 +36,21 @@ pub struct Handle {
     pub shared: Arc<Shared>,
     pub tx: Sender<Msg>,
     thread: Option<JoinHandle<()>>,
+    /// The peer watcher (`watch_peer`) and its stop flag.
+    watcher: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
 impl Handle {
-    /// Stop the owner thread (demotes to init first) and wait for it.
+    /// Stop the owner thread (demotes to init first) and the peer watcher, and wait for them.
     pub fn stop(mut self) {
+        if let Some((stop, _)) = &self.watcher {
+            stop.store(true, Ordering::Release);
+        }
         let _ = self.tx.send(Msg::Stop);
         if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some((_, t)) = self.watcher.take() {
             let _ = t.join();
         }
     }
@@ -55,6 +63,7 @@ pub fn start(
     secret: SharedSecret,
     timeout: Duration,
     probe_timeout: Duration,
+    ping_interval: Duration,
     hooks: Hooks,
 ) -> Result<Handle> {
     let local: PathBuf = res
@@ -67,9 +76,16 @@ pub fn start(
         secret,
         timeout,
         probe_timeout,
+        ping_interval,
         hooks,
     };
     let shared = Arc::new(Shared::new(res, node, disk, daemon, tx.clone()));
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    let (s, st) = (Arc::clone(&shared), Arc::clone(&watch_stop));
+    let watcher = thread::Builder::new()
+        .name(format!("watch-{}", res.name))
+        .spawn(move || watch_peer(&s, &st))
+        .context("starting the peer watcher")?;
     let s = Arc::clone(&shared);
     let thread = thread::Builder::new()
         .name(format!("res-{}", res.name))
@@ -92,7 +108,32 @@ pub fn start(
         shared,
         tx,
         thread: Some(thread),
+        watcher: Some((watch_stop, watcher)),
     })
+}
+
+/// While this node is not primary and no session carries the peer's pings, ask the peer every
+/// `ping_interval` how it is (a probe, bounded by `probe_timeout`), so that its silence is
+/// known before a promote asks: a peer that answers is heard (`Shared::heard_peer`), and a
+/// promote then probes it for its role and data; one silent for `daemon.timeout` is gone or
+/// cut off, and a promote skips the probe, which could only time out. Without this, two idle
+/// nodes (neither primary, so no link pings) would seem dead to each other, and a stale node
+/// would be promoted without the generation check.
+fn watch_peer(s: &Shared, stop: &AtomicBool) {
+    while !peer::sleep_unless(stop, s.ping_interval) {
+        // A session that carries the primary's pings needs no probe; one that went quiet may
+        // be a stalled connection to a live peer, which the probe (a connection of its own)
+        // tells apart from a dead one.
+        let quiet =
+            s.conn().connection != Connection::Connected || s.peer_silence() >= 2 * s.ping_interval;
+        if s.role() == Role::Primary || !quiet || s.addrs().remote.is_none() {
+            continue;
+        }
+        match probe_within(s, s.probe_timeout) {
+            Probe::State(_) | Probe::Refused(_) => {}
+            Probe::Unreachable(e) => log::trace!("{}: peer watcher: {e:#}", s.name),
+        }
+    }
 }
 
 /// The primary's background connector.
@@ -264,23 +305,69 @@ impl Owner {
         if cfg.remote.is_none() {
             return Ok(());
         }
+        let timeout = self.shared.timeout;
         // A secondary connected to a live primary knows the answer without asking.
-        if self.shared.role() == Role::Secondary
-            && self.shared.conn().connection == Connection::Connected
-            && self.shared.conn().peer_role == Some(Role::Primary)
-        {
+        if self.connected_to_primary() && !self.primary_went_silent() {
             return Err(RoleError::new(
                 ErrorKind::PeerPrimary,
                 format!("{name}: the peer is primary"),
             ));
         }
-        let peer = match probe(&self.shared) {
-            Probe::State(p) => p,
-            Probe::Unreachable(e) => {
-                log::info!("{name}: peer unreachable ({e:#}); becoming primary without it");
+        // Ask the peer until it answers or has been silent for daemon.timeout: a peer heard
+        // within that time is alive, and is not promoted over because one probe was slow.
+        let deadline = std::time::Instant::now() + timeout;
+        let peer = loop {
+            let silence = self.shared.peer_silence();
+            if silence >= timeout {
+                // Nothing from the peer for daemon.timeout, though it pings an idle link and
+                // answers the watcher's probes while it lives: it is down or cut off, and a
+                // probe could only time out. (A session still "connected" has not noticed.)
+                log::info!(
+                    "{name}: nothing heard from the peer for {} ms (daemon.timeout {} ms); becoming primary without it",
+                    silence.as_millis(),
+                    timeout.as_millis()
+                );
                 return Ok(());
             }
-            Probe::Refused(why) if !force => {
+            // Not beyond the moment the peer would count as gone.
+            let bound = self
+                .shared
+                .probe_timeout
+                .min(timeout - silence)
+                .max(MIN_PROBE);
+            match probe_within(&self.shared, bound) {
+                Probe::State(p) => break Ok(p),
+                Probe::Unreachable(e) if connection_refused(&e) => {
+                    // Nothing listens on the peer's port: its daemon is not running, so it
+                    // serves nothing.
+                    log::info!("{name}: peer unreachable ({e:#}); becoming primary without it");
+                    return Ok(());
+                }
+                Probe::Unreachable(e) if std::time::Instant::now() >= deadline => {
+                    if force {
+                        log::warn!(
+                            "{name}: the peer was heard {} ms ago but does not answer ({e:#}); promoting anyway (--force)",
+                            self.shared.peer_silence().as_millis()
+                        );
+                        return Ok(());
+                    }
+                    return Err(RoleError::new(
+                        ErrorKind::Failed,
+                        format!(
+                            "{name}: the peer was heard {} ms ago but does not answer a probe ({e:#}); not promoting over it (try again, or use --force)",
+                            self.shared.peer_silence().as_millis()
+                        ),
+                    ));
+                }
+                Probe::Unreachable(e) => {
+                    log::info!("{name}: no answer from the peer yet ({e:#}); asking again");
+                }
+                Probe::Refused(why) => break Err(why),
+            }
+        };
+        let peer = match peer {
+            Ok(p) => p,
+            Err(why) if !force => {
                 // The peer answered but will not talk to us (wrong secret, other protocol
                 // version): a configuration error, not an absent peer.
                 return Err(RoleError::new(
@@ -290,7 +377,7 @@ impl Owner {
                     ),
                 ));
             }
-            Probe::Refused(why) => {
+            Err(why) => {
                 log::warn!("{name}: the peer refused us ({why}); promoting anyway (--force)");
                 return Ok(());
             }
@@ -317,6 +404,45 @@ impl Owner {
             )),
             _ => Ok(()),
         }
+    }
+
+    fn connected_to_primary(&self) -> bool {
+        let c = self.shared.conn();
+        self.shared.role() == Role::Secondary
+            && c.connection == Connection::Connected
+            && c.peer_role == Some(Role::Primary)
+    }
+
+    /// The primary this secondary is connected to has missed its pings: wait (at most until
+    /// it has been silent for daemon.timeout, so less than that) for it to be heard again or
+    /// to count as gone, rather than have the caller retry. True: gone; false: it is alive.
+    /// A primary heard within two ping intervals is alive, with no wait.
+    fn primary_went_silent(&self) -> bool {
+        let s = &self.shared;
+        let mut last = s.peer_silence();
+        if last < 2 * s.ping_interval {
+            return false;
+        }
+        log::info!(
+            "{}: the primary has been silent for {} ms; waiting up to daemon.timeout ({} ms) for it",
+            s.name,
+            last.as_millis(),
+            s.timeout.as_millis()
+        );
+        // Bounded: silence only grows until the peer is heard, and reaches the timeout.
+        for _ in 0..(s.timeout.as_millis() / 5 + 2) {
+            let now = s.peer_silence();
+            if now >= s.timeout || !self.connected_to_primary() {
+                return true;
+            }
+            if now < last {
+                log::info!("{}: the primary answered again", s.name);
+                return false;
+            }
+            last = now;
+            thread::sleep(Duration::from_millis(5));
+        }
+        s.peer_silence() >= s.timeout
     }
 
     fn start_primary(&mut self) -> Result<()> {
@@ -488,9 +614,26 @@ pub enum Probe {
     Refused(String),
 }
 
-/// Ask the peer for its role and state (bounded by `daemon.probe_timeout`).
-pub fn probe(shared: &Shared) -> Probe {
-    match probe_inner(shared) {
+/// Did the connection fail because nothing listens on the peer's port?
+fn connection_refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+}
+
+/// A promote's probe of a peer heard just before `daemon.timeout` ran out still gets this
+/// long: a reachable peer answers within a few round trips.
+const MIN_PROBE: Duration = Duration::from_millis(50);
+
+/// Ask the peer for its role and state, connecting and answering within `bound` each; an
+/// answer (even a refusal) counts as hearing from the peer.
+pub fn probe_within(shared: &Shared, bound: Duration) -> Probe {
+    let r = probe_inner(shared, bound);
+    if matches!(r, Ok(_) | Err(ProbeError::Refused(..))) {
+        shared.heard_peer();
+    }
+    match r {
         Ok(s) => Probe::State(s),
         Err(ProbeError::Refused(code, why)) => Probe::Refused(format!("{code:?}: {why}")),
         Err(ProbeError::Other(e)) => Probe::Unreachable(e),
@@ -508,12 +651,12 @@ impl From<anyhow::Error> for ProbeError {
     }
 }
 
-fn probe_inner(shared: &Shared) -> Result<NodeState, ProbeError> {
+fn probe_inner(shared: &Shared, bound: Duration) -> Result<NodeState, ProbeError> {
     let addrs = shared.addrs();
     let to = addrs
         .remote
         .context("the peer's address did not resolve when the configuration was loaded")?;
-    let mut stream = peer::connect_from(to, addrs.from, shared.probe_timeout)?;
+    let mut stream = peer::connect_from(to, addrs.from, bound)?;
     let hello = peer::Hello {
         resource: &shared.name,
         node: &shared.node,
@@ -522,7 +665,7 @@ fn probe_inner(shared: &Shared) -> Result<NodeState, ProbeError> {
         secret: &shared.secret.get(),
         state: shared.node_state(),
     };
-    let r = peer::handshake_connect(&mut stream, &hello, shared.probe_timeout);
+    let r = peer::handshake_connect(&mut stream, &hello, bound);
     let _ = super::protocol::write_message(
         &mut stream,
         &super::protocol::Message::Goodbye {
@@ -567,6 +710,7 @@ pub(crate) fn start_for_test(dir: &std::path::Path, node: &str) -> Handle {
         SharedSecret::new(super::auth::Secret::from_bytes(b"k")),
         Duration::from_secs(10),
         Duration::from_secs(2),
+        Duration::from_millis(500),
         Hooks::new(None),
     )
     .unwrap()

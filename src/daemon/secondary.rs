@@ -219,6 +219,7 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
         Ok(other) => bail!("{resource}: expected Auth, got {}", other.name()),
         Err(e) => bail!("{resource}: {e}"),
     }
+    s.heard_peer();
     let proof = secret.proof(Side::Accept, &resource, &ours, &theirs);
     protocol::write_message(&mut stream, &Message::Auth { proof })?;
     let their_state = match protocol::read_message(&mut stream, MAX_FRAME) {
@@ -394,6 +395,40 @@ fn holds_frame(buf: &[u8]) -> bool {
 /// applied; smaller ones go out with the batch.
 const EARLY_RECEIVED_ACK: usize = 64 << 10;
 
+/// Between frames: until the primary's next frame arrives, ping it every `ping_interval`
+/// (its pongs and pings are what `peer_silence` counts), and give up once it has been silent
+/// for `daemon.timeout`.
+fn idle_until_readable(
+    s: &Shared,
+    r: &BufReader<TcpStream>,
+    w: &mut BufWriter<TcpStream>,
+) -> Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let ms = s.ping_interval.as_millis().clamp(1, 60_000) as u16;
+    loop {
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(r.get_ref()),
+            PollFlags::POLLIN,
+        )];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => {}
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => bail!("poll on the primary's connection: {e}"),
+        }
+        let silent = s.peer_silence();
+        if silent >= s.timeout {
+            bail!(
+                "nothing from the primary for {} ms (daemon.timeout {} ms)",
+                silent.as_millis(),
+                s.timeout.as_millis()
+            );
+        }
+        w.write_all(&Message::Ping.encode())?;
+        w.flush()?;
+    }
+}
+
 /// Apply the primary's frames in order until it says goodbye or the connection fails.
 ///
 /// Acks are batched: they collect in a buffer that is sent whenever the next frame is not
@@ -426,9 +461,15 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
     loop {
         if !holds_frame(r.buffer()) {
             w.flush()?;
+            if r.buffer().is_empty() {
+                idle_until_readable(s, &r, &mut w)?;
+            }
         }
         let body = match protocol::read_frame(&mut r, MAX_FRAME, &mut frame) {
-            Ok(b) => b,
+            Ok(b) => {
+                s.heard_peer();
+                b
+            }
             Err(protocol::ProtocolError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 return Ok(());
             }

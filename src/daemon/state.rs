@@ -255,6 +255,8 @@ pub struct DaemonSettings {
     pub timeout: Duration,
     /// How long `role primary` tries to reach the peer before deciding alone.
     pub probe_timeout: Duration,
+    /// How often an idle link is pinged (and an idle secondary checks on its peer).
+    pub ping_interval: Duration,
     pub hooks: Hooks,
 }
 
@@ -270,7 +272,13 @@ pub struct Shared {
     pub timeout: Duration,
     /// How long `role primary` tries to reach the peer before deciding alone.
     pub probe_timeout: Duration,
+    pub ping_interval: Duration,
     pub hooks: Hooks,
+    /// When this resource started: the peer's silence counts from here until it is heard.
+    pub started: Instant,
+    /// When the peer was last heard (a frame of the session, an authenticated handshake, an
+    /// answered probe), in milliseconds after `started` plus one; 0: never.
+    heard_at: AtomicU64,
     pub role: RwLock<Role>,
     /// The primary's replication link, present while connected and handshaken.
     pub link: RwLock<Option<Arc<Link>>>,
@@ -313,6 +321,7 @@ impl Shared {
             secret,
             timeout,
             probe_timeout,
+            ping_interval,
             hooks,
         } = daemon;
         Shared {
@@ -324,7 +333,10 @@ impl Shared {
             secret,
             timeout,
             probe_timeout,
+            ping_interval,
             hooks,
+            started: Instant::now(),
+            heard_at: AtomicU64::new(0),
             role: RwLock::new(Role::Init),
             link: RwLock::new(None),
             conn: Mutex::new(ConnInfo {
@@ -350,6 +362,28 @@ impl Shared {
 
     pub fn role(&self) -> Role {
         *self.role.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The peer was heard just now.
+    pub fn heard_peer(&self) {
+        let ms = self.started.elapsed().as_millis() as u64 + 1;
+        self.heard_at.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long the peer has been silent: since it was last heard (on this resource's
+    /// session or link, in a handshake or a probe), or since the resource started if it never
+    /// was. A peer silent for `timeout` is gone or cut off; either way a probe would only
+    /// time out.
+    pub fn peer_silence(&self) -> Duration {
+        let at = self.heard_at.load(Ordering::Relaxed);
+        let mine = self
+            .started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(at.saturating_sub(1)));
+        match self.link() {
+            Some(l) => mine.min(l.silent_for()),
+            None => mine,
+        }
     }
 
     pub fn cfg(&self) -> Resource {
@@ -565,6 +599,7 @@ impl Shared {
             local_gen: h.local_gen,
             peer_gen: h.peer_gen,
             inconsistent: h.inconsistent,
+            peer_silent_ms: Some(self.peer_silence().as_millis() as u64),
             error: None,
             counters: CounterValues {
                 reads: cn.reads.load(Ordering::Relaxed),

@@ -308,7 +308,7 @@ pub(crate) mod tests {
             }
             seen
         });
-        let link = Link::start(client, Duration::from_secs(10)).unwrap();
+        let link = Link::start(client, Duration::from_secs(10), Duration::from_secs(2)).unwrap();
         (handle, link, fake)
     }
 

@@ -1,16 +1,21 @@
-//! The executor: runs a plan step by step, skips what is already done, logs one line per
-//! step with its duration, and stops (promote) or carries on with the other resources
-//! (demote) on failure.
+//! The executor: runs a plan, skips what is already done, logs one line per step with its
+//! duration, and stops (promote) or carries on with the other resources (demote) on failure.
+//!
+//! A promote runs each resource's steps (role, attach, device, fsck, mkdir, mount) in order,
+//! but the resources side by side (up to `PARALLEL` at once), and starts each service as soon
+//! as every resource of the plan it uses is mounted. A demote runs step by step.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use log::{debug, error, info};
 
 use super::plan::{Step, hook_cmd, is_up, mount_cmd};
-use crate::backend::{self, Backend, Role, RoleCtx, wait_until};
+use crate::backend::{self, Backend, Role, RoleCtx};
 use crate::config::{Config, Resource};
 use crate::host::{fs, service, zfs};
 
@@ -21,9 +26,24 @@ pub struct Runner<'a> {
     verb: &'static str,
     backends: BTreeMap<String, Box<dyn Backend>>,
     /// Resources that were primary before this run.
-    already_primary: RefCell<BTreeSet<String>>,
+    already_primary: Mutex<BTreeSet<String>>,
     /// Resources that were mounted when the demote started.
-    was_up: RefCell<BTreeSet<String>>,
+    was_up: Mutex<BTreeSet<String>>,
+}
+
+/// Resources a promote brings up at once, at most (each runs its own fsck and mount).
+pub const PARALLEL: usize = 4;
+
+/// How one resource's chain of promote steps ended.
+enum ChainEnd {
+    Up,
+    Failed(anyhow::Error),
+    /// Not finished: another resource failed first.
+    Stopped,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// `12ms`, `1.52s`.
@@ -47,8 +67,8 @@ impl<'a> Runner<'a> {
             role,
             verb,
             backends,
-            already_primary: RefCell::default(),
-            was_up: RefCell::default(),
+            already_primary: Mutex::default(),
+            was_up: Mutex::default(),
         }
     }
 
@@ -66,12 +86,105 @@ impl<'a> Runner<'a> {
         }
     }
 
-    /// Run every step; stop at the first failure.
+    /// Run a promote plan: each resource's steps in order, the resources in parallel (at most
+    /// `PARALLEL` at once), each service once every resource of the plan it uses is up (in
+    /// plan order among those ready together). On the first failure no further step starts;
+    /// the steps already running finish, and that first failure is returned.
     pub fn promote(&self, steps: &[Step<'a>]) -> Result<()> {
+        // The resources' step lists, in plan order, and the services.
+        let mut chains: Vec<(&'a Resource, Vec<Step<'a>>)> = Vec::new();
+        let mut services: Vec<Step<'a>> = Vec::new();
         for step in steps {
-            self.one(step)?;
+            match step.resource() {
+                Some(r) => match chains.iter_mut().find(|(c, _)| c.name == r.name) {
+                    Some((_, v)) => v.push(*step),
+                    None => chains.push((r, vec![*step])),
+                },
+                None => services.push(*step),
+            }
         }
-        Ok(())
+        let needs = |svc: &Step<'a>| -> Vec<&str> {
+            match svc {
+                Step::StartService(s) => chains
+                    .iter()
+                    .filter(|(r, _)| s.uses(&r.name))
+                    .map(|(r, _)| r.name.as_str())
+                    .collect(),
+                _ => chains.iter().map(|(r, _)| r.name.as_str()).collect(),
+            }
+        };
+        let failed = AtomicBool::new(false);
+        let next = AtomicUsize::new(0);
+        let (tx, rx) = mpsc::channel::<(usize, ChainEnd)>();
+        let workers = chains.len().clamp(1, PARALLEL);
+        let mut first_err: Option<anyhow::Error> = None;
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                let (tx, chains, failed, next) = (tx.clone(), &chains, &failed, &next);
+                scope.spawn(move || {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::AcqRel);
+                        let Some((_, chain)) = chains.get(i) else {
+                            return;
+                        };
+                        let mut end = ChainEnd::Up;
+                        for step in chain {
+                            if failed.load(Ordering::Acquire) {
+                                end = ChainEnd::Stopped;
+                                break;
+                            }
+                            if let Err(e) = self.one(step) {
+                                failed.store(true, Ordering::Release);
+                                end = ChainEnd::Failed(e);
+                                break;
+                            }
+                        }
+                        if tx.send((i, end)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let mut up: BTreeSet<&str> = BTreeSet::new();
+            let mut started = vec![false; services.len()];
+            for (i, end) in rx.iter() {
+                match end {
+                    ChainEnd::Up => {
+                        if let Some((r, _)) = chains.get(i) {
+                            up.insert(r.name.as_str());
+                        }
+                    }
+                    ChainEnd::Stopped => continue,
+                    ChainEnd::Failed(e) => {
+                        match &first_err {
+                            None => first_err = Some(e),
+                            // Reported here, as only the first goes back to the caller.
+                            Some(_) => error!("{e:#}"),
+                        }
+                        continue;
+                    }
+                }
+                if failed.load(Ordering::Acquire) {
+                    continue;
+                }
+                for (k, svc) in services.iter().enumerate() {
+                    if started[k] || !needs(svc).iter().all(|n| up.contains(n)) {
+                        continue;
+                    }
+                    started[k] = true;
+                    if let Err(e) = self.one(svc) {
+                        failed.store(true, Ordering::Release);
+                        first_err = Some(e);
+                        break;
+                    }
+                }
+            }
+        });
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Run every step; a failing resource skips its remaining steps (never role secondary
@@ -149,7 +262,7 @@ impl<'a> Runner<'a> {
                 let role = b.status()?.role;
                 match (primary, role) {
                     (true, Role::Primary) => {
-                        self.already_primary.borrow_mut().insert(r.name.clone());
+                        locked(&self.already_primary).insert(r.name.clone());
                         Some(("already primary".into(), false))
                     }
                     (false, Role::Secondary) => Some(("already secondary".into(), false)),
@@ -160,7 +273,7 @@ impl<'a> Runner<'a> {
                 None => Some(("no attach hook".into(), true)),
                 Some(_) => {
                     let primary_before = !self.backend(r)?.has_roles()
-                        || self.already_primary.borrow().contains(&r.name);
+                        || locked(&self.already_primary).contains(&r.name);
                     (primary_before && is_up(r))
                         .then(|| ("already attached and mounted".into(), false))
                 }
@@ -172,7 +285,7 @@ impl<'a> Runner<'a> {
                     let done = if b.has_roles() {
                         b.status()?.role == Role::Secondary
                     } else {
-                        !self.was_up.borrow().contains(&r.name)
+                        !locked(&self.was_up).contains(&r.name)
                     };
                     done.then(|| ("already detached".into(), false))
                 }
@@ -208,7 +321,7 @@ impl<'a> Runner<'a> {
             }),
             Step::Unmount(r) => {
                 if is_up(r) {
-                    self.was_up.borrow_mut().insert(r.name.clone());
+                    locked(&self.was_up).insert(r.name.clone());
                     None
                 } else {
                     Some((
@@ -240,7 +353,7 @@ impl<'a> Runner<'a> {
             Step::Attach(r) => hook(r, r.attach.as_deref(), t),
             Step::Detach(r) => hook(r, r.detach.as_deref(), t),
             Step::WaitDevice(r) => {
-                if wait_until(sw.device_timeout, || Ok(r.device.exists()))? {
+                if super::devwait::wait_for(&r.device, sw.device_timeout)? {
                     Ok(())
                 } else {
                     anyhow::bail!(

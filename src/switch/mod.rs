@@ -4,6 +4,7 @@
 //! pick the resources, record the event, wait for the lock, build the plan, run it; a failed
 //! promote is rolled back (a full demote of its resources) and `on_promote_failure` runs.
 
+mod devwait;
 mod event;
 mod exec;
 mod lock;

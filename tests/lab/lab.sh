@@ -3,7 +3,7 @@
 # machine, joined by a bridge in its own namespace, with real ucarp, real smbd and tandem.
 #
 #   tests/lab/lab.sh up BACKEND MODE     build the lab (BACKEND: none | tandem;
-#                                        MODE: switch | baseline | watch)
+#                                        MODE: switch | baseline | watch | keepalived)
 #   tests/lab/lab.sh boot A|B [preempt]  start a host (daemon, watcher, ucarp)
 #   tests/lab/lab.sh scenario NAME       run one scenario on a fresh lab (see scenarios.sh)
 #   tests/lab/lab.sh state               who holds the VIP, what is mounted, roles
@@ -15,7 +15,8 @@
 # namespace because the hosts only get their own *network* namespace (nsenter --net).
 #
 # Environment: LAB_DIR (default /tmp/lab), TANDEM (the binary; default target/debug/tandem),
-# LAB_BACKEND / LAB_MODE (defaults for `scenario`), LAB_DISK_MB (default 1024).
+# LAB_BACKEND / LAB_MODE (defaults for `scenario`), LAB_DISK_MB (default 1024), LAB_FS (the
+# share's filesystem: ext4, the default, or xfs), LAB_NS (namespace prefix, default tl).
 
 set -u
 set -o pipefail
@@ -27,7 +28,10 @@ TANDEM=${TANDEM:-$ROOT/target/debug/tandem}
 NET=198.18.0
 VIP=$NET.10
 DISK_MB=${LAB_DISK_MB:-1024}
-NETNS=(tlA tlB tlC tlbr)
+# Namespace names: LAB_NS (default tl) + A, B, C, br; a prefix of its own lets two labs run
+# side by side on one machine (with their own LAB_DIR).
+NS=${LAB_NS:-tl}
+NETNS=("${NS}A" "${NS}B" "${NS}C" "${NS}br")
 
 declare -A IP=([A]=$NET.1 [B]=$NET.2 [C]=$NET.3)
 declare -A PEER=([A]=B [B]=A)
@@ -45,10 +49,21 @@ now() { date +%s.%N | cut -c1-14; }
 in_ns() {
 	local h=$1
 	shift
-	nsenter --net=/run/netns/tl"$h" "$@"
+	nsenter --net=/run/netns/"$NS$h" "$@"
 }
 
 backend() { cat "$LAB/backend" 2>/dev/null || echo none; }
+fstype() { cat "$LAB/fs" 2>/dev/null || echo ext4; }
+# xfs refuses a second filesystem with the UUID of one still mounted, and the crashed host's
+# lingers a moment in this one kernel (two machines do not share one): nouuid, in the lab only.
+mount_options() { [ "$(fstype)" = xfs ] && echo noatime,nouuid || echo noatime; }
+# Make the share's filesystem on $1.
+mkfs_share() {
+	case $(fstype) in
+	xfs) mkfs.xfs -q -f "$1" ;;
+	*) mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$1" ;;
+	esac
+}
 mode() { cat "$LAB/mode" 2>/dev/null || echo switch; }
 hdir() { echo "$LAB/$1"; }
 cfg() { echo "$LAB/$1/tandem.toml"; }
@@ -66,6 +81,20 @@ wait_for() {
 	for ((i = 0; i < n; i++)); do
 		"$@" >/dev/null 2>&1 && return 0
 		sleep 0.1
+	done
+	log "timed out after ${secs}s waiting for: $what"
+	return 1
+}
+
+# wait_for, checking every 20 ms: for the steps of a failover (a service manager or udev
+# does not sleep 100 ms between looks either).
+wait_fast() {
+	local secs=$1 what=$2
+	shift 2
+	local i n=$((secs * 50))
+	for ((i = 0; i < n; i++)); do
+		"$@" >/dev/null 2>&1 && return 0
+		sleep 0.02
 	done
 	log "timed out after ${secs}s waiting for: $what"
 	return 1
@@ -99,6 +128,12 @@ preflight() {
 	for t in ucarp smbd smbclient ip nsenter losetup mkfs.ext4 e2fsck sha256sum; do
 		command -v "$t" >/dev/null || fail "missing tool: $t"
 	done
+	if [ "$(mode)" = keepalived ]; then
+		command -v keepalived >/dev/null || fail "missing tool: keepalived (Debian package keepalived)"
+	fi
+	if [ "$(fstype)" = xfs ]; then
+		command -v mkfs.xfs >/dev/null || fail "missing tool: mkfs.xfs (Debian package xfsprogs)"
+	fi
 	if [ "$(backend)" = tandem ]; then
 		command -v nbdfuse >/dev/null || fail "missing tool: nbdfuse (Debian package nbdfuse)"
 	fi
@@ -118,24 +153,24 @@ net_up() {
 		ip netns add "$ns" || fail "ip netns add $ns"
 		ip -n "$ns" link set lo up
 	done
-	ip -n tlbr link add br0 type bridge || fail "bridge"
-	ip -n tlbr link set br0 up
+	ip -n "${NS}br" link add br0 type bridge || fail "bridge"
+	ip -n "${NS}br" link set br0 up
 	for h in A B C; do
-		# The veth is born in tlbr with its peer directly in the host: never in the root ns.
-		ip -n tlbr link add "p$h" type veth peer name lab0 netns "tl$h" || fail "veth for $h"
-		ip -n tlbr link set "p$h" master br0 up
-		ip -n "tl$h" addr add "${IP[$h]}/24" dev lab0
-		ip -n "tl$h" link set lab0 up
+		# The veth is born in ${NS}br with its peer directly in the host: never in the root ns.
+		ip -n "${NS}br" link add "p$h" type veth peer name lab0 netns "$NS$h" || fail "veth for $h"
+		ip -n "${NS}br" link set "p$h" master br0 up
+		ip -n "$NS$h" addr add "${IP[$h]}/24" dev lab0
+		ip -n "$NS$h" link set lab0 up
 	done
 }
 
 # Cut / heal a host's cable (the bridge port goes down: the host sees no carrier).
-link_set() { ip -n tlbr link set "p$1" "$2"; }
+link_set() { ip -n "${NS}br" link set "p$1" "$2"; }
 
 # Partition / heal: the host's port leaves the bridge. Its link keeps carrier (a failed
 # switch between the hosts, not a pulled cable), so its ucarp stays master.
-partition() { ip -n tlbr link set "p$1" nomaster; }
-heal() { ip -n tlbr link set "p$1" master br0; }
+partition() { ip -n "${NS}br" link set "p$1" nomaster; }
+heal() { ip -n "${NS}br" link set "p$1" master br0; }
 
 # ---------------------------------------------------------------------------------------------
 # Per-host files: tandem config, smb.conf, hooks.
@@ -147,7 +182,10 @@ write_host() {
 	chmod 700 "$d/smb/private"
 	local dev
 	if [ "$(backend)" = none ]; then
-		dev=$(cat "$LAB/shared.loop")
+		# Each host sees the shared disk through a device of its own, as two machines see
+		# one LUN: the survivor's fsck never finds the device held by the crashed host's
+		# filesystem, which lingers a moment in this one kernel.
+		dev=$(cat "$LAB/shared.loop.$h")
 	else
 		dev=$d/dev
 	fi
@@ -172,8 +210,15 @@ stop_timeout = "5s"
 listen = ["${IP[$h]}:8457"]
 control = "$d/control.sock"
 secret = "$LAB/secret"
-timeout = "2s"
 EOF
+		if [ "$(mode)" = keepalived ]; then
+			# Below what VRRP with 200 ms adverts needs to notice a dead master (3 missed
+			# adverts + skew, about 650 ms): the daemon knows the peer is gone first.
+			cat <<EOF
+timeout = "500ms"
+ping_interval = "100ms"
+EOF
+		fi
 		if [ "$(mode)" = watch ]; then
 			cat <<EOF
 
@@ -194,8 +239,8 @@ status = "$HERE/lab.sh smbd-status $h"
 [resource.share]
 backend = "$(backend)"
 mountpoint = "$d/mnt"
-fstype = "ext4"
-mount_options = "noatime"
+fstype = "$(fstype)"
+mount_options = "$(mount_options)"
 device = "$dev"
 EOF
 		if [ "$(backend)" = tandem ]; then
@@ -284,7 +329,7 @@ cmd_smbd_start() {
 	# stdio away from the caller's pipes: smbd must not keep tandem's stderr open.
 	smbd -D -s "$(hdir "$h")/smb.conf" </dev/null >>"$(hdir "$h")/log/smbd.out" 2>&1 ||
 		fail "smbd -D failed on $h"
-	wait_for 10 "smbd pidfile on $h" cmd_smbd_status "$h" || exit 1
+	wait_fast 10 "smbd pidfile on $h" cmd_smbd_status "$h" || exit 1
 }
 
 cmd_smbd_stop() {
@@ -317,7 +362,7 @@ cmd_attach() {
 		# MOUNTPOINT/FILENAME spelled out: nbdfuse must never mount on the host directory.
 		setsid nbdfuse -P "$d/fuse.pid" "$d/fuse/nbd" --unix "$sock" \
 			</dev/null >>"$d/log/nbdfuse.log" 2>&1 &
-		wait_for 10 "nbdfuse on $h" test -s "$d/fuse.pid" || exit 1
+		wait_fast 10 "nbdfuse on $h" test -s "$d/fuse.pid" || exit 1
 	fi
 	local loop
 	loop=$(losetup --find --show "$d/fuse/nbd") || fail "losetup $d/fuse/nbd"
@@ -404,6 +449,7 @@ cmd_up() {
 	mkdir -p "$LAB"
 	echo "$be" >"$LAB/backend"
 	echo "$md" >"$LAB/mode"
+	echo "${LAB_FS:-ext4}" >"$LAB/fs"
 	preflight
 	log "building the lab in $LAB: backend=$be mode=$md"
 	head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$LAB/secret"
@@ -414,8 +460,9 @@ cmd_up() {
 		# One shared disk, like a SAN LUN visible to both hosts.
 		truncate -s "${DISK_MB}M" "$LAB/shared.img"
 		losetup --find --show "$LAB/shared.img" >"$LAB/shared.loop" || fail "losetup"
-		mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$(cat "$LAB/shared.loop")" ||
-			fail "mkfs"
+		mkfs_share "$(cat "$LAB/shared.loop")" || fail "mkfs"
+		cp "$LAB/shared.loop" "$LAB/shared.loop.A"
+		losetup --find --show "$LAB/shared.img" >"$LAB/shared.loop.B" || fail "losetup"
 	fi
 	write_host A
 	write_host B
@@ -431,7 +478,7 @@ cmd_up() {
 		tandem A role primary share || fail "role primary on A"
 		wait_for 10 "A's NBD export" test -S "$LAB/A/share.nbd" || fail "no NBD export on A"
 		TANDEM_NBD=$LAB/A/share.nbd TANDEM_DEVICE=$LAB/A/dev cmd_attach A
-		mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$LAB/A/dev" || fail "mkfs"
+		mkfs_share "$LAB/A/dev" || fail "mkfs"
 		cmd_detach A
 		tandem A wait-sync share --timeout 120s || fail "initial sync did not complete"
 	fi
@@ -474,6 +521,10 @@ cmd_carp_start() {
 	local h=$1 preempt=${2:-}
 	local d
 	d=$(hdir "$h")
+	if [ "$(mode)" = keepalived ]; then
+		vrrp_start "$h" "$preempt"
+		return
+	fi
 	# -b 1 -r 2: an advertisement every second, the master is dead after two missed ones.
 	local args=(-i lab0 -s "${IP[$h]}" -v 1 -p labsecret -a "$VIP" -b 1 -r 2
 		-k "${SKEW[$h]}" -z -x "$h" -u "$HERE/ucarp-up" -d "$HERE/ucarp-down")
@@ -491,10 +542,69 @@ cmd_carp_stop() {
 	rm -f "$(hdir "$h")/ucarp.pid"
 }
 
+# keepalived instead of ucarp: VRRPv3 with an advertisement every 200 ms, so a dead master
+# is noticed after 3 missed ones plus the skew, about 0.65 s (ucarp cannot go below 1 s
+# between adverts). keepalived moves the VIP itself and runs its notify scripts without
+# waiting for them; `vrrp-event` logs the change and runs `tandem switch`.
+declare -A VRRP_PRIO=([A]=150 [B]=100)
+
+vrrp_start() {
+	local h=$1 preempt=${2:-} d ev
+	d=$(hdir "$h")
+	local notify="env LAB_DIR=$LAB LAB_NS=$NS TANDEM=$TANDEM $HERE/lab.sh vrrp-event $h"
+	{
+		cat <<EOF
+# keepalived of lab host $h (generated by tests/lab/lab.sh).
+global_defs {
+    router_id lab$h
+    vrrp_version 3
+    script_user root
+    vrrp_garp_master_delay 0
+    vrrp_garp_master_repeat 1
+}
+
+vrrp_instance lab {
+    state BACKUP
+    interface lab0
+    virtual_router_id 51
+    priority ${VRRP_PRIO[$h]}
+    advert_int 0.2
+EOF
+		[ "$preempt" = preempt ] || echo "    nopreempt"
+		cat <<EOF
+    virtual_ipaddress {
+        $VIP/24 dev lab0
+    }
+EOF
+		for ev in master backup fault stop; do
+			echo "    notify_$ev \"$notify $ev\""
+		done
+		echo "}"
+	} >"$d/keepalived.conf"
+	in_ns "$h" keepalived -n -l -D -P -G -f "$d/keepalived.conf" -p "$d/keepalived.pid" \
+		-r "$d/keepalived-vrrp.pid" -i "lab$h" </dev/null >>"$d/log/keepalived.log" 2>&1 &
+	disown
+	echo $! >"$d/ucarp.pid"
+}
+
+# keepalived's notify: log the VRRP state change (as `carp master|slave`, which the bench
+# reads), then `tandem switch` in the background.
+cmd_vrrp_event() {
+	local h=$1 ev=$2 d word
+	d=$(hdir "$h")
+	case $ev in
+	master) word=master ;;
+	*) word=slave ;;
+	esac
+	echo "$(now) carp $word vrrp $ev" >>"$d/log/switch.log"
+	(setsid "$TANDEM" -c "$(cfg "$h")" --node "$h" switch "$ev" </dev/null 2>&1 |
+		stamp >>"$d/log/switch.log") &
+}
+
 # Boot a host: daemon, `switch slave` (an rc script's demote at boot), watcher, ucarp.
 cmd_boot() {
 	local h=$1 preempt=${2:-}
-	ip -n "tl$h" link set lab0 up
+	ip -n "$NS$h" link set lab0 up
 	start_daemon "$h"
 	if [ "$(mode)" = baseline ]; then
 		"$HERE/baseline-switch" slave "$h" 2>&1 | stamp >>"$(hdir "$h")/log/switch.log"
@@ -513,16 +623,20 @@ cmd_crash() {
 	d=$(hdir "$h")
 	log "crashing $h"
 	echo "$(now) crash" >>"$d/log/switch.log"
-	ip -n "tl$h" link set lab0 down
+	ip -n "$NS$h" link set lab0 down
+	# shellcheck disable=SC2046
+	kill -KILL $(ip netns pids "$NS$h") 2>/dev/null
+	# The mount goes with the processes, as a power cut drops it: at once, not after the
+	# checks below (with one shared disk, the survivor's fsck finds it busy otherwise).
+	umount -l "$d/mnt" 2>/dev/null
 	for ((i = 0; i < 5; i++)); do
-		pids=$(ip netns pids "tl$h")
+		pids=$(ip netns pids "$NS$h")
 		[ -z "$pids" ] && break
 		# shellcheck disable=SC2086
 		kill -KILL $pids 2>/dev/null
 		sleep 0.2
 	done
-	ip -n "tl$h" addr del "$VIP/24" dev lab0 2>/dev/null
-	umount -l "$d/mnt" 2>/dev/null
+	ip -n "$NS$h" addr del "$VIP/24" dev lab0 2>/dev/null
 	[ "$(backend)" = tandem ] && cmd_detach "$h"
 	rm -f "$d"/{ucarp,daemon,watch}.pid "$d"/smb/run/smbd*.pid
 	return 0
@@ -530,7 +644,7 @@ cmd_crash() {
 
 cmd_down() {
 	local quiet=${1:-} h ns pids i d
-	[ -d "$LAB" ] || [ -e /run/netns/tlA ] || return 0
+	[ -d "$LAB" ] || [ -e "/run/netns/${NS}A" ] || return 0
 	[ -z "$quiet" ] && log "tearing the lab down"
 	for h in A B; do
 		d=$(hdir "$h")
@@ -561,16 +675,16 @@ cmd_down() {
 		umount -l "$d/mnt" 2>/dev/null
 		TANDEM_DEVICE=$d/dev cmd_detach "$h" 2>/dev/null
 	done
-	if [ -s "$LAB/shared.loop" ]; then
-		losetup -d "$(cat "$LAB/shared.loop")" 2>/dev/null
-	fi
+	for f in "$LAB"/shared.loop "$LAB"/shared.loop.B; do
+		[ -s "$f" ] && losetup -d "$(cat "$f")" 2>/dev/null
+	done
 	for ns in "${NETNS[@]}"; do
 		[ -e "/run/netns/$ns" ] && ip netns del "$ns"
 	done
 	if [ -n "${LAB_KEEP:-}" ]; then
 		log "LAB_KEEP set: keeping $LAB for inspection"
 	else
-		rm -rf "${LAB:?}"/{A,B,C,shared.img,shared.loop,secret,sampler.*}
+		rm -rf "${LAB:?}"/{A,B,C,shared.img,shared.loop,shared.loop.A,shared.loop.B,secret,sampler.*,fs}
 	fi
 	return 0
 }
@@ -581,7 +695,7 @@ cmd_down() {
 vip_holder() {
 	local h
 	for h in A B; do
-		grep -q " $VIP/" <<<"$(ip -n "tl$h" -4 -o addr show dev lab0 2>/dev/null)" && echo "$h"
+		grep -q " $VIP/" <<<"$(ip -n "$NS$h" -4 -o addr show dev lab0 2>/dev/null)" && echo "$h"
 	done
 }
 
@@ -625,7 +739,7 @@ wait_serving() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# The client: everything through //VIP/share from namespace tlC.
+# The client: everything through //VIP/share from namespace ${NS}C.
 
 smbc() {
 	in_ns C timeout 10 smbclient -s "$LAB/C/smb.conf" "//$VIP/share" -N "$@"
@@ -719,6 +833,7 @@ main() {
 	attach) cmd_attach "$@" ;;
 	detach) cmd_detach "$@" ;;
 	carp-event) cmd_carp_event "$@" ;;
+	vrrp-event) cmd_vrrp_event "$@" ;;
 	scenario)
 		# shellcheck source=scenarios.sh
 		source "$HERE/scenarios.sh"

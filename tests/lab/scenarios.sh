@@ -11,6 +11,8 @@
 #              neither side's data is overwritten; then the operator resolves it with
 #              `tandem resolve --discard-local` on B (backend tandem only)
 #   watch      cold + loss with `tandem watch` instead of the switch in the ucarp scripts
+#   keepalived cold + loss with keepalived (VRRPv3, adverts every 200 ms) instead of ucarp,
+#              its notify scripts calling `tandem switch`
 
 # JSON field of `tandem status --json share` on host $1 (first occurrence; numbers or strings).
 status_field() {
@@ -208,10 +210,21 @@ sc_watch() {
 	sc_loss
 }
 
+sc_keepalived() {
+	[ "$(mode)" = keepalived ] || fail "scenario keepalived needs MODE keepalived"
+	sc_loss
+	local crash carp
+	crash=$(awk '/ crash$/ { t = $1 } END { print t }' "$LAB/A/log/switch.log")
+	carp=$(awk -v t="$crash" '$1 >= t && / carp master/ { print $1; exit }' "$LAB/B/log/switch.log")
+	log "keepalived: B became VRRP master $(awk -v a="$crash" -v b="$carp" 'BEGIN { printf "%d", (b - a) * 1000 }') ms after A crashed"
+}
+
 run_scenario() {
 	local name=${1:?scenario name} be=${2:-${LAB_BACKEND:-none}} md=${3:-${LAB_MODE:-switch}}
 	[ "$name" = watch ] && md=watch
-	declare -F "sc_$name" >/dev/null || fail "no scenario $name (cold loss return flap partition watch)"
+	[ "$name" = keepalived ] && md=keepalived
+	declare -F "sc_$name" >/dev/null ||
+		fail "no scenario $name (cold loss return flap partition watch keepalived)"
 	trap 'rc=$?; [ $rc != 0 ] && { log "state at failure: $(cmd_state)"; dump_logs; }; cmd_down; exit $rc' EXIT
 	cmd_up "$be" "$md"
 	local t0=$SECONDS
