@@ -102,6 +102,9 @@ pub struct DaemonConfig {
     /// How long `role primary` tries to reach the peer before deciding it is gone.
     #[serde(serialize_with = "ser_duration")]
     pub probe_timeout: Duration,
+    /// Seal every frame after authentication (both nodes must agree); false only on a
+    /// dedicated cable.
+    pub encrypt: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -458,6 +461,7 @@ struct RawDaemon {
     exec: Option<String>,
     timeout: Option<Spanned<String>>,
     probe_timeout: Option<Spanned<String>>,
+    encrypt: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -664,6 +668,7 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
         exec: raw.daemon.exec.clone().filter(|s| !s.trim().is_empty()),
         timeout: src.duration(&raw.daemon.timeout, Duration::from_secs(20))?,
         probe_timeout: src.duration(&raw.daemon.probe_timeout, Duration::from_secs(2))?,
+        encrypt: raw.daemon.encrypt.unwrap_or(true),
     };
     if daemon.timeout < Duration::from_millis(100) {
         let span = raw
@@ -1180,6 +1185,16 @@ remote = "192.168.10.11"
             e.starts_with("/etc/tandem.toml:2:9: invalid duration"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn daemon_encrypt_defaults_on_and_takes_only_a_boolean() {
+        assert!(p(EXAMPLE).unwrap().daemon.encrypt);
+        let c = p("[daemon]\nencrypt = false\n").unwrap();
+        assert!(!c.daemon.encrypt);
+        let e = err("[daemon]\nencrypt = \"no\"\n");
+        assert!(e.starts_with("/etc/tandem.toml:2:"), "{e}");
+        assert!(e.contains("boolean"), "{e}");
     }
 
     #[test]

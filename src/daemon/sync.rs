@@ -308,7 +308,11 @@ pub(crate) mod tests {
             }
             seen
         });
-        let link = Link::start(client, Duration::from_secs(10)).unwrap();
+        let link = Link::start(
+            crate::daemon::channel::Channel::clear(client).unwrap(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
         (handle, link, fake)
     }
 
