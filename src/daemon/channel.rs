@@ -243,7 +243,10 @@ impl Reader {
         }
         let len = u16::from_le_bytes(len) as usize;
         if len < TAG_LEN {
-            return Err(self.fail(format!("a sealed record of {len} bytes")));
+            let n = self.nonce;
+            return Err(self.fail(format!(
+                "sealed record {n} failed authentication: {len} bytes, shorter than its tag"
+            )));
         }
         self.record.resize(len, 0);
         self.inner.read_exact(&mut self.record).map_err(cut)?;
