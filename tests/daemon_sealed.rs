@@ -97,7 +97,11 @@ fn tamper(fault: Fault, byte: u8) -> (Pair, FaultProxy) {
         c.write(off, &data, true).unwrap();
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(proxy.fault(), Fault::Pass, "the proxy never applied {fault:?}");
+    assert_eq!(
+        proxy.fault(),
+        Fault::Pass,
+        "the proxy never applied {fault:?}"
+    );
     assert!(
         p.b.log_contains("failed authentication", 15),
         "b did not log the tampered record; b log:\n{}",
