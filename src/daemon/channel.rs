@@ -166,6 +166,7 @@ impl Channel {
             record: Vec::new(),
             plain: Vec::new(),
             pos: 0,
+            end: 0,
             failed: None,
         };
         let writer = Writer(Arc::new(Mutex::new(WriterInner {
@@ -174,6 +175,7 @@ impl Channel {
             nonce: 0,
             plain: Vec::new(),
             out: Vec::new(),
+            out_len: 0,
         })));
         Ok(Channel {
             stream,
@@ -215,9 +217,10 @@ pub struct Reader {
     /// The number of the next record.
     nonce: u64,
     record: Vec<u8>,
-    /// The current record's plaintext, and how much of it was read.
+    /// The current record's plaintext is `plain[pos..end]`.
     plain: Vec<u8>,
     pos: usize,
+    end: usize,
     /// Once a record failed, every later read fails the same way.
     failed: Option<String>,
 }
@@ -227,7 +230,7 @@ impl Reader {
     pub fn buffer(&self) -> &[u8] {
         match self.keys {
             None => self.inner.buffer(),
-            Some(_) => &self.plain[self.pos..],
+            Some(_) => &self.plain[self.pos..self.end],
         }
     }
 
@@ -250,13 +253,15 @@ impl Reader {
         }
         self.record.resize(len, 0);
         self.inner.read_exact(&mut self.record).map_err(cut)?;
-        self.plain.resize(MAX_PLAIN, 0);
+        // As long as the largest record (zeroed once): ring opens in place in `plain`, and
+        // copies the record to a fresh allocation first when `plain` is shorter.
+        self.plain.resize(MAX_RECORD, 0);
         match keys
             .0
             .read_message(self.nonce, &self.record, &mut self.plain)
         {
             Ok(n) => {
-                self.plain.truncate(n);
+                self.end = n;
                 self.pos = 0;
                 self.nonce += 1;
                 Ok(true)
@@ -293,12 +298,12 @@ impl Read for Reader {
         let Some(keys) = self.keys.clone() else {
             return self.inner.read(out);
         };
-        while self.pos == self.plain.len() {
+        while self.pos == self.end {
             if !self.next_record(&keys)? {
                 return Ok(0);
             }
         }
-        let n = out.len().min(self.plain.len() - self.pos);
+        let n = out.len().min(self.end - self.pos);
         out[..n].copy_from_slice(&self.plain[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
@@ -317,8 +322,9 @@ struct WriterInner {
     nonce: u64,
     /// Frames not sealed yet (at most one record's worth when sealed).
     plain: Vec<u8>,
-    /// Sealed records not sent yet.
+    /// Sealed records not sent yet: `out[..out_len]` (the rest is room, zeroed once).
     out: Vec<u8>,
+    out_len: usize,
 }
 
 /// Pending bytes that make a write go out without waiting for `flush`.
@@ -337,14 +343,21 @@ impl WriterInner {
             return Ok(());
         };
         while !data.is_empty() {
-            let n = data.len().min(MAX_PLAIN - self.plain.len());
-            self.plain.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            if self.plain.len() == MAX_PLAIN {
-                self.seal(&keys)?;
-                if self.out.len() >= SEND_AT {
-                    self.send_out()?;
+            if self.plain.is_empty() && data.len() >= MAX_PLAIN {
+                // A whole record straight from the caller's bytes (no copy to `plain`).
+                self.seal_from(&keys, &data[..MAX_PLAIN])?;
+                data = &data[MAX_PLAIN..];
+            } else {
+                let n = data.len().min(MAX_PLAIN - self.plain.len());
+                self.plain.extend_from_slice(&data[..n]);
+                data = &data[n..];
+                if self.plain.len() < MAX_PLAIN {
+                    continue;
                 }
+                self.seal(&keys)?;
+            }
+            if self.out_len >= SEND_AT {
+                self.send_out()?;
             }
         }
         Ok(())
@@ -352,17 +365,28 @@ impl WriterInner {
 
     /// Seal `plain` into a record at the end of `out`.
     fn seal(&mut self, keys: &Keys) -> io::Result<()> {
-        let start = self.out.len();
-        let len = self.plain.len() + TAG_LEN;
-        self.out.resize(start + 2 + len, 0);
+        let plain = std::mem::take(&mut self.plain);
+        let r = self.seal_from(keys, &plain);
+        self.plain = plain;
+        self.plain.clear();
+        r
+    }
+
+    /// Seal `plain` (at most `MAX_PLAIN` bytes) into a record at the end of `out`.
+    fn seal_from(&mut self, keys: &Keys, plain: &[u8]) -> io::Result<()> {
+        let start = self.out_len;
+        let len = plain.len() + TAG_LEN;
+        if self.out.len() < start + 2 + len {
+            self.out.resize(start + 2 + len, 0);
+        }
         self.out[start..start + 2].copy_from_slice(&(len as u16).to_le_bytes());
         let n = keys
             .0
-            .write_message(self.nonce, &self.plain, &mut self.out[start + 2..])
+            .write_message(self.nonce, plain, &mut self.out[start + 2..start + 2 + len])
             .map_err(|e| io::Error::other(format!("sealing a record: {e}")))?;
         debug_assert_eq!(n, len);
         self.nonce += 1;
-        self.plain.clear();
+        self.out_len = start + 2 + len;
         Ok(())
     }
 
@@ -373,8 +397,8 @@ impl WriterInner {
     }
 
     fn send_out(&mut self) -> io::Result<()> {
-        let r = self.stream.write_all(&self.out);
-        self.out.clear();
+        let r = self.stream.write_all(&self.out[..self.out_len]);
+        self.out_len = 0;
         r
     }
 
@@ -534,12 +558,14 @@ mod tests {
             nonce: 0,
             plain: Vec::new(),
             out: Vec::new(),
+            out_len: 0,
         };
         for f in frames {
             w.write_all(&f.encode()).unwrap();
             let k = w.keys.clone().unwrap();
             w.seal(&k).unwrap();
         }
+        w.out.truncate(w.out_len);
         w.out
     }
 
@@ -609,10 +635,11 @@ mod tests {
             nonce: 0,
             plain: frame,
             out: Vec::new(),
+            out_len: 0,
         };
         let k = w.keys.clone().unwrap();
         w.seal(&k).unwrap();
-        let (_, err) = open(kr, &w.out);
+        let (_, err) = open(kr, &w.out[..w.out_len]);
         assert!(err.unwrap_or_default().contains("out of bounds"));
     }
 }
