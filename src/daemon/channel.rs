@@ -281,12 +281,13 @@ impl Reader {
     }
 }
 
-/// The end of the stream inside a record: a cut link, never applied.
+/// The end of the stream inside a record: a cut link, never applied. Every record carries frame
+/// bytes, so this is always inside a frame, and said so as for a cut in clear.
 fn cut(e: io::Error) -> io::Error {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         io::Error::new(
             io::ErrorKind::ConnectionAborted,
-            "the connection ended inside a sealed record",
+            "the connection ended in the middle of a frame (inside a sealed record)",
         )
     } else {
         e
