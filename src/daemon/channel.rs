@@ -20,7 +20,8 @@
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
 
 use anyhow::{Context, Result, anyhow};
 use hmac::{Hmac, KeyInit, Mac};
@@ -158,7 +159,7 @@ impl Channel {
     fn new(stream: TcpStream, keys: Option<Keys>) -> Result<Channel> {
         let peer = stream.peer_addr().context("peer address")?;
         let clone = || stream.try_clone().context("cloning the peer socket");
-        let reader = Reader {
+        let reader = Reader(Source::Direct(Direct {
             inner: BufReader::with_capacity(256 << 10, clone()?),
             peer,
             keys: keys.clone(),
@@ -168,7 +169,7 @@ impl Channel {
             pos: 0,
             end: 0,
             failed: None,
-        };
+        }));
         let writer = Writer(Arc::new(Mutex::new(WriterInner {
             stream: clone()?,
             keys,
@@ -210,7 +211,107 @@ impl Channel {
 }
 
 /// The receiving half: frames are read from it like from a socket.
-pub struct Reader {
+pub struct Reader(Source);
+
+enum Source {
+    Direct(Direct),
+    Ahead(Ahead),
+}
+
+impl Reader {
+    /// Plaintext received and not read yet (all of it is at hand without blocking).
+    pub fn buffer(&self) -> &[u8] {
+        match &self.0 {
+            Source::Direct(d) => d.buffer(),
+            Source::Ahead(a) => &a.cur[a.pos..],
+        }
+    }
+
+    /// From now on, open the records on a thread of its own (named `name`) up to 16 records
+    /// ahead, so that the caller's thread (the secondary's session, which also applies the
+    /// writes) does not spend its time on AES-GCM. Errors and the end of the stream arrive in
+    /// order, after the plaintext before them. Nothing changes for a channel in clear.
+    pub fn open_ahead(self, name: String) -> Result<Reader> {
+        let mut d = match self.0 {
+            Source::Direct(d) if d.keys.is_some() => d,
+            other => return Ok(Reader(other)),
+        };
+        let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(16);
+        thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                let Some(keys) = d.keys.clone() else {
+                    return;
+                };
+                loop {
+                    let r = d.next_record(&keys);
+                    let item = match r {
+                        Ok(true) => Ok(d.plain[..d.end].to_vec()),
+                        // The end of the stream: dropping `tx` says so.
+                        Ok(false) => return,
+                        Err(e) => Err(e),
+                    };
+                    let failed = item.is_err();
+                    // A reader that went away ends this thread too (its socket is shut).
+                    if tx.send(item).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .context("starting the record opener")?;
+        Ok(Reader(Source::Ahead(Ahead {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+            failed: None,
+        })))
+    }
+}
+
+impl Read for Reader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        match &mut self.0 {
+            Source::Direct(d) => d.read(out),
+            Source::Ahead(a) => a.read(out),
+        }
+    }
+}
+
+/// Records opened by another thread (`Reader::open_ahead`).
+struct Ahead {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+    failed: Option<(io::ErrorKind, String)>,
+}
+
+impl Read for Ahead {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            if let Some((kind, why)) = &self.failed {
+                return Err(io::Error::new(*kind, why.clone()));
+            }
+            match self.rx.recv() {
+                Ok(Ok(v)) => {
+                    self.cur = v;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    self.failed = Some((e.kind(), e.to_string()));
+                    return Err(e);
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Reads and opens records on the caller's thread.
+struct Direct {
     inner: BufReader<TcpStream>,
     peer: SocketAddr,
     keys: Option<Keys>,
@@ -225,9 +326,8 @@ pub struct Reader {
     failed: Option<String>,
 }
 
-impl Reader {
-    /// Plaintext received and not read yet (all of it is at hand without blocking).
-    pub fn buffer(&self) -> &[u8] {
+impl Direct {
+    fn buffer(&self) -> &[u8] {
         match self.keys {
             None => self.inner.buffer(),
             Some(_) => &self.plain[self.pos..self.end],
@@ -294,7 +394,7 @@ fn cut(e: io::Error) -> io::Error {
     }
 }
 
-impl Read for Reader {
+impl Read for Direct {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let Some(keys) = self.keys.clone() else {
             return self.inner.read(out);
@@ -571,14 +671,24 @@ mod tests {
     }
 
     /// Read `raw` through a sealed reader: the messages until the first error.
+    /// Both ways, on the reading thread and opened ahead on another: the same result.
     fn open(k: Keys, raw: &[u8]) -> (Vec<Message>, Option<String>) {
+        let direct = open_with(k.clone(), raw, false);
+        assert_eq!(open_with(k, raw, true), direct, "opened ahead");
+        direct
+    }
+
+    fn open_with(k: Keys, raw: &[u8], ahead: bool) -> (Vec<Message>, Option<String>) {
         let (c, mut s) = sockets();
         s.write_all(raw).unwrap();
         drop(s);
-        let mut ch = Channel::sealed(c, k).unwrap();
+        let Channel { mut reader, .. } = Channel::sealed(c, k).unwrap();
+        if ahead {
+            reader = reader.open_ahead("test-open".into()).unwrap();
+        }
         let mut got = Vec::new();
         loop {
-            match ch.recv(MAX_FRAME) {
+            match protocol::read_message(&mut reader, MAX_FRAME) {
                 Ok(m) => got.push(m),
                 Err(ProtocolError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     return (got, None);

@@ -628,6 +628,8 @@ const EARLY_RECEIVED_ACK: usize = 64 << 10;
 fn session(s: &Shared, chan: Channel, memsync: bool) -> Result<()> {
     let Channel { reader, writer, .. } = chan;
     let mut w = writer.clone();
+    // This thread applies the writes; records are opened (decrypted) on another.
+    let reader = reader.open_ahead(format!("open-{}", s.name))?;
     let r = apply(s, reader, writer, memsync);
     // The acks of what was applied before an error still go out.
     let _ = w.flush();
