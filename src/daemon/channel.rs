@@ -237,6 +237,8 @@ impl Reader {
             other => return Ok(Reader(other)),
         };
         let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(16);
+        // Read buffers come back to be opened into again: no copy, no allocation per record.
+        let (back, spare) = mpsc::channel::<Vec<u8>>();
         thread::Builder::new()
             .name(name)
             .spawn(move || {
@@ -246,7 +248,12 @@ impl Reader {
                 loop {
                     let r = d.next_record(&keys);
                     let item = match r {
-                        Ok(true) => Ok(d.plain[..d.end].to_vec()),
+                        Ok(true) => {
+                            let next = spare.try_recv().unwrap_or_default();
+                            let mut full = std::mem::replace(&mut d.plain, next);
+                            full.truncate(d.end);
+                            Ok(full)
+                        }
                         // The end of the stream: dropping `tx` says so.
                         Ok(false) => return,
                         Err(e) => Err(e),
@@ -261,6 +268,7 @@ impl Reader {
             .context("starting the record opener")?;
         Ok(Reader(Source::Ahead(Ahead {
             rx,
+            back,
             cur: Vec::new(),
             pos: 0,
             failed: None,
@@ -280,6 +288,8 @@ impl Read for Reader {
 /// Records opened by another thread (`Reader::open_ahead`).
 struct Ahead {
     rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    /// Buffers read to the end, back to the opener.
+    back: mpsc::Sender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
     failed: Option<(io::ErrorKind, String)>,
@@ -293,7 +303,10 @@ impl Read for Ahead {
             }
             match self.rx.recv() {
                 Ok(Ok(v)) => {
-                    self.cur = v;
+                    let done = std::mem::replace(&mut self.cur, v);
+                    if done.capacity() > 0 {
+                        let _ = self.back.send(done);
+                    }
                     self.pos = 0;
                 }
                 Ok(Err(e)) => {
@@ -353,8 +366,8 @@ impl Direct {
         }
         self.record.resize(len, 0);
         self.inner.read_exact(&mut self.record).map_err(cut)?;
-        // As long as the largest record (zeroed once): ring opens in place in `plain`, and
-        // copies the record to a fresh allocation first when `plain` is shorter.
+        // As long as the largest record (zero-filled only where it grows): ring opens in place
+        // in `plain`, and copies the record to a fresh allocation first when `plain` is shorter.
         self.plain.resize(MAX_RECORD, 0);
         match keys
             .0
