@@ -256,6 +256,9 @@ impl Reader {
                         }
                         // The end of the stream: dropping `tx` says so.
                         Ok(false) => return,
+                        // A socket with a timeout returns EINTR after SIGSTOP/SIGCONT; nothing
+                        // of the record was consumed yet (`read_exact` retries by itself).
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => Err(e),
                     };
                     let failed = item.is_err();
@@ -310,8 +313,13 @@ impl Read for Ahead {
                     self.pos = 0;
                 }
                 Ok(Err(e)) => {
-                    self.failed = Some((e.kind(), e.to_string()));
-                    return Err(e);
+                    // Never a sticky Interrupted: `read_exact` would retry it forever.
+                    let kind = match e.kind() {
+                        io::ErrorKind::Interrupted => io::ErrorKind::Other,
+                        k => k,
+                    };
+                    self.failed = Some((kind, e.to_string()));
+                    return Err(io::Error::new(kind, e.to_string()));
                 }
                 Err(_) => return Ok(0),
             }
