@@ -121,6 +121,9 @@ pub struct DaemonConfig {
     /// that its peer still answers).
     #[serde(serialize_with = "ser_duration")]
     pub ping_interval: Duration,
+    /// Seal every frame after authentication (both nodes must agree); false only on a
+    /// dedicated cable.
+    pub encrypt: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -488,6 +491,7 @@ struct RawDaemon {
     timeout: Option<Spanned<String>>,
     probe_timeout: Option<Spanned<String>>,
     ping_interval: Option<Spanned<String>>,
+    encrypt: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -696,6 +700,7 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
         timeout: src.duration(&raw.daemon.timeout, DEFAULT_TIMEOUT)?,
         probe_timeout: src.duration(&raw.daemon.probe_timeout, DEFAULT_PROBE_TIMEOUT)?,
         ping_interval: src.duration(&raw.daemon.ping_interval, DEFAULT_PING_INTERVAL)?,
+        encrypt: raw.daemon.encrypt.unwrap_or(true),
     };
     let span_of = |v: &Option<Spanned<String>>| v.as_ref().map(|t| t.span()).unwrap_or(0..0);
     if daemon.timeout < Duration::from_millis(100) {
@@ -1266,6 +1271,16 @@ remote = "192.168.10.11"
             e.starts_with("/etc/tandem.toml:2:9: invalid duration"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn daemon_encrypt_defaults_on_and_takes_only_a_boolean() {
+        assert!(p(EXAMPLE).unwrap().daemon.encrypt);
+        let c = p("[daemon]\nencrypt = false\n").unwrap();
+        assert!(!c.daemon.encrypt);
+        let e = err("[daemon]\nencrypt = \"no\"\n");
+        assert!(e.starts_with("/etc/tandem.toml:2:"), "{e}");
+        assert!(e.contains("boolean"), "{e}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use daemon_common::*;
 fn wrong_secret_is_rejected_and_logged() {
     let mut p = Pair::new("fullsync");
     let other = p.dir.path().join("other.key");
-    std::fs::write(&other, "not the shared secret\n").unwrap();
+    std::fs::write(&other, "not the shared secret, though long enough\n").unwrap();
     std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let text = std::fs::read_to_string(&p.b.conf).unwrap();
     let key = p.dir.path().join("key");
@@ -70,6 +70,21 @@ fn world_readable_secret_refuses_to_start() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("readable by group and others"), "{err}");
+}
+
+/// A secret shorter than 32 bytes is refused at start, with the file and the way to make a
+/// good one in the error.
+#[test]
+fn a_31_byte_secret_refuses_to_start() {
+    let p = Pair::new("fullsync");
+    let key = p.dir.path().join("key");
+    std::fs::write(&key, format!("{}\n", "k".repeat(31))).unwrap();
+    let out = p.a.run(&["daemon"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(key.to_str().unwrap()), "{err}");
+    assert!(err.contains("31 bytes"), "{err}");
+    assert!(err.contains("openssl rand -hex 32"), "{err}");
 }
 
 #[test]

@@ -10,6 +10,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result, bail};
@@ -19,6 +20,10 @@ use sha2::Sha256;
 use super::protocol::NONCE_LEN;
 
 const DOMAIN: &[u8] = b"tandem-v1";
+
+/// Shortest secret accepted: 32 bytes, as many as the keys derived from it
+/// (`openssl rand -hex 32` writes 64).
+pub const MIN_SECRET_LEN: usize = 32;
 
 /// Which end of the connection computes a proof.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +52,8 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
-    /// Read the secret file, refusing one that is missing, empty, or readable by group or others.
+    /// Read the secret file, refusing one that is missing, shorter than 32 bytes, or readable by
+    /// group or others.
     /// A trailing newline (as `openssl rand -hex 32 > key` leaves) is not part of the secret.
     pub fn load(path: &Path) -> Result<Secret> {
         let meta = fs::metadata(path).with_context(|| format!("secret file {}", path.display()))?;
@@ -72,7 +78,21 @@ impl Secret {
         if bytes.is_empty() {
             bail!("secret file {} is empty", path.display());
         }
+        if bytes.len() < MIN_SECRET_LEN {
+            bail!(
+                "secret file {} holds {} bytes, fewer than the {MIN_SECRET_LEN} required; create \
+                 a new one with `openssl rand -hex 32 > {}` (and copy it to the peer)",
+                path.display(),
+                bytes.len(),
+                path.display()
+            );
+        }
         Ok(Secret(bytes))
+    }
+
+    /// The secret's bytes (for deriving the link's pre-shared key).
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.0
     }
 
     #[cfg(test)]
@@ -130,13 +150,17 @@ impl Secret {
     }
 }
 
-/// The secret as the daemon holds it: shared by every resource, replaced on SIGHUP.
+/// The link's credentials as the daemon holds them: the secret, shared by every resource and
+/// replaced on SIGHUP, and `daemon.encrypt` (whether links are sealed after authentication).
 #[derive(Clone)]
-pub struct SharedSecret(Arc<RwLock<Arc<Secret>>>);
+pub struct SharedSecret(Arc<RwLock<Arc<Secret>>>, Arc<AtomicBool>);
 
 impl SharedSecret {
-    pub fn new(s: Secret) -> SharedSecret {
-        SharedSecret(Arc::new(RwLock::new(Arc::new(s))))
+    pub fn new(s: Secret, encrypt: bool) -> SharedSecret {
+        SharedSecret(
+            Arc::new(RwLock::new(Arc::new(s))),
+            Arc::new(AtomicBool::new(encrypt)),
+        )
     }
 
     pub fn get(&self) -> Arc<Secret> {
@@ -145,6 +169,15 @@ impl SharedSecret {
 
     pub fn set(&self, s: Secret) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+    }
+
+    /// `daemon.encrypt`: new connections are sealed (both nodes must agree).
+    pub fn encrypt(&self) -> bool {
+        self.1.load(Ordering::Acquire)
+    }
+
+    pub fn set_encrypt(&self, on: bool) {
+        self.1.store(on, Ordering::Release);
     }
 }
 
@@ -188,7 +221,15 @@ mod tests {
                 .to_string()
                 .contains("is empty")
         );
-        fs::write(&p, "abc\n").unwrap();
+        // 31 bytes: too short for the link's keys.
+        fs::write(&p, format!("{}\n", "a".repeat(31))).unwrap();
+        let err = Secret::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("31 bytes") && err.contains("openssl rand -hex 32"),
+            "{err}"
+        );
+        let key = "0123456789abcdef".repeat(4);
+        fs::write(&p, format!("{key}\n")).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
         let err = Secret::load(&p).unwrap_err().to_string();
         assert!(err.contains("readable by group"), "{err}");
@@ -201,7 +242,7 @@ mod tests {
         );
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         let s = Secret::load(&p).unwrap();
-        assert_eq!(s.0, b"abc");
+        assert_eq!(s.0, key.as_bytes());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! `unixsock.rs`.
 pub mod activemap;
 pub mod auth;
+pub mod channel;
 pub mod conflict;
 pub mod control;
 pub mod diskio;
@@ -415,7 +416,7 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    let secret = SharedSecret::new(Secret::load(&cfg.daemon.secret)?);
+    let secret = SharedSecret::new(Secret::load(&cfg.daemon.secret)?, cfg.daemon.encrypt);
     // Signals are taken synchronously by this thread; every thread started below inherits
     // the blocked mask, so none of them is interrupted.
     let mut signals = SigSet::empty();
@@ -513,6 +514,8 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
                     }
                 };
                 daemon.hooks.set(new.daemon.exec.clone());
+                // New connections only: a live link keeps what it was opened with.
+                daemon.secret.set_encrypt(new.daemon.encrypt);
                 match Secret::load(&new.daemon.secret) {
                     Ok(sec) => daemon.secret.set(sec),
                     Err(e) => log::error!("keeping the old secret: {e:#}"),

@@ -10,7 +10,7 @@
 //! connecting side of the hello/auth/state handshake, shared by replication and probes.
 
 use std::collections::HashMap;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::auth::{self, Secret, Side};
+use super::channel::{self, Channel, KeyExchange};
 use super::protocol::{
     self, AckKind, DIGEST_LEN, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message,
     NodeState, PROTOCOL_VERSION, Purpose,
@@ -200,10 +201,11 @@ pub struct Link {
 }
 
 impl Link {
-    /// Start the sender and receiver threads on an authenticated stream: a peer silent for
+    /// Start the sender and receiver threads on an authenticated channel: a peer silent for
     /// `timeout` is dead; an idle link is pinged every `ping_every`.
-    pub fn start(stream: TcpStream, timeout: Duration, ping_every: Duration) -> Result<Arc<Link>> {
-        let peer = stream.peer_addr().context("peer address")?;
+    pub fn start(chan: Channel, timeout: Duration, ping_every: Duration) -> Result<Arc<Link>> {
+        let peer = chan.peer();
+        let stream = chan.stream();
         stream
             .set_read_timeout(Some(timeout))
             .context("socket timeout")?;
@@ -229,13 +231,17 @@ impl Link {
             started: Instant::now(),
             heard_at: AtomicU64::new(0),
         });
-        let wstream = stream.try_clone().context("cloning the peer socket")?;
+        let Channel {
+            reader, mut writer, ..
+        } = chan;
         let l = Arc::clone(&link);
         let ping_every = ping_every.max(Duration::from_millis(10));
         thread::Builder::new()
             .name("peer-send".into())
             .spawn(move || {
-                let mut w = BufWriter::with_capacity(256 << 10, wstream);
+                // The writer buffers (and seals) until flushed, and sends on its own once a
+                // quarter MiB is pending.
+                let w = &mut writer;
                 let result = (|| -> std::io::Result<()> {
                     loop {
                         let frame = match rx.recv_timeout(ping_every) {
@@ -247,9 +253,6 @@ impl Link {
                         // Batch whatever is already queued into as few writes as possible.
                         while let Ok(f) = rx.try_recv() {
                             w.write_all(&f)?;
-                            if w.buffer().len() > (192 << 10) {
-                                w.flush()?;
-                            }
                         }
                         w.flush()?;
                     }
@@ -261,7 +264,7 @@ impl Link {
             })
             .context("starting the peer sender")?;
         let l = Arc::clone(&link);
-        let mut rstream = std::io::BufReader::with_capacity(64 << 10, stream);
+        let mut rstream = reader;
         thread::Builder::new()
             .name("peer-recv".into())
             .spawn(move || {
@@ -651,6 +654,8 @@ pub struct Hello<'a> {
     pub purpose: Purpose,
     pub mode: u8,
     pub secret: &'a Secret,
+    /// Seal the link after authentication (`daemon.encrypt`).
+    pub encrypt: bool,
     pub state: NodeState,
 }
 
@@ -685,12 +690,17 @@ fn expect(stream: &mut TcpStream, max: usize) -> Result<Message, HandshakeError>
     }
 }
 
-/// The connecting side: Hello, Auth, State. Returns the peer's state.
+/// The connecting side: Hello, Auth, the key exchange (if `encrypt`), State. Returns the
+/// peer's state and the channel, sealed if `encrypt`, for everything after.
 pub fn handshake_connect(
-    stream: &mut TcpStream,
+    mut stream: TcpStream,
     h: &Hello,
     timeout: Duration,
-) -> Result<NodeState, HandshakeError> {
+) -> Result<(NodeState, Channel), HandshakeError> {
+    let to = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "the peer".into());
     stream
         .set_read_timeout(Some(timeout))
         .context("socket timeout")?;
@@ -706,8 +716,8 @@ pub fn handshake_connect(
         node: h.node.to_string(),
         nonce: ours,
     };
-    protocol::write_message(stream, &hello).context("sending hello")?;
-    let theirs = match expect(stream, MAX_FRAME_UNAUTHENTICATED)? {
+    protocol::write_message(&mut stream, &hello).context("sending hello")?;
+    let theirs = match expect(&mut stream, MAX_FRAME_UNAUTHENTICATED)? {
         Message::Hello { version, nonce, .. } => {
             if version != PROTOCOL_VERSION {
                 return Err(HandshakeError::Refused(
@@ -722,8 +732,8 @@ pub fn handshake_connect(
         }
     };
     let proof = h.secret.proof(Side::Connect, h.resource, &ours, &theirs);
-    protocol::write_message(stream, &Message::Auth { proof }).context("sending auth")?;
-    match expect(stream, MAX_FRAME_UNAUTHENTICATED)? {
+    protocol::write_message(&mut stream, &Message::Auth { proof }).context("sending auth")?;
+    match expect(&mut stream, MAX_FRAME_UNAUTHENTICATED)? {
         Message::Auth { proof }
             if h.secret
                 .verify(Side::Accept, h.resource, &theirs, &ours, &proof) => {}
@@ -737,10 +747,45 @@ pub fn handshake_connect(
             return Err(anyhow::anyhow!("handshake: expected Auth, got {}", other.name()).into());
         }
     }
-    protocol::write_message(stream, &Message::State(h.state.clone())).context("sending state")?;
-    match expect(stream, MAX_FRAME)? {
-        Message::State(s) => Ok(s),
-        other => Err(anyhow::anyhow!("handshake: expected State, got {}", other.name()).into()),
+    let mut chan = if h.encrypt {
+        let mut kx = KeyExchange::new(
+            channel::Role::Initiator,
+            h.secret,
+            h.resource,
+            &ours,
+            &theirs,
+        )?;
+        let message = kx.write()?;
+        protocol::write_message(&mut stream, &Message::Key { message })
+            .context("sending the key exchange")?;
+        match expect(&mut stream, MAX_FRAME_UNAUTHENTICATED)? {
+            Message::Key { message } => kx.read(&message)?,
+            Message::State(_) => {
+                return Err(HandshakeError::Refused(
+                    GoodbyeCode::Mismatch,
+                    format!(
+                        "{to} answered in clear: daemon.encrypt is true here and false on the peer \
+                         (set the same on both nodes)"
+                    ),
+                ));
+            }
+            other => {
+                return Err(
+                    anyhow::anyhow!("handshake: expected Key, got {}", other.name()).into(),
+                );
+            }
+        }
+        Channel::sealed(stream, kx.finish()?)?
+    } else {
+        Channel::clear(stream)?
+    };
+    chan.send(&Message::State(h.state.clone()))
+        .context("sending state")?;
+    match chan.recv(MAX_FRAME) {
+        Ok(Message::State(s)) => Ok((s, chan)),
+        Ok(Message::Goodbye { code, reason }) => Err(HandshakeError::Refused(code, reason)),
+        Ok(other) => Err(anyhow::anyhow!("handshake: expected State, got {}", other.name()).into()),
+        Err(e) => Err(HandshakeError::Other(anyhow::anyhow!("handshake: {e}"))),
     }
 }
 
@@ -779,7 +824,12 @@ mod tests {
             // Keep the socket open until the link closes it.
             let _ = protocol::read_message(&mut r, MAX_FRAME);
         });
-        Link::start(client, Duration::from_secs(10), Duration::from_secs(2)).unwrap()
+        Link::start(
+            crate::daemon::channel::Channel::clear(client).unwrap(),
+            Duration::from_secs(10),
+            Duration::from_secs(2),
+        )
+        .unwrap()
     }
 
     fn seq_extent(m: &Message) -> (u64, u64) {

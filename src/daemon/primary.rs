@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::activemap::Pending;
+use super::channel::Channel;
 use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::metrics::Op;
@@ -502,7 +503,7 @@ fn connect_once(
     let Some(to) = addrs.remote else {
         return Err(ConnectError::Refused(REFUSED_RETRY));
     };
-    let mut stream = peer::connect_from(to, addrs.from, Duration::from_secs(2).min(s.timeout))?;
+    let stream = peer::connect_from(to, addrs.from, Duration::from_secs(2).min(s.timeout))?;
     let me = s.node_state();
     let secret = s.secret.get();
     let hello = peer::Hello {
@@ -511,9 +512,10 @@ fn connect_once(
         purpose: Purpose::Replicate,
         mode: Replicated::mode_code(cfg.replication),
         secret: &secret,
+        encrypt: s.secret.encrypt(),
         state: me.clone(),
     };
-    let theirs = match peer::handshake_connect(&mut stream, &hello, s.timeout) {
+    let (theirs, mut chan) = match peer::handshake_connect(stream, &hello, s.timeout) {
         Ok(t) => {
             s.heard_peer();
             t
@@ -538,6 +540,9 @@ fn connect_once(
                 GoodbyeCode::AuthFailed => {
                     log::error!("{}: authentication with {to} failed: {reason}", s.name)
                 }
+                GoodbyeCode::Mismatch => {
+                    log::error!("{}: peer {to} does not match: {reason}", s.name)
+                }
                 _ => log::info!("{}: peer {to} refused: {reason}", s.name),
             }
             // A peer in role init usually becomes secondary soon: ask again quickly.
@@ -556,18 +561,14 @@ fn connect_once(
             "data size or extent size differs: here {}/{}, peer {}/{} (recreate the metadata with the same --extent-size)",
             me.data_size, me.extent_size, theirs.data_size, theirs.extent_size
         );
-        refuse(&mut stream, GoodbyeCode::Mismatch, &reason);
+        refuse(&mut chan, GoodbyeCode::Mismatch, &reason);
         log::error!("{}: {reason}", s.name);
         return Err(ConnectError::Refused(REFUSED_RETRY));
     }
     let decision = generation::decide(&me, &theirs);
     match decision {
         Decision::Stale => {
-            refuse(
-                &mut stream,
-                GoodbyeCode::Stale,
-                "the primary's data is stale",
-            );
+            refuse(&mut chan, GoodbyeCode::Stale, "the primary's data is stale");
             let first = !s.conn().stale;
             s.set_conn(|c| c.stale = true);
             if first {
@@ -583,7 +584,7 @@ fn connect_once(
             return Err(ConnectError::Refused(REFUSED_RETRY));
         }
         Decision::SplitBrain => {
-            refuse(&mut stream, GoodbyeCode::SplitBrain, "split-brain");
+            refuse(&mut chan, GoodbyeCode::SplitBrain, "split-brain");
             if !me.split_brain {
                 if let Err(e) = s.disk.update_header(|h| h.split_brain = true) {
                     log::error!("{}: writing metadata: {e}", s.name);
@@ -604,7 +605,7 @@ fn connect_once(
         Decision::FullSync { .. } | Decision::DirtySync => {}
     }
     s.set_conn(|c| c.stale = false);
-    let link = Link::start(stream, s.timeout, s.ping_interval)?;
+    let link = Link::start(chan, s.timeout, s.ping_interval)?;
     *s.link.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&link));
     s.set_conn(|c| {
         c.connection = Connection::Connected;
@@ -647,14 +648,11 @@ fn connect_once(
     Ok(link)
 }
 
-fn refuse(stream: &mut std::net::TcpStream, code: GoodbyeCode, reason: &str) {
-    let _ = super::protocol::write_message(
-        stream,
-        &Message::Goodbye {
-            code,
-            reason: reason.to_string(),
-        },
-    );
+fn refuse(chan: &mut Channel, code: GoodbyeCode, reason: &str) {
+    let _ = chan.send(&Message::Goodbye {
+        code,
+        reason: reason.to_string(),
+    });
 }
 
 #[cfg(test)]

@@ -12,11 +12,16 @@ use std::fmt;
 use std::io::{self, Read, Write};
 
 /// Version of this protocol, sent in `Hello`. Version 2 added `VerifyRequest`/`VerifyReply`
-/// and `ReadRequest`/`ReadReply`.
-pub const PROTOCOL_VERSION: u32 = 2;
-/// Oldest version an accepting node still speaks: a version-1 primary never sends a message
-/// that version 2 lacks or changed, so a secondary upgraded first keeps replicating for it.
+/// and `ReadRequest`/`ReadReply`; version 3 the key exchange (`Key`) and the sealed channel
+/// after it (see `channel.rs`).
+pub const PROTOCOL_VERSION: u32 = 3;
+/// Oldest version an accepting node still speaks: a version-1 or 2 primary never sends a
+/// message that version 3 lacks or changed, so a secondary upgraded first keeps replicating
+/// for it, but only with `daemon.encrypt = false` (older versions cannot seal the link, and
+/// a node that wants it sealed never falls back to clear).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// First version that can seal the link.
+pub const SEALED_PROTOCOL_VERSION: u32 = 3;
 /// Largest data payload of one `Write` or `SyncChunk`.
 pub const MAX_DATA: usize = 32 * 1024 * 1024;
 /// Largest frame after authentication: a full data payload plus room for its header fields.
@@ -104,6 +109,11 @@ pub enum Message {
     /// HMAC proof of the shared secret (see `auth.rs`).
     Auth {
         proof: [u8; NONCE_LEN],
+    },
+    /// A Noise handshake message (`channel.rs`), one each way after `Auth` when the link is
+    /// sealed (`daemon.encrypt`); every frame after it is sealed.
+    Key {
+        message: Vec<u8>,
     },
 
     // -- Generation exchange: each side sends its state once after authentication.
@@ -249,6 +259,7 @@ impl From<io::Error> for ProtocolError {
 mod ty {
     pub const HELLO: u8 = 1;
     pub const AUTH: u8 = 2;
+    pub const KEY: u8 = 4;
     pub const STATE: u8 = 3;
     pub const WRITE: u8 = 16;
     pub const TRIM: u8 = 17;
@@ -355,6 +366,7 @@ impl Message {
         match self {
             Message::Hello { .. } => "Hello",
             Message::Auth { .. } => "Auth",
+            Message::Key { .. } => "Key",
             Message::State(_) => "State",
             Message::Write { .. } => "Write",
             Message::Trim { .. } => "Trim",
@@ -399,6 +411,10 @@ impl Message {
             Message::Auth { proof } => {
                 e.u8(ty::AUTH);
                 e.0.extend_from_slice(proof);
+            }
+            Message::Key { message } => {
+                e.u8(ty::KEY);
+                e.bytes(message);
             }
             Message::State(s) => {
                 e.u8(ty::STATE);
@@ -545,6 +561,9 @@ impl Message {
                 nonce: d.array()?,
             },
             ty::AUTH => Message::Auth { proof: d.array()? },
+            ty::KEY => Message::Key {
+                message: d.bytes()?,
+            },
             ty::STATE => {
                 let role = d.u8()?;
                 if role > 2 {
@@ -871,6 +890,9 @@ mod tests {
             },
             Message::Auth {
                 proof: [0x22; NONCE_LEN],
+            },
+            Message::Key {
+                message: vec![0x33; 48],
             },
             Message::State(NodeState {
                 role: 1,

@@ -211,7 +211,7 @@ impl Owner {
     fn start_session(&mut self, a: super::state::Accepted) {
         let s = &self.shared;
         if s.role() != Role::Secondary {
-            super::secondary::refuse(a.stream, "role changed");
+            super::secondary::refuse(a.chan, "role changed");
             log::info!(
                 "{}: {} at {}: not starting a session, the role changed meanwhile",
                 s.name,
@@ -656,25 +656,24 @@ fn probe_inner(shared: &Shared, bound: Duration) -> Result<NodeState, ProbeError
     let to = addrs
         .remote
         .context("the peer's address did not resolve when the configuration was loaded")?;
-    let mut stream = peer::connect_from(to, addrs.from, bound)?;
+    let stream = peer::connect_from(to, addrs.from, bound)?;
     let hello = peer::Hello {
         resource: &shared.name,
         node: &shared.node,
         purpose: Purpose::Probe,
         mode: 0,
         secret: &shared.secret.get(),
+        encrypt: shared.secret.encrypt(),
         state: shared.node_state(),
     };
-    let r = peer::handshake_connect(&mut stream, &hello, bound);
-    let _ = super::protocol::write_message(
-        &mut stream,
-        &super::protocol::Message::Goodbye {
-            code: GoodbyeCode::Normal,
-            reason: "probe done".into(),
-        },
-    );
-    match r {
-        Ok(s) => Ok(s),
+    match peer::handshake_connect(stream, &hello, bound) {
+        Ok((s, mut chan)) => {
+            let _ = chan.send(&super::protocol::Message::Goodbye {
+                code: GoodbyeCode::Normal,
+                reason: "probe done".into(),
+            });
+            Ok(s)
+        }
         Err(HandshakeError::Refused(
             code @ (GoodbyeCode::AuthFailed | GoodbyeCode::Mismatch),
             m,
@@ -707,7 +706,7 @@ pub(crate) fn start_for_test(dir: &std::path::Path, node: &str) -> Handle {
     start(
         cfg.resource("r0").unwrap(),
         node,
-        SharedSecret::new(super::auth::Secret::from_bytes(b"k")),
+        SharedSecret::new(super::auth::Secret::from_bytes(b"k"), true),
         Duration::from_secs(10),
         Duration::from_secs(2),
         Duration::from_millis(500),

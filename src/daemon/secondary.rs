@@ -7,45 +7,48 @@
 //! logged with the peer's address.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use super::Role;
 use super::auth::{self, Side};
+use super::channel::{self, Channel, KeyExchange, Reader, Writer};
 use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::protocol::{
     self, AckKind, DataFrame, GoodbyeCode, MAX_DATA, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED,
-    MIN_PROTOCOL_VERSION, Message, NodeState, PROTOCOL_VERSION, Purpose,
+    MIN_PROTOCOL_VERSION, Message, NodeState, PROTOCOL_VERSION, Purpose, SEALED_PROTOCOL_VERSION,
 };
 use super::state::{Accepted, Connection, Msg, Session, Shared};
 use super::verify;
 
-/// A peer must complete hello and authentication within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer must complete hello and authentication within this time after it connected: an
+/// absolute deadline, not a per-read timeout, so a client that trickles bytes cannot hold a
+/// handshake slot for longer.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Connections between accept and the end of the handshake, at most; more are dropped, so a
-/// flood of strangers cannot exhaust threads.
+/// Handshakes in progress, at most. When all are taken, a new connection from a configured
+/// remote closes the least advanced, oldest unauthenticated one (see `Slots::admit`) rather
+/// than being turned away: an attacker sharing the primary's address can hold every slot, but
+/// it cannot keep the primary out.
 const MAX_HANDSHAKES: usize = 32;
 
 /// Resources by name, as the listener looks them up.
 pub type Registry = Arc<Mutex<HashMap<String, Arc<Shared>>>>;
 
-/// End a session: say goodbye, shut the socket, wait for its thread.
+/// End a session: say goodbye (unless its writer is busy), shut the socket, wait for its
+/// thread.
 pub fn close_session(sess: Session, reason: &str) {
-    let _ = protocol::write_message(
-        &mut &sess.stream,
-        &Message::Goodbye {
-            code: GoodbyeCode::NotReady,
-            reason: reason.into(),
-        },
-    );
+    let _ = sess.writer.try_send(&Message::Goodbye {
+        code: GoodbyeCode::NotReady,
+        reason: reason.into(),
+    });
     let _ = sess.stream.shutdown(Shutdown::Both);
     let _ = sess.thread.join();
 }
@@ -64,13 +67,148 @@ pub fn replace_session(
 }
 
 /// Turn an accepted connection away after the handshake.
-pub fn refuse(mut stream: TcpStream, reason: &str) {
-    goodbye(&mut stream, GoodbyeCode::NotReady, reason);
-    let _ = stream.shutdown(Shutdown::Both);
+pub fn refuse(mut chan: Channel, reason: &str) {
+    let _ = chan.send(&Message::Goodbye {
+        code: GoodbyeCode::NotReady,
+        reason: reason.into(),
+    });
+    chan.shutdown();
 }
 
 /// How long the listener waits for the owner thread to end an old session.
 const OWNER_WAIT: Duration = Duration::from_secs(30);
+
+/// How far a handshake got (0: connected); the listener reads it to choose what to close.
+#[derive(Default)]
+pub struct Progress(AtomicU8);
+
+impl Progress {
+    /// A whole `Hello` arrived.
+    const HELLO: u8 = 1;
+    /// The peer proved the secret: never closed to make room.
+    const AUTHENTICATED: u8 = 2;
+    /// Closed by the listener (deadline or room for a newcomer), which logged why.
+    const CLOSED: u8 = 3;
+
+    fn set(&self, p: u8) {
+        self.0.store(p, Ordering::Release);
+    }
+
+    fn get(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// One handshake in progress.
+struct Slot {
+    id: u64,
+    from: SocketAddr,
+    started: Instant,
+    stream: TcpStream,
+    progress: Arc<Progress>,
+}
+
+/// The handshakes in progress, shared by the listener and the handshake threads.
+#[derive(Default)]
+struct Slots(Mutex<Vec<Slot>>);
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take a slot for a new connection, closing another handshake if all are taken: the
+    /// least advanced (no complete `Hello` before a `Hello`), oldest first; never an
+    /// authenticated one. None if every slot holds an authenticated peer.
+    fn admit(&self, slot: Slot, log: &Throttle) -> bool {
+        let mut slots = self.lock();
+        if slots.len() >= MAX_HANDSHAKES {
+            let victim = slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.progress.get() < Progress::AUTHENTICATED)
+                .min_by_key(|(_, s)| (s.progress.get(), s.started))
+                .map(|(i, _)| i);
+            let Some(i) = victim else {
+                log.warn(format!(
+                    "peer connection from {} dropped: {MAX_HANDSHAKES} authenticated handshakes in progress",
+                    slot.from
+                ));
+                return false;
+            };
+            let old = slots.swap_remove(i);
+            old.progress.set(Progress::CLOSED);
+            let _ = old.stream.shutdown(Shutdown::Both);
+            log.warn(format!(
+                "peer connection from {} closed after {} ms without authenticating, to make room for one from {} ({MAX_HANDSHAKES} handshakes in progress)",
+                old.from,
+                old.started.elapsed().as_millis(),
+                slot.from
+            ));
+        }
+        slots.push(slot);
+        true
+    }
+
+    /// Close the handshakes older than the deadline that have not authenticated.
+    fn reap(&self, log: &Throttle) {
+        let mut slots = self.lock();
+        slots.retain(|s| {
+            let late = s.progress.get() < Progress::AUTHENTICATED
+                && s.started.elapsed() >= HANDSHAKE_DEADLINE;
+            if late {
+                s.progress.set(Progress::CLOSED);
+                let _ = s.stream.shutdown(Shutdown::Both);
+                log.warn(format!(
+                    "peer connection from {} closed: no authentication within {}s",
+                    s.from,
+                    HANDSHAKE_DEADLINE.as_secs()
+                ));
+            }
+            !late
+        });
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().retain(|s| s.id != id);
+    }
+}
+
+/// Log lines about refused and failed peer connections, at most one a second, so that a
+/// flood of connections cannot flood the log; the next line says how many were held back.
+#[derive(Default)]
+struct Throttle(Mutex<(Option<Instant>, u64)>);
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn warn(&self, line: String) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, held) = &mut *g;
+        if last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            *held += 1;
+            return;
+        }
+        *last = Some(Instant::now());
+        match std::mem::take(held) {
+            0 => log::warn!("{line}"),
+            n => log::warn!("{line} ({n} more refused or failed peer connections not logged)"),
+        }
+    }
+
+    /// Say what was held back once a second has passed, even if nothing else comes.
+    fn tick(&self) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, held) = &mut *g;
+        if *held > 0 && last.is_none_or(|t| t.elapsed() >= Self::EVERY) {
+            log::warn!(
+                "{} more refused or failed peer connections not logged",
+                std::mem::take(held)
+            );
+            *last = Some(Instant::now());
+        }
+    }
+}
 
 /// Accept peer connections on `addr` until `stop` is set.
 pub fn listen(addr: &str, registry: Registry, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>> {
@@ -80,32 +218,52 @@ pub fn listen(addr: &str, registry: Registry, stop: Arc<AtomicBool>) -> Result<J
     let t = thread::Builder::new()
         .name("listen".into())
         .spawn(move || {
-            let handshakes = Arc::new(AtomicUsize::new(0));
+            let slots = Arc::new(Slots::default());
+            let log = Arc::new(Throttle::default());
+            let mut next_id = 0u64;
             while !stop.load(Ordering::Acquire) {
+                slots.reap(&log);
+                log.tick();
                 match listener.accept() {
                     Ok((stream, from)) => {
                         if !may_be_a_peer(&registry, from.ip()) {
-                            log::warn!(
+                            log.warn(format!(
                                 "peer connection from {from} refused: not the configured remote of any resource"
-                            );
+                            ));
                             continue;
                         }
-                        if handshakes.load(Ordering::Acquire) >= MAX_HANDSHAKES {
-                            log::warn!("peer connection from {from} dropped: too many handshakes in progress");
+                        let Ok(clone) = stream.try_clone() else {
+                            continue;
+                        };
+                        next_id += 1;
+                        let id = next_id;
+                        let progress = Arc::new(Progress::default());
+                        let slot = Slot {
+                            id,
+                            from,
+                            started: Instant::now(),
+                            stream: clone,
+                            progress: Arc::clone(&progress),
+                        };
+                        if !slots.admit(slot, &log) {
                             continue;
                         }
-                        handshakes.fetch_add(1, Ordering::AcqRel);
                         let reg = Arc::clone(&registry);
-                        let hs = Arc::clone(&handshakes);
+                        let sl = Arc::clone(&slots);
+                        let lg = Arc::clone(&log);
                         let spawned =
                             thread::Builder::new().name("accept".into()).spawn(move || {
-                                let r = accept(stream, from, &reg);
-                                hs.fetch_sub(1, Ordering::AcqRel);
-                                if let Err(e) = r {
-                                    log::warn!("peer connection from {from} refused: {e:#}");
+                                let r = accept(stream, from, &reg, &progress);
+                                sl.remove(id);
+                                // A handshake the listener closed was logged by it.
+                                if let Err(e) = r
+                                    && progress.get() != Progress::CLOSED
+                                {
+                                    lg.warn(format!("peer connection from {from} refused: {e:#}"));
                                 }
                             });
                         if let Err(e) = spawned {
+                            slots.remove(id);
                             log::error!("cannot start a thread for {from}: {e}");
                         }
                     }
@@ -113,7 +271,7 @@ pub fn listen(addr: &str, registry: Registry, stop: Arc<AtomicBool>) -> Result<J
                         thread::sleep(Duration::from_millis(50))
                     }
                     Err(e) => {
-                        log::warn!("accept: {e}");
+                        log.warn(format!("accept: {e}"));
                         thread::sleep(Duration::from_millis(100));
                     }
                 }
@@ -125,7 +283,7 @@ pub fn listen(addr: &str, registry: Registry, stop: Arc<AtomicBool>) -> Result<J
 
 /// Whether `ip` is the remote of some resource (resolved at load, so no DNS here and the
 /// listener never blocks): strangers are dropped before they can hold one of the
-/// MAX_HANDSHAKES slots (which would lock the real primary out).
+/// MAX_HANDSHAKES slots.
 fn may_be_a_peer(registry: &Registry, ip: std::net::IpAddr) -> bool {
     let shared: Vec<Arc<Shared>> = registry
         .lock()
@@ -148,10 +306,17 @@ fn goodbye(stream: &mut TcpStream, code: GoodbyeCode, reason: &str) {
     );
 }
 
-fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Result<()> {
+/// The accepting side of the handshake, up to handing the session to the owner thread.
+fn accept(
+    mut stream: TcpStream,
+    from: SocketAddr,
+    registry: &Registry,
+    progress: &Progress,
+) -> Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    // Per read; the listener enforces the deadline for the whole handshake.
+    stream.set_read_timeout(Some(HANDSHAKE_DEADLINE))?;
+    stream.set_write_timeout(Some(HANDSHAKE_DEADLINE))?;
     let _ = stream.set_nodelay(true);
     let (version, purpose, mode, resource, node, theirs) =
         match protocol::read_message(&mut stream, MAX_FRAME_UNAUTHENTICATED) {
@@ -166,13 +331,17 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
             Ok(other) => bail!("expected Hello, got {}", other.name()),
             Err(e) => bail!("{e}"),
         };
+    progress.set(Progress::HELLO);
     let shared = registry
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(&resource)
         .cloned();
     let Some(s) = shared else {
-        goodbye(&mut stream, GoodbyeCode::NotReady, "unknown resource");
+        // Only a configured remote learns that the name is unknown.
+        if may_be_a_peer(registry, from.ip()) {
+            goodbye(&mut stream, GoodbyeCode::NotReady, "unknown resource");
+        }
         bail!("unknown resource {resource:?}");
     };
     let cfg = s.cfg();
@@ -184,12 +353,27 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
             cfg.remote.as_deref().unwrap_or("(none)")
         );
     }
+    let encrypt = s.secret.encrypt();
     // An older peer is answered in its own version (it never sends what it does not know);
-    // a newer one is refused, as it may send messages this node cannot handle.
+    // a newer one is refused, as it may send messages this node cannot handle. One too old to
+    // seal the link only where this node does not want it sealed.
     if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
         goodbye(&mut stream, GoodbyeCode::Mismatch, "protocol version");
         bail!(
             "{resource}: peer speaks protocol version {version}, we speak {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+        );
+    }
+    if encrypt && version < SEALED_PROTOCOL_VERSION {
+        goodbye(
+            &mut stream,
+            GoodbyeCode::Mismatch,
+            &format!(
+                "protocol version {version} cannot encrypt the link and daemon.encrypt is true on {}",
+                s.node
+            ),
+        );
+        bail!(
+            "{resource}: {node} at {from} speaks protocol version {version}, which cannot encrypt the link; upgrade it, or set daemon.encrypt = false on both nodes until then"
         );
     }
     let ours = auth::nonce()?;
@@ -222,17 +406,64 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
     s.heard_peer();
     let proof = secret.proof(Side::Accept, &resource, &ours, &theirs);
     protocol::write_message(&mut stream, &Message::Auth { proof })?;
-    let their_state = match protocol::read_message(&mut stream, MAX_FRAME) {
+    progress.set(Progress::AUTHENTICATED);
+    // The key exchange if this node seals the link; a peer that does otherwise is told so.
+    let first = match protocol::read_message(&mut stream, MAX_FRAME) {
+        Ok(m) => m,
+        Err(e) => bail!("{resource}: {e}"),
+    };
+    let (mut chan, first) = match (encrypt, first) {
+        (true, Message::Key { message }) => {
+            let mut kx =
+                KeyExchange::new(channel::Role::Responder, &secret, &resource, &theirs, &ours)?;
+            kx.read(&message)
+                .with_context(|| format!("{resource}: {node} at {from}"))?;
+            let message = kx.write()?;
+            protocol::write_message(&mut stream, &Message::Key { message })?;
+            (Channel::sealed(stream, kx.finish()?)?, None)
+        }
+        (false, m @ Message::State(_)) => (Channel::clear(stream)?, Some(m)),
+        (true, Message::State(_)) | (false, Message::Key { .. }) => {
+            let (here, there) = if encrypt {
+                ("true", "false")
+            } else {
+                ("false", "true")
+            };
+            goodbye(
+                &mut stream,
+                GoodbyeCode::Mismatch,
+                &format!(
+                    "daemon.encrypt is {here} on {} and {there} on {node}: set the same on both nodes",
+                    s.node
+                ),
+            );
+            bail!(
+                "{resource}: daemon.encrypt is {here} here and {there} on {node} at {from}; set the same on both nodes"
+            );
+        }
+        (_, other) => bail!("{resource}: expected Key or State, got {}", other.name()),
+    };
+    let first = match first {
+        Some(m) => Ok(m),
+        None => chan.recv(MAX_FRAME),
+    };
+    let their_state = match first {
         Ok(Message::State(st)) => st,
         Ok(other) => bail!("{resource}: expected State, got {}", other.name()),
         Err(e) => bail!("{resource}: {e}"),
     };
     let role = s.role();
     if purpose == Purpose::Probe {
-        protocol::write_message(&mut stream, &Message::State(s.node_state()))?;
+        chan.send(&Message::State(s.node_state()))?;
         log::debug!("{resource}: probed by {node} at {from}");
         return Ok(());
     }
+    let say = |chan: &mut Channel, code, reason: &str| {
+        let _ = chan.send(&Message::Goodbye {
+            code,
+            reason: reason.to_string(),
+        });
+    };
     match role {
         Role::Secondary => {}
         Role::Primary => {
@@ -243,27 +474,19 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
             if generation::decide(&their_state, &me) == Decision::SplitBrain {
                 record_split_brain(&s, &me, &their_state)?;
             }
-            goodbye(
-                &mut stream,
-                GoodbyeCode::PeerPrimary,
-                "this node is primary",
-            );
+            say(&mut chan, GoodbyeCode::PeerPrimary, "this node is primary");
             bail!("{resource}: {node} at {from} wants to replicate, but this node is primary");
         }
         Role::Init => {
-            goodbye(
-                &mut stream,
-                GoodbyeCode::NotReady,
-                "this node's role is init",
-            );
+            say(&mut chan, GoodbyeCode::NotReady, "this node's role is init");
             log::info!("{resource}: {node} at {from} wants to replicate; role is init, refused");
             return Ok(());
         }
     }
     let me = s.node_state();
     if their_state.data_size != me.data_size || their_state.extent_size != me.extent_size {
-        goodbye(
-            &mut stream,
+        say(
+            &mut chan,
             GoodbyeCode::Mismatch,
             "data size or extent size differs",
         );
@@ -288,7 +511,7 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
         )
     })?;
     let me = s.node_state();
-    protocol::write_message(&mut stream, &Message::State(me.clone()))?;
+    chan.send(&Message::State(me.clone()))?;
     match generation::decide(&their_state, &me) {
         Decision::SplitBrain => {
             record_split_brain(&s, &me, &their_state)?;
@@ -300,11 +523,11 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
         }
         Decision::FullSync { .. } | Decision::DirtySync => {}
     }
-    stream.set_read_timeout(Some(s.timeout))?;
-    stream.set_write_timeout(Some(s.timeout))?;
+    chan.stream().set_read_timeout(Some(s.timeout))?;
+    chan.stream().set_write_timeout(Some(s.timeout))?;
     // The owner thread starts the session, if this node is still secondary by then.
     let accepted = Accepted {
-        stream,
+        chan,
         memsync: mode == 1,
         node,
         from,
@@ -318,12 +541,13 @@ fn accept(mut stream: TcpStream, from: SocketAddr, registry: &Registry) -> Resul
 /// Start the session thread on an accepted connection (called by the owner thread).
 pub fn start_session(s: &Arc<Shared>, a: Accepted) -> Result<Session> {
     let Accepted {
-        stream,
+        chan,
         memsync,
         node,
         from,
     } = a;
-    let keep = stream.try_clone()?;
+    let keep = chan.stream().try_clone()?;
+    let writer = chan.writer.clone();
     s.set_conn(|c| {
         c.connection = Connection::Connected;
         c.peer_role = Some(Role::Primary);
@@ -335,8 +559,8 @@ pub fn start_session(s: &Arc<Shared>, a: Accepted) -> Result<Session> {
     let thread = thread::Builder::new()
         .name(format!("sec-{}", s.name))
         .spawn(move || {
-            let closer = stream.try_clone();
-            let r = session(&s2, stream, memsync);
+            let closer = chan.stream().try_clone();
+            let r = session(&s2, chan, memsync);
             // The owner keeps a clone of the socket open: shut it, so that the primary sees
             // the end at once (after a protocol error, say) rather than after its timeout.
             if let Ok(c) = closer {
@@ -360,6 +584,7 @@ pub fn start_session(s: &Arc<Shared>, a: Accepted) -> Result<Session> {
         .context("starting the session thread")?;
     Ok(Session {
         stream: keep,
+        writer,
         thread,
     })
 }
@@ -398,23 +623,12 @@ const EARLY_RECEIVED_ACK: usize = 64 << 10;
 /// Between frames: until the primary's next frame arrives, ping it every `ping_interval`
 /// (its pongs and pings are what `peer_silence` counts), and give up once it has been silent
 /// for `daemon.timeout`.
-fn idle_until_readable(
-    s: &Shared,
-    r: &BufReader<TcpStream>,
-    w: &mut BufWriter<TcpStream>,
-) -> Result<()> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let ms = s.ping_interval.as_millis().clamp(1, 60_000) as u16;
+fn idle_until_readable(s: &Shared, r: &mut Reader, w: &mut Writer) -> Result<()> {
     loop {
-        let mut fds = [PollFd::new(
-            std::os::fd::AsFd::as_fd(r.get_ref()),
-            PollFlags::POLLIN,
-        )];
-        match poll(&mut fds, PollTimeout::from(ms)) {
-            Ok(0) => {}
-            Ok(_) => return Ok(()),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => bail!("poll on the primary's connection: {e}"),
+        if r.wait_readable(s.ping_interval)
+            .context("waiting for the primary's next frame")?
+        {
+            return Ok(());
         }
         let silent = s.peer_silence();
         if silent >= s.timeout {
@@ -435,15 +649,20 @@ fn idle_until_readable(
 /// already received in full (so the next read may block), and before every fdatasync. One
 /// send per batch instead of one per request: with 32 writes in flight this was one
 /// `sendto` (and one TCP segment) per 4 KiB write.
-fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
-    let mut w = BufWriter::with_capacity(64 << 10, stream.try_clone()?);
-    let mut r = BufReader::with_capacity(256 << 10, stream);
+fn session(s: &Shared, chan: Channel, memsync: bool) -> Result<()> {
+    let Channel { reader, writer, .. } = chan;
+    let mut w = writer.clone();
+    // This thread applies the writes; records are opened (decrypted) on another.
+    let reader = reader.open_ahead(format!("open-{}", s.name))?;
+    let r = apply(s, reader, writer, memsync);
+    // The acks of what was applied before an error still go out.
+    let _ = w.flush();
+    r
+}
+
+fn apply(s: &Shared, mut r: Reader, mut w: Writer, memsync: bool) -> Result<()> {
     let disk = &s.disk;
-    let ack = |w: &mut BufWriter<TcpStream>,
-               seq: u64,
-               kind: AckKind,
-               res: io::Result<()>|
-     -> io::Result<()> {
+    let ack = |w: &mut Writer, seq: u64, kind: AckKind, res: io::Result<()>| -> io::Result<()> {
         let status = match &res {
             Ok(()) => 0,
             Err(e) => {
@@ -462,7 +681,7 @@ fn session(s: &Shared, stream: TcpStream, memsync: bool) -> Result<()> {
         if !holds_frame(r.buffer()) {
             w.flush()?;
             if r.buffer().is_empty() {
-                idle_until_readable(s, &r, &mut w)?;
+                idle_until_readable(s, &mut r, &mut w)?;
             }
         }
         let body = match protocol::read_frame(&mut r, MAX_FRAME, &mut frame) {
@@ -658,7 +877,9 @@ mod tests {
     use super::holds_frame;
     use crate::daemon::Role;
     use crate::daemon::auth::{Secret, Side};
-    use crate::daemon::protocol::{self, AckKind, MAX_FRAME, Message, NodeState, Purpose};
+    use crate::daemon::protocol::{
+        self, AckKind, GoodbyeCode, MAX_FRAME, Message, NodeState, Purpose,
+    };
     use crate::daemon::resource;
     use crate::daemon::state::Msg;
 
@@ -685,6 +906,8 @@ mod tests {
     fn a_version_1_primary_replicates_and_verify_requests_are_answered_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let handle = secondary(dir.path());
+        // Version 1 cannot seal the link: accepted only where encryption is off.
+        handle.shared.secret.set_encrypt(false);
         let registry = Arc::new(Mutex::new(HashMap::from([(
             "r0".to_string(),
             Arc::clone(&handle.shared),
@@ -692,7 +915,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, from) = listener.accept().unwrap();
-        let acceptor = std::thread::spawn(move || super::accept(server, from, &registry));
+        let acceptor = std::thread::spawn(move || {
+            super::accept(server, from, &registry, &Progress::default())
+        });
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let ours = [1u8; 32];
         let hello = Message::Hello {
@@ -780,6 +1005,110 @@ mod tests {
         handle.stop();
     }
 
+    /// Run the connecting side of the handshake against `accept` on `handle`'s resource.
+    fn connect(
+        handle: &resource::Handle,
+        encrypt: bool,
+    ) -> Result<(NodeState, Channel), crate::daemon::peer::HandshakeError> {
+        let registry = Arc::new(Mutex::new(HashMap::from([(
+            "r0".to_string(),
+            Arc::clone(&handle.shared),
+        )])));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, from) = listener.accept().unwrap();
+        let acceptor = std::thread::spawn(move || {
+            super::accept(server, from, &registry, &Progress::default())
+        });
+        let secret = Secret::from_bytes(b"k");
+        let hello = crate::daemon::peer::Hello {
+            resource: "r0",
+            node: "a",
+            purpose: Purpose::Replicate,
+            mode: 0,
+            secret: &secret,
+            encrypt,
+            state: NodeState {
+                role: 1,
+                data_size: handle.shared.disk.data_size(),
+                extent_size: 1 << 20,
+                ..Default::default()
+            },
+        };
+        let r = crate::daemon::peer::handshake_connect(c, &hello, Duration::from_secs(10));
+        let _ = acceptor.join().unwrap();
+        r
+    }
+
+    /// Both sides sealed: the session applies a write sent through the channel. One side
+    /// sealed and the other not: a handshake error that names the setting, on both sides.
+    #[test]
+    fn a_sealed_link_replicates_and_an_encrypt_mismatch_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = secondary(dir.path());
+        let (_, mut chan) = connect(&handle, true).unwrap();
+        let data = vec![0xc3u8; 100_000];
+        chan.writer
+            .write_all(&protocol::encode_write(1, 1 << 20, true, &data))
+            .unwrap();
+        chan.writer.flush().unwrap();
+        assert_eq!(
+            chan.recv(MAX_FRAME).unwrap(),
+            Message::Ack {
+                seq: 1,
+                kind: AckKind::Written,
+                status: 0
+            }
+        );
+        let mut back = vec![0u8; data.len()];
+        handle.shared.disk.read_at(&mut back, 1 << 20).unwrap();
+        assert_eq!(back, data);
+        drop(chan);
+        for (here, there) in [(true, false), (false, true)] {
+            handle.shared.secret.set_encrypt(here);
+            match connect(&handle, there) {
+                Err(crate::daemon::peer::HandshakeError::Refused(GoodbyeCode::Mismatch, why)) => {
+                    assert!(
+                        why.contains(&format!("daemon.encrypt is {here}")),
+                        "{here}/{there}: {why}"
+                    );
+                }
+                other => panic!("{here}/{there}: {:?}", other.map(|r| r.0)),
+            }
+        }
+        // An old peer cannot seal: refused while this node wants it sealed.
+        handle.shared.secret.set_encrypt(true);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, from) = listener.accept().unwrap();
+        let registry = Arc::new(Mutex::new(HashMap::from([(
+            "r0".to_string(),
+            Arc::clone(&handle.shared),
+        )])));
+        let acceptor = std::thread::spawn(move || {
+            super::accept(server, from, &registry, &Progress::default())
+        });
+        let hello = Message::Hello {
+            version: 2,
+            purpose: Purpose::Replicate,
+            mode: 0,
+            resource: "r0".into(),
+            node: "a".into(),
+            nonce: [1; 32],
+        };
+        protocol::write_message(&mut c, &hello).unwrap();
+        match protocol::read_message(&mut c, MAX_FRAME).unwrap() {
+            Message::Goodbye { code, reason } => {
+                assert_eq!(code, GoodbyeCode::Mismatch);
+                assert!(reason.contains("cannot encrypt"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = acceptor.join().unwrap().unwrap_err().to_string();
+        assert!(err.contains("protocol version 2"), "{err}");
+        handle.stop();
+    }
+
     /// A session whose thread reads its end of a loopback connection until it is closed, and
     /// records that it ended.
     fn reading_session(ended: Arc<AtomicBool>) -> Session {
@@ -787,6 +1116,7 @@ mod tests {
         let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (server, _) = l.accept().unwrap();
         let keep = server.try_clone().unwrap();
+        let writer = Channel::clear(server.try_clone().unwrap()).unwrap().writer;
         let thread = thread::spawn(move || {
             let mut buf = [0u8; 64];
             let mut r = &server;
@@ -799,6 +1129,7 @@ mod tests {
         });
         Session {
             stream: keep,
+            writer,
             thread,
         }
     }

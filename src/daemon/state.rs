@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::Role;
 use super::auth::SharedSecret;
+use super::channel::{Channel, Writer};
 use super::conflict::Conflicts;
 use super::control::{Counters as CounterValues, ErrorKind, ResourceStatus};
 use super::hooks::{Event, Hooks};
@@ -29,6 +30,8 @@ use crate::config::{Replication, Resource};
 /// thread, which alone starts and ends it.
 pub struct Session {
     pub stream: TcpStream,
+    /// The session's writer, for a last `Goodbye` between its frames.
+    pub writer: Writer,
     pub thread: JoinHandle<()>,
 }
 
@@ -64,7 +67,7 @@ pub enum Msg {
 
 /// A primary's replication connection, handshake done, for the owner to start a session on.
 pub struct Accepted {
-    pub stream: TcpStream,
+    pub chan: Channel,
     /// The primary replicates in memsync mode (acknowledge on receipt too).
     pub memsync: bool,
     /// The primary's node name and address, for the log.

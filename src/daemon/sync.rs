@@ -308,7 +308,12 @@ pub(crate) mod tests {
             }
             seen
         });
-        let link = Link::start(client, Duration::from_secs(10), Duration::from_secs(2)).unwrap();
+        let link = Link::start(
+            crate::daemon::channel::Channel::clear(client).unwrap(),
+            Duration::from_secs(10),
+            Duration::from_secs(2),
+        )
+        .unwrap();
         (handle, link, fake)
     }
 

@@ -124,7 +124,12 @@ impl Pair {
         let a = node("a", a);
         let b = node("b", b);
         let secret = d.join("key");
-        std::fs::write(&secret, "correct horse battery staple\n").unwrap();
+        // As `openssl rand -hex 32` makes them (the daemon refuses fewer than 32 bytes).
+        std::fs::write(
+            &secret,
+            "3f1c9a7e5d2b8460c1e7a9d3f5b2084e6a1c3e5f7092b4d6f8a0c2e4a6b8d0f2\n",
+        )
+        .unwrap();
         std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
         let hook = d.join("hook.sh");

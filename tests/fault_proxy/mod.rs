@@ -1,8 +1,9 @@
 //! A TCP fault proxy for the link between two daemons: it listens on 127.0.0.4, forwards each
 //! accepted connection to a target (node b's replication port), connecting from 127.0.0.2 so
 //! that b still sees node a's address, and applies a fault the test flips at runtime: a link
-//! that hangs, loses one direction, dies mid-frame, or is reset. Std threads only; every wait is
-//! bounded, and dropping the proxy ends all its threads.
+//! that hangs, loses one direction, dies mid-frame, or is reset; or, as an attacker on the path
+//! would, flips a bit or sends bytes again. It can record what it forwards. Std threads only;
+//! every wait is bounded, and dropping the proxy ends all its threads.
 #![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
@@ -16,8 +17,8 @@ use std::time::Duration;
 /// A direction of the proxied link: from the connecting side (a) or from the target (b).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dir {
-    AToB,
-    BToA,
+    AToB = 0,
+    BToA = 1,
 }
 
 /// What the proxy does to the bytes of every connection, current and future.
@@ -33,6 +34,12 @@ pub enum Fault {
     /// Forward this many more bytes a -> b (b -> a freely), then close both sockets of the
     /// connection that carried the last of them, wherever a frame stands; then back to `Pass`.
     CutAfter(u64),
+    /// In the next chunk a -> b of at least this many bytes, flip the lowest bit of its middle
+    /// byte; then back to `Pass`.
+    FlipNext(usize),
+    /// Forward the next chunk a -> b of at least this many bytes twice (a replay); then back
+    /// to `Pass`.
+    DuplicateNext(usize),
 }
 
 /// How long a pump waits on a socket before it looks at the fault and the stop flag again.
@@ -43,6 +50,9 @@ struct State {
     /// Both sockets of every connection not yet reset.
     conns: Mutex<Vec<(TcpStream, TcpStream)>>,
     accepted: AtomicU64,
+    /// What was forwarded each way (a -> b, b -> a) while `record` is set.
+    record: AtomicBool,
+    recorded: Mutex<[Vec<u8>; 2]>,
     stop: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -76,6 +86,8 @@ impl FaultProxy {
             fault: Mutex::new(Fault::Pass),
             conns: Mutex::new(Vec::new()),
             accepted: AtomicU64::new(0),
+            record: AtomicBool::new(false),
+            recorded: Mutex::new([Vec::new(), Vec::new()]),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
         });
@@ -102,6 +114,16 @@ impl FaultProxy {
             let _ = a.shutdown(Shutdown::Both);
             let _ = b.shutdown(Shutdown::Both);
         }
+    }
+
+    /// Record what is forwarded from now on (or stop recording).
+    pub fn record(&self, on: bool) {
+        self.state.record.store(on, Ordering::SeqCst);
+    }
+
+    /// What was forwarded in direction `dir` while recording.
+    pub fn recorded(&self, dir: Dir) -> Vec<u8> {
+        self.state.recorded.lock().unwrap()[dir as usize].clone()
     }
 
     /// Connections accepted so far.
@@ -196,7 +218,7 @@ fn pump(dir: Dir, mut src: TcpStream, mut dst: TcpStream, st: &State) {
     };
     while !st.stop.load(Ordering::SeqCst) {
         let flows = match st.fault() {
-            Fault::Pass | Fault::CutAfter(_) => true,
+            Fault::Pass | Fault::CutAfter(_) | Fault::FlipNext(_) | Fault::DuplicateNext(_) => true,
             Fault::Stall => false,
             Fault::OneWay(d) => d == dir,
         };
@@ -217,9 +239,20 @@ fn pump(dir: Dir, mut src: TcpStream, mut dst: TcpStream, st: &State) {
             Err(_) => return close(&src, &dst),
         };
         // Take the bytes out of a cut budget under the lock, so a budget is spent once.
+        let mut twice = false;
         let (n, cut) = {
             let mut f = st.fault.lock().unwrap();
             match *f {
+                Fault::FlipNext(min) if dir == Dir::AToB && n >= min => {
+                    buf[n / 2] ^= 1;
+                    *f = Fault::Pass;
+                    (n, false)
+                }
+                Fault::DuplicateNext(min) if dir == Dir::AToB && n >= min => {
+                    twice = true;
+                    *f = Fault::Pass;
+                    (n, false)
+                }
                 Fault::CutAfter(left) if dir == Dir::AToB => {
                     let pass = (n as u64).min(left);
                     if pass == left {
@@ -233,7 +266,13 @@ fn pump(dir: Dir, mut src: TcpStream, mut dst: TcpStream, st: &State) {
                 _ => (n, false),
             }
         };
+        if st.record.load(Ordering::SeqCst) {
+            st.recorded.lock().unwrap()[dir as usize].extend_from_slice(&buf[..n]);
+        }
         if !write_all(&mut dst, &buf[..n], st) || cut {
+            return close(&src, &dst);
+        }
+        if twice && !write_all(&mut dst, &buf[..n], st) {
             return close(&src, &dst);
         }
     }
@@ -321,6 +360,33 @@ mod tests {
         p.set(Fault::Pass);
         c.shutdown(Shutdown::Write).unwrap();
         assert_eq!(t.join().unwrap().0, b"held");
+    }
+
+    #[test]
+    fn a_flip_and_a_replay_change_the_next_big_chunk_and_recording_sees_them() {
+        let (target, t) = sink();
+        let p = FaultProxy::start(target);
+        p.record(true);
+        let mut c = client(&p);
+        let mut hello = [0u8; 5];
+        c.read_exact(&mut hello).unwrap();
+        p.set(Fault::FlipNext(100));
+        c.write_all(&[0u8; 10]).unwrap();
+        thread::sleep(Duration::from_millis(200));
+        c.write_all(&[0u8; 200]).unwrap();
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(p.fault(), Fault::Pass);
+        p.set(Fault::DuplicateNext(100));
+        c.write_all(&[7u8; 150]).unwrap();
+        thread::sleep(Duration::from_millis(200));
+        c.shutdown(Shutdown::Write).unwrap();
+        let got = t.join().unwrap().0;
+        let mut want = vec![0u8; 210];
+        want[10 + 100] = 1;
+        want.extend_from_slice(&[7u8; 300]);
+        assert_eq!(got, want);
+        assert_eq!(p.recorded(Dir::AToB), got[..360].to_vec());
+        assert_eq!(p.recorded(Dir::BToA), b"hello");
     }
 
     #[test]
