@@ -1,7 +1,7 @@
 //! The few disk calls that differ between Linux and FreeBSD: the size of a disk device,
 //! whether a file is a disk at all, and fallocate. Everything else the daemon does to a disk
-//! is positional read/write and fdatasync, which are the same on both, plus a Linux call
-//! with a portable fallback: a write synced alone.
+//! is positional read/write and fdatasync, which are the same on both, plus two Linux calls
+//! with a portable fallback: a read only from the page cache and a write synced alone.
 //!
 //! On Linux disks are block devices and BLKGETSIZE64 gives their size. On FreeBSD every disk
 //! (`/dev/ada0p3`, `/dev/gpt/x`, `/dev/zvol/...`) is a character device, `st_size` and
@@ -133,25 +133,30 @@ pub fn fallocate(_file: &File, _mode: i32, _offset: u64, _len: u64) -> io::Resul
     Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn diocgmediasize_matches_freebsd_header() {
-        // sys/disk.h: #define DIOCGMEDIASIZE _IOR('d', 129, off_t), 0x40086481 on amd64.
-        assert_eq!(DIOCGMEDIASIZE, 0x4008_6481);
-        // #define DIOCGSECTORSIZE _IOR('d', 128, u_int): 0x40000000 | 4 << 16 | 0x64 << 8 | 128.
-        assert_eq!(DIOCGSECTORSIZE, 0x4004_6480);
+/// Read `buf` at `offset` only if that does not wait for the disk: the data is in the page
+/// cache (preadv2 with RWF_NOWAIT on Linux). None when it would block, when only part of it
+/// is cached, and on other systems: the caller then reads the ordinary way, elsewhere.
+#[cfg(target_os = "linux")]
+pub fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let off = libc::off_t::try_from(offset).ok()?;
+    // SAFETY: iov describes `buf`, which is valid for writes of its length for the call.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    if n < 0 {
+        // EAGAIN: not cached; EOPNOTSUPP: a file system without it. Either way: read elsewhere.
+        return None;
     }
+    (n as usize == buf.len()).then_some(Ok(()))
+}
 
-    #[test]
-    fn ioc_inout_is_freebsd_iowr() {
-        // _IOWR('m', 4, 56 bytes): IOC_INOUT 0xc0000000 | 56 << 16 | 'm' (0x6d) << 8 | 4.
-        assert_eq!(ioc_inout(b'm', 4, 56), 0xc038_6d04);
-        // The length is masked to 13 bits (IOCPARM_MASK).
-        assert_eq!(ioc_inout(b'm', 0, 0x2000 + 8), 0xc008_6d00);
-    }
+/// Read `buf` at `offset` only if that does not wait for the disk: never known here.
+#[cfg(not(target_os = "linux"))]
+pub fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+    let _ = (file, buf, offset);
+    None
 }
 
 /// Write `data` at `offset` and make that range durable, not the rest of the file: pwritev2
@@ -196,4 +201,25 @@ pub fn write_durable(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
     }
     std::os::unix::fs::FileExt::write_all_at(file, data, offset)?;
     file.sync_data()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diocgmediasize_matches_freebsd_header() {
+        // sys/disk.h: #define DIOCGMEDIASIZE _IOR('d', 129, off_t), 0x40086481 on amd64.
+        assert_eq!(DIOCGMEDIASIZE, 0x4008_6481);
+        // #define DIOCGSECTORSIZE _IOR('d', 128, u_int): 0x40000000 | 4 << 16 | 0x64 << 8 | 128.
+        assert_eq!(DIOCGSECTORSIZE, 0x4004_6480);
+    }
+
+    #[test]
+    fn ioc_inout_is_freebsd_iowr() {
+        // _IOWR('m', 4, 56 bytes): IOC_INOUT 0xc0000000 | 56 << 16 | 'm' (0x6d) << 8 | 4.
+        assert_eq!(ioc_inout(b'm', 4, 56), 0xc038_6d04);
+        // The length is masked to 13 bits (IOCPARM_MASK).
+        assert_eq!(ioc_inout(b'm', 0, 0x2000 + 8), 0xc008_6d00);
+    }
 }

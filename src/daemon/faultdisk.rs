@@ -73,6 +73,12 @@ mod plain {
         pub fn write_durable_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
             diskio::write_durable(&self.file, data, offset)
         }
+
+        /// [`diskio::read_cached`].
+        #[inline]
+        pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+            diskio::read_cached(&self.file, buf, offset)
+        }
     }
 
     impl FileExt for DiskFile {
@@ -522,6 +528,15 @@ mod faults {
             self.write_all_at(data, offset)?;
             self.faults
                 .sync_range(&self.file, offset, data.len() as u64)
+        }
+
+        /// [`diskio::read_cached`]; with faults armed, a plain read (which sees them), so the
+        /// faults reach the callers' cached-read path too.
+        pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+            if !self.faults.armed() {
+                return diskio::read_cached(&self.file, buf, offset);
+            }
+            Some(self.read_exact_at(buf, offset))
         }
     }
 

@@ -46,7 +46,32 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
     /// no_hole: NBD_CMD_FLAG_NO_HOLE was set (must allocate).
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> io::Result<()>;
+
+    /// Whether `write_then` returns before the write is complete (it then answers from
+    /// another thread): the export calls it on the connection's reader thread instead of
+    /// handing the write to a worker.
+    fn writes_then(&self) -> bool {
+        false
+    }
+
+    /// A write without FUA, answered by calling `done` exactly once with what `write` would
+    /// return, on this thread or on another one (the thread that sees the peer's
+    /// acknowledgement). `data` is not used after this returns.
+    fn write_then(&self, offset: u64, data: &[u8], done: Done) {
+        done(self.write(offset, data, false))
+    }
+
+    /// A read served at once, on the connection's reader thread, when it need not wait for
+    /// the disk (the data is in the page cache). None: it would block, and a worker runs
+    /// `read` instead.
+    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        let _ = (offset, buf);
+        None
+    }
 }
+
+/// Called once with the result of a request started with [`BlockDevice::write_then`].
+pub type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 /// Wire constants, in the spec's names without the `NBD_` prefix (also used by the small
 /// client in src/nbd_client.rs).
@@ -658,8 +683,9 @@ impl Conn {
         }
     }
 
-    /// Blocks the reader until one more request of `cost` bytes may be in flight.
-    fn admit(&self, cost: usize) {
+    /// Blocks the reader until one more request of `cost` bytes may be in flight; returns
+    /// how many are in flight with it.
+    fn admit(&self, cost: usize) -> usize {
         let mut st = lock(&self.state);
         while st.inflight >= MAX_INFLIGHT
             || (st.inflight > 0 && st.inflight_bytes + cost > MAX_INFLIGHT_BYTES)
@@ -670,6 +696,7 @@ impl Conn {
         st.reader_waiting = false;
         st.inflight += 1;
         st.inflight_bytes += cost;
+        st.inflight
     }
 
     /// Undoes `admit` for a request that never reached a worker.
@@ -710,7 +737,7 @@ impl Conn {
         self.work.notify_one();
     }
 
-    fn work_loop(&self) {
+    fn work_loop(self: &Arc<Self>) {
         loop {
             let job = {
                 let mut st = lock(&self.state);
@@ -731,7 +758,7 @@ impl Conn {
         }
     }
 
-    fn run(&self, job: Job) {
+    fn run(self: &Arc<Self>, job: Job) {
         let Job {
             req,
             cmd,
@@ -740,53 +767,83 @@ impl Conn {
             cost,
         } = job;
         let dev = &*self.dev;
-        let c = &*self.counters;
         let len = u64::from(req.len);
         let mut data = Vec::new();
         let result = match cmd {
             Command::Read => {
-                data = self.take_buffer(req.len as usize);
-                let r = dev.read(req.offset, &mut data);
-                if r.is_ok() {
-                    bump(&c.reads, 1);
-                    bump(&c.bytes_read, len);
-                }
-                r
+                // The reader took the buffer for the data.
+                data = payload;
+                data.resize(req.len as usize, 0);
+                dev.read(req.offset, &mut data)
+            }
+            Command::Write { fua: false } if dev.writes_then() => {
+                // Answered by the device's callback; this worker goes on with the next job.
+                return self.write_then(req, cmd, payload, seq, cost);
             }
             Command::Write { fua } => {
                 let r = dev.write(req.offset, &payload, fua);
-                if r.is_ok() {
-                    bump(&c.writes, 1);
-                    bump(&c.bytes_written, len);
-                }
+                self.give_buffer(payload);
                 r
             }
             Command::Flush => {
                 self.wait_for_writes_before(seq);
-                let r = dev.flush();
-                if r.is_ok() {
-                    bump(&c.flushes, 1);
-                }
-                r
+                dev.flush()
             }
-            Command::Trim { fua } => {
-                let r = dev.trim(req.offset, len, fua);
-                if r.is_ok() {
-                    bump(&c.trims, 1);
-                }
-                r
-            }
-            Command::Zeroes { fua, no_hole } => {
-                let r = dev.write_zeroes(req.offset, len, fua, no_hole);
-                if r.is_ok() {
-                    bump(&c.zeroes, 1);
-                }
-                r
-            }
+            Command::Trim { fua } => dev.trim(req.offset, len, fua),
+            Command::Zeroes { fua, no_hole } => dev.write_zeroes(req.offset, len, fua, no_hole),
             Command::Disc => Ok(()),
         };
+        self.finish(req, cmd, result, data, seq, cost);
+    }
+
+    /// Start a plain write on a device that answers it through a callback (`write_then`).
+    fn write_then(
+        self: &Arc<Self>,
+        req: Request,
+        cmd: Command,
+        payload: Vec<u8>,
+        seq: u64,
+        cost: usize,
+    ) {
+        let c = Arc::clone(self);
+        let done: Done = Box::new(move |result| c.finish(req, cmd, result, Vec::new(), seq, cost));
+        self.dev.write_then(req.offset, &payload, done);
+        self.give_buffer(payload);
+    }
+
+    /// Answer a request (with `data` for a successful READ) and release what it held.
+    fn finish(
+        &self,
+        req: Request,
+        cmd: Command,
+        result: io::Result<()>,
+        data: Vec<u8>,
+        seq: u64,
+        cost: usize,
+    ) {
+        let c = &*self.counters;
         let sent = match &result {
-            Ok(()) => self.reply(req.cookie, 0, &data),
+            Ok(()) => {
+                match cmd {
+                    Command::Read => {
+                        bump(&c.reads, 1);
+                        bump(&c.bytes_read, u64::from(req.len));
+                    }
+                    Command::Write { .. } => {
+                        bump(&c.writes, 1);
+                        bump(&c.bytes_written, u64::from(req.len));
+                    }
+                    Command::Flush => bump(&c.flushes, 1),
+                    Command::Trim { .. } => bump(&c.trims, 1),
+                    Command::Zeroes { .. } => bump(&c.zeroes, 1),
+                    Command::Disc => {}
+                }
+                self.reply(
+                    req.cookie,
+                    0,
+                    if cmd == Command::Read { &data } else { &[] },
+                )
+            }
             Err(e) => {
                 debug!("nbd: request {:?} failed: {e}", req);
                 self.reply(req.cookie, nbd_errno(e), &[])
@@ -795,7 +852,6 @@ impl Conn {
         if let Err(e) = sent {
             debug!("nbd: cannot send reply: {e}");
         }
-        self.give_buffer(payload);
         self.give_buffer(data);
 
         let mut st = lock(&self.state);
@@ -885,18 +941,35 @@ fn transmission(conn: &Arc<Conn>, r: &mut impl Read, size: u64) -> io::Result<()
             Command::Read | Command::Write { .. } => req.len as usize,
             _ => 0,
         };
-        conn.admit(cost);
+        let alone = conn.admit(cost) == 1;
         let mut payload = Vec::new();
-        if let Command::Write { .. } = cmd {
+        if let Command::Write { .. } | Command::Read = cmd {
             payload = conn.take_buffer(req.len as usize);
-            if let Err(e) = r.read_exact(&mut payload) {
-                conn.unadmit(cost);
-                return Err(e);
-            }
+        }
+        if let Command::Write { .. } = cmd
+            && let Err(e) = r.read_exact(&mut payload)
+        {
+            conn.unadmit(cost);
+            return Err(e);
         }
         let seq = next_seq;
         if cmd.is_write() {
             next_seq += 1;
+        }
+        // Served here, without a worker: a read of cached data, and a plain write of a device
+        // that answers it from another thread (the replication's ack receiver) when it is the
+        // only request in flight (nothing to overlap its local write with: a worker would only
+        // add a thread handoff).
+        if cmd == Command::Read
+            && let Some(result) = conn.dev.read_now(req.offset, &mut payload)
+        {
+            conn.finish(req, cmd, result, payload, seq, cost);
+            continue;
+        }
+        if alone && cmd == (Command::Write { fua: false }) && conn.dev.writes_then() {
+            lock(&conn.state).writes.insert(seq);
+            conn.write_then(req, cmd, payload, seq, cost);
+            continue;
         }
         conn.dispatch(Job {
             req,
