@@ -733,8 +733,12 @@ impl Conn {
                 }
             }
         }
+        let idle = st.idle;
         drop(st);
-        self.work.notify_one();
+        // A notify is a system call even with nobody waiting: only for an idle worker.
+        if idle > 0 {
+            self.work.notify_one();
+        }
     }
 
     fn work_loop(self: &Arc<Self>) {

@@ -54,6 +54,9 @@ pub struct Completion {
 /// The outcome so far and the callbacks still waiting for theirs.
 struct Progress {
     outcome: Outcome,
+    /// Threads blocked in `wait`: without any, a change wakes nobody (a notify is a futex
+    /// system call even when no thread waits).
+    sleepers: u32,
     /// Each is called once, with `true` when the outcome reached what it waits for
     /// (Received or Written), `false` when the request failed first.
     waiting: Vec<(Outcome, Callback)>,
@@ -85,6 +88,7 @@ impl Completion {
         Arc::new(Completion {
             state: Mutex::new(Progress {
                 outcome: Outcome::Pending,
+                sleepers: 0,
                 waiting: Vec::new(),
             }),
             cv: Condvar::new(),
@@ -127,7 +131,7 @@ impl Completion {
     /// Advance the outcome and run the callbacks it settles, on this thread (the receiver's,
     /// or whichever kills the link), after the state lock is released.
     fn set(&self, o: Outcome) {
-        let due = {
+        let (due, sleepers) = {
             let mut p = self.lock();
             if matches!(p.outcome, Outcome::Written | Outcome::Failed) {
                 return;
@@ -141,9 +145,11 @@ impl Completion {
                     None => i += 1,
                 }
             }
-            due
+            (due, p.sleepers)
         };
-        self.cv.notify_all();
+        if sleepers > 0 {
+            self.cv.notify_all();
+        }
         for (ok, cb) in due {
             cb(ok);
         }
@@ -179,7 +185,9 @@ impl Completion {
             if let Some(ok) = settles(p.outcome, want) {
                 return ok;
             }
+            p.sleepers += 1;
             p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+            p.sleepers -= 1;
         }
     }
 }
