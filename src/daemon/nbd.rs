@@ -637,6 +637,9 @@ struct State {
     /// Requests queued or running, and their payload bytes.
     inflight: usize,
     inflight_bytes: usize,
+    /// Requests admitted and not yet answered: `inflight` drops before the reply is sent (so
+    /// that a client waiting for it finds its next request alone in flight), this after.
+    unanswered: usize,
     /// Sequence numbers of writes queued or running.
     writes: BTreeSet<u64>,
     flush_waiters: usize,
@@ -704,6 +707,7 @@ impl Conn {
         st.reader_waiting = false;
         st.inflight += 1;
         st.inflight_bytes += cost;
+        st.unanswered += 1;
         st.inflight
     }
 
@@ -712,6 +716,7 @@ impl Conn {
         let mut st = lock(&self.state);
         st.inflight -= 1;
         st.inflight_bytes -= cost;
+        st.unanswered -= 1;
         self.room.notify_all();
     }
 
@@ -833,6 +838,20 @@ impl Conn {
         seq: u64,
         cost: usize,
     ) {
+        {
+            let mut st = lock(&self.state);
+            st.inflight -= 1;
+            st.inflight_bytes -= cost;
+            if cmd.is_write() {
+                st.writes.remove(&seq);
+                if st.flush_waiters > 0 {
+                    self.writes_done.notify_all();
+                }
+            }
+            if st.reader_waiting {
+                self.room.notify_all();
+            }
+        }
         let c = &*self.counters;
         let sent = match &result {
             Ok(()) => {
@@ -865,17 +884,9 @@ impl Conn {
             debug!("nbd: cannot send reply: {e}");
         }
         self.give_buffer(data);
-
         let mut st = lock(&self.state);
-        st.inflight -= 1;
-        st.inflight_bytes -= cost;
-        if cmd.is_write() {
-            st.writes.remove(&seq);
-            if st.flush_waiters > 0 {
-                self.writes_done.notify_all();
-            }
-        }
-        if st.reader_waiting || st.closed {
+        st.unanswered -= 1;
+        if st.closed {
             self.room.notify_all();
         }
     }
@@ -895,7 +906,7 @@ impl Conn {
         let mut st = lock(&self.state);
         st.closed = true;
         self.work.notify_all();
-        while st.inflight > 0 {
+        while st.unanswered > 0 {
             st = self.room.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
