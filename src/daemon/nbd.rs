@@ -2,7 +2,10 @@
 //!
 //! Owns the wire protocol (fixed newstyle handshake, simple replies), the listening sockets,
 //! one reader thread per connection, and a bounded pool of worker threads per connection that
-//! run requests against a [`BlockDevice`] concurrently and answer them out of order.
+//! run requests against a [`BlockDevice`] concurrently and answer them out of order. The
+//! reader itself answers reads the device can serve at once (`read_now`), and a device that
+//! answers writes from another thread (`writes_then`) gets few workers, which only start its
+//! writes.
 //! It does not know about replication: the device it is given decides what "durable" means
 //! (locally and on the peer). [`FileDevice`] is the plain local implementation.
 //!
