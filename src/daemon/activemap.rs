@@ -1,8 +1,8 @@
 //! The dirty-extent map (HAST's activemap, DRBD's bitmap): which extents of the data region
 //! may differ between the two nodes and must be resynced.
 //!
-//! The rule that makes it crash safe: a dirty bit is on disk (written and fdatasync'ed)
-//! before the first write to a clean extent is issued, and a clean bit is only written once
+//! The rule that makes it crash safe: a dirty bit is on disk (written and synced: its page
+//! alone, with `RWF_DSYNC` on Linux) before the first write to a clean extent is issued, and a clean bit is only written once
 //! the extent's data is on both nodes. A stale dirty bit costs a little extra resync; a stale
 //! clean bit would lose data.
 //!
@@ -230,18 +230,25 @@ impl ActiveMap {
 
     /// Write the given bitmap pages with the new dirty bits added (clears are left for
     /// `flush_clean`/`flush_idle`) and fdatasync.
+    ///
+    /// Only these pages are made durable (a ranged sync: `RWF_DSYNC` on Linux), not the data
+    /// region: a new dirty bit needs nothing else on disk first, and an fdatasync of the whole
+    /// file here made each write to a clean extent wait for all the data written before it.
     fn persist_pages(&self, inner: &mut Inner, pages: &mut Vec<usize>) -> io::Result<()> {
-        self.write_pages(inner, pages, |_, dirty, ondisk, _| dirty | ondisk)
+        self.write_pages(inner, pages, true, |_, dirty, ondisk, _| dirty | ondisk)
     }
 
     /// Write the given bitmap pages, byte i becoming `target(i, dirty[i], ondisk[i], recent[i])`
-    /// (always a superset of `dirty`), and fdatasync. On failure the "on disk" copy keeps
-    /// only the bits that are set both before and after, so nothing is believed persisted
-    /// that may not be.
+    /// (always a superset of `dirty`), and make them durable: each page with a ranged sync
+    /// (`ranged`, for new dirty bits) or all with an fdatasync of the whole file (clears,
+    /// which their barrier already paid for). On failure the "on disk" copy keeps only the
+    /// bits that are set both before and after, so nothing is believed persisted that may not
+    /// be.
     fn write_pages(
         &self,
         inner: &mut Inner,
         pages: &mut Vec<usize>,
+        ranged: bool,
         target: impl Fn(usize, u8, u8, u8) -> u8,
     ) -> io::Result<()> {
         pages.sort_unstable();
@@ -261,16 +268,26 @@ impl ActiveMap {
                 ondisk[i] = target(i, dirty[i], ondisk[i], recent[i]);
             }
         }
-        let result = pages
-            .iter()
-            .try_for_each(|&p| {
+        let result = if ranged {
+            pages.iter().try_for_each(|&p| {
                 let r = page_range(len, p);
-                self.file.write_all_at(
+                self.file.write_durable_at(
                     &inner.ondisk[r.clone()],
                     self.bitmap_offset + r.start as u64,
                 )
             })
-            .and_then(|()| self.file.sync_data());
+        } else {
+            pages
+                .iter()
+                .try_for_each(|&p| {
+                    let r = page_range(len, p);
+                    self.file.write_all_at(
+                        &inner.ondisk[r.clone()],
+                        self.bitmap_offset + r.start as u64,
+                    )
+                })
+                .and_then(|()| self.file.sync_data())
+        };
         if result.is_err() {
             for (&p, old) in pages.iter().zip(old) {
                 let r = page_range(len, p);
@@ -429,7 +446,7 @@ impl ActiveMap {
         if pages.is_empty() {
             return Ok(());
         }
-        self.write_pages(&mut inner, &mut pages, |_, dirty, _, _| dirty)
+        self.write_pages(&mut inner, &mut pages, false, |_, dirty, _, _| dirty)
     }
 
     /// Persist the clears of extents that were not written since the previous call (call it
@@ -489,7 +506,7 @@ impl ActiveMap {
         if pages.is_empty() {
             return Ok(());
         }
-        self.write_pages(&mut inner, &mut pages, target)
+        self.write_pages(&mut inner, &mut pages, false, target)
     }
 
     /// The dirty extents, sorted.

@@ -1,6 +1,7 @@
 //! The few disk calls that differ between Linux and FreeBSD: the size of a disk device,
 //! whether a file is a disk at all, and fallocate. Everything else the daemon does to a disk
-//! is positional read/write and fdatasync, which are the same on both.
+//! is positional read/write and fdatasync, which are the same on both, plus two Linux calls
+//! with a portable fallback: a read only from the page cache and a write synced alone.
 //!
 //! On Linux disks are block devices and BLKGETSIZE64 gives their size. On FreeBSD every disk
 //! (`/dev/ada0p3`, `/dev/gpt/x`, `/dev/zvol/...`) is a character device, `st_size` and
@@ -130,6 +131,76 @@ pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()
 #[cfg(not(target_os = "linux"))]
 pub fn fallocate(_file: &File, _mode: i32, _offset: u64, _len: u64) -> io::Result<()> {
     Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+}
+
+/// Read `buf` at `offset` only if that does not wait for the disk: the data is in the page
+/// cache (preadv2 with RWF_NOWAIT on Linux). None when it would block, when only part of it
+/// is cached, and on other systems: the caller then reads the ordinary way, elsewhere.
+#[cfg(target_os = "linux")]
+pub fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let off = libc::off_t::try_from(offset).ok()?;
+    // SAFETY: iov describes `buf`, which is valid for writes of its length for the call.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    if n < 0 {
+        // EAGAIN: not cached; EOPNOTSUPP: a file system without it. Either way: read elsewhere.
+        return None;
+    }
+    (n as usize == buf.len()).then_some(Ok(()))
+}
+
+/// Read `buf` at `offset` only if that does not wait for the disk: never known here.
+#[cfg(not(target_os = "linux"))]
+pub fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+    let _ = (file, buf, offset);
+    None
+}
+
+/// Write `data` at `offset` and make that range durable, not the rest of the file: pwritev2
+/// with RWF_DSYNC on Linux (the range is written back and the disk's cache flushed, as
+/// O_DSYNC does; file systems sync allocation metadata as needed). Elsewhere, or where the
+/// kernel lacks it: write, then fdatasync of the whole file.
+pub fn write_durable(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut done = 0usize;
+        while done < data.len() {
+            let rest = &data[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_ptr() as *mut libc::c_void,
+                iov_len: rest.len(),
+            };
+            let off = libc::off_t::try_from(offset + done as u64)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: iov describes `rest`, valid for reads of its length for the call.
+            let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, off, libc::RWF_DSYNC) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Not supported (a kernel before 4.7): the portable way, from the start.
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS)
+                        if done == 0 =>
+                    {
+                        break;
+                    }
+                    _ => return Err(e),
+                }
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            done += n as usize;
+        }
+        if done == data.len() {
+            return Ok(());
+        }
+    }
+    std::os::unix::fs::FileExt::write_all_at(file, data, offset)?;
+    file.sync_data()
 }
 
 #[cfg(test)]

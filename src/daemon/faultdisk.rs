@@ -67,6 +67,18 @@ mod plain {
         pub fn lseek(&self, offset: i64, whence: nix::unistd::Whence) -> nix::Result<i64> {
             nix::unistd::lseek(&self.file, offset, whence)
         }
+
+        /// [`diskio::write_durable`].
+        #[inline]
+        pub fn write_durable_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+            diskio::write_durable(&self.file, data, offset)
+        }
+
+        /// [`diskio::read_cached`].
+        #[inline]
+        pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+            diskio::read_cached(&self.file, buf, offset)
+        }
     }
 
     impl FileExt for DiskFile {
@@ -426,6 +438,25 @@ mod faults {
             file.sync_data()
         }
 
+        /// Make [offset, offset+len) durable, and nothing else: its bytes as the page cache
+        /// holds them go to the file, the rest of the overlay stays unsynced.
+        fn sync_range(&self, file: &File, offset: u64, len: u64) -> io::Result<()> {
+            let mut st = self.state()?;
+            if st.power_loss {
+                let mut cur = vec![0u8; len as usize];
+                let n = file.read_at(&mut cur, offset)?;
+                cur[n..].fill(0);
+                st.overlay.read(&mut cur, offset);
+                diskio::write_durable(file, &cur, offset)?;
+                // Out of the overlay: a zero run over exactly the range, then removed.
+                st.overlay.insert(offset, Seg::Zero(len));
+                st.overlay.segs.remove(&offset);
+                return Ok(());
+            }
+            drop(st);
+            file.sync_data()
+        }
+
         fn fallocate(&self, file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
             let mut st = self.state()?;
             Self::check_eio(&st, true, offset, len)?;
@@ -490,6 +521,26 @@ mod faults {
         /// This disk's faults.
         pub fn faults(&self) -> &Faults {
             &self.faults
+        }
+
+        /// [`diskio::write_durable`]; in power-loss mode the range (only) leaves the overlay
+        /// for the disk, and torn writes and EIO apply as to any write.
+        pub fn write_durable_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+            if !self.faults.armed() {
+                return diskio::write_durable(&self.file, data, offset);
+            }
+            self.write_all_at(data, offset)?;
+            self.faults
+                .sync_range(&self.file, offset, data.len() as u64)
+        }
+
+        /// [`diskio::read_cached`]; with faults armed, a plain read (which sees them), so the
+        /// faults reach the callers' cached-read path too.
+        pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+            if !self.faults.armed() {
+                return diskio::read_cached(&self.file, buf, offset);
+            }
+            Some(self.read_exact_at(buf, offset))
         }
     }
 
@@ -671,6 +722,50 @@ mod faults {
             d.sync_data().unwrap();
             assert_eq!(platter(&path, 0, 2000), got);
             assert_eq!(d.faults().unsynced(), 0);
+        }
+
+        /// The activemap's dirty-bit page is synced alone (RWF_DSYNC): after a power cut it
+        /// is on the disk, while a data write before it that nothing synced is gone, and a
+        /// part of an older unsynced write outside the page stays unsynced too.
+        #[test]
+        fn a_durable_write_syncs_its_range_and_nothing_else() {
+            let (_d, path, m) = setup(true);
+            let d = open(&m, &path);
+            d.write_all_at(&[0xaa; 8192], 8192).unwrap();
+            d.write_all_at(&[0xcc; 100], 4000).unwrap();
+            d.write_durable_at(&[0xbb; 4096], 0).unwrap();
+            assert_eq!(
+                read(&d, 4000, 100),
+                vec![0xbb; 96]
+                    .into_iter()
+                    .chain([0xcc; 4])
+                    .collect::<Vec<_>>()
+            );
+            assert_eq!(platter(&path, 0, 4096), vec![0xbb; 4096]);
+            assert_eq!(
+                platter(&path, 4096, 4),
+                vec![0x11; 4],
+                "unsynced bytes past the range"
+            );
+            assert_eq!(
+                platter(&path, 8192, 8192),
+                vec![0x11; 8192],
+                "unsynced data"
+            );
+            assert_eq!(d.faults().unsynced(), 8192 + 4);
+            d.faults().apply(&Action::PowerCut);
+            assert_eq!(platter(&path, 0, 4096), vec![0xbb; 4096]);
+            assert_eq!(platter(&path, 8192, 8192), vec![0x11; 8192]);
+        }
+
+        /// Without faults armed, the real call (pwritev2 RWF_DSYNC on Linux) writes the bytes.
+        #[test]
+        fn a_durable_write_lands_without_faults() {
+            let (_d, path, m) = setup(false);
+            let d = open(&m, &path);
+            d.write_durable_at(&[0x5a; 5000], 1000).unwrap();
+            assert_eq!(platter(&path, 1000, 5000), vec![0x5a; 5000]);
+            assert_eq!(platter(&path, 0, 1000), vec![0x11; 1000]);
         }
 
         #[test]

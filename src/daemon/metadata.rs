@@ -809,6 +809,14 @@ impl Disk {
         self.file.read_exact_at(buf, offset)
     }
 
+    /// Read `buf` at `offset` if the data is cached (see [`super::diskio::read_cached`]).
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if let Err(e) = self.check_range(offset, buf.len() as u64) {
+            return Some(Err(e));
+        }
+        self.file.read_cached(buf, offset)
+    }
+
     /// Write `data` at `offset`; the range must lie within the data region. Does not touch
     /// the activemap: call `activemap().begin_write` first.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {

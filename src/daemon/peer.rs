@@ -41,10 +41,8 @@ type Callback = Box<dyn FnOnce(bool) + Send>;
 
 /// Completion of one request sent to the peer.
 pub struct Completion {
-    state: Mutex<Outcome>,
+    state: Mutex<Progress>,
     cv: Condvar,
-    /// Called once with `true` when written on the peer, `false` when it failed.
-    on_final: Mutex<Option<Callback>>,
     /// Frame bytes, counted in `Pending::bytes` while the request is pending.
     bytes: usize,
     /// What answers the request besides a failed `Ack`.
@@ -52,6 +50,27 @@ pub struct Completion {
     /// The peer's digest (`VerifyReply`) or data (`ReadReply`), set before the request
     /// becomes Written.
     reply: Mutex<Option<Vec<u8>>>,
+}
+
+/// The outcome so far and the callbacks still waiting for theirs.
+struct Progress {
+    outcome: Outcome,
+    /// Threads blocked in `wait`: without any, a change wakes nobody (a notify is a futex
+    /// system call even when no thread waits).
+    sleepers: u32,
+    /// Each is called once, with `true` when the outcome reached what it waits for
+    /// (Received or Written), `false` when the request failed first.
+    waiting: Vec<(Outcome, Callback)>,
+}
+
+/// Whether `now` settles a callback waiting for `want`: Some(success) or None (not yet).
+fn settles(now: Outcome, want: Outcome) -> Option<bool> {
+    match (now, want) {
+        (Outcome::Failed, _) => Some(false),
+        (Outcome::Written, _) => Some(true),
+        (Outcome::Received, Outcome::Received) => Some(true),
+        _ => None,
+    }
 }
 
 /// What the peer answers a request with.
@@ -68,13 +87,20 @@ enum Answer {
 impl Completion {
     fn new(bytes: usize, answer: Answer) -> Arc<Completion> {
         Arc::new(Completion {
-            state: Mutex::new(Outcome::Pending),
+            state: Mutex::new(Progress {
+                outcome: Outcome::Pending,
+                sleepers: 0,
+                waiting: Vec::new(),
+            }),
             cv: Condvar::new(),
-            on_final: Mutex::new(None),
             bytes,
             answer,
             reply: Mutex::new(None),
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The digest the peer answered a `VerifyRequest` with (None until it did, and for every
@@ -103,68 +129,66 @@ impl Completion {
         self.set(Outcome::Written);
     }
 
+    /// Advance the outcome and run the callbacks it settles, on this thread (the receiver's,
+    /// or whichever kills the link), after the state lock is released.
     fn set(&self, o: Outcome) {
-        {
-            let mut s = match self.state.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-            if matches!(*s, Outcome::Written | Outcome::Failed) {
+        let (due, sleepers) = {
+            let mut p = self.lock();
+            if matches!(p.outcome, Outcome::Written | Outcome::Failed) {
                 return;
             }
-            *s = o;
-        }
-        self.cv.notify_all();
-        if matches!(o, Outcome::Written | Outcome::Failed) {
-            let cb = self.on_final.lock().ok().and_then(|mut g| g.take());
-            if let Some(cb) = cb {
-                cb(o == Outcome::Written);
+            p.outcome = o;
+            let mut due = Vec::new();
+            let mut i = 0;
+            while i < p.waiting.len() {
+                match settles(o, p.waiting[i].0) {
+                    Some(ok) => due.push((ok, p.waiting.swap_remove(i).1)),
+                    None => i += 1,
+                }
             }
+            (due, p.sleepers)
+        };
+        if sleepers > 0 {
+            self.cv.notify_all();
+        }
+        for (ok, cb) in due {
+            cb(ok);
         }
     }
 
-    /// Run `f` when the request is final (at once if it already is).
+    /// Run `f` when the request is final (at once if it already is): `true` when written on
+    /// the peer, `false` when it failed.
     pub fn on_final(&self, f: impl FnOnce(bool) + Send + 'static) {
+        self.on(Outcome::Written, f);
+    }
+
+    /// Run `f` once the peer has at least `want` (Received or Written), with `true`, or with
+    /// `false` once the request failed first; at once if that is already so.
+    pub fn on(&self, want: Outcome, f: impl FnOnce(bool) + Send + 'static) {
         let now = {
-            let s = match self.state.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-            match *s {
-                Outcome::Written => Some(true),
-                Outcome::Failed => Some(false),
-                _ => {
-                    if let Ok(mut g) = self.on_final.lock() {
-                        *g = Some(Box::new(f));
-                        return;
-                    }
-                    Some(false)
+            let mut p = self.lock();
+            match settles(p.outcome, want) {
+                Some(ok) => ok,
+                None => {
+                    p.waiting.push((want, Box::new(f)));
+                    return;
                 }
             }
         };
-        if let Some(ok) = now {
-            f(ok);
-        }
+        f(now);
     }
 
     /// Block until the peer has at least `want` (Received or Written) or the request failed;
     /// true on success.
     pub fn wait(&self, want: Outcome) -> bool {
-        let mut s = match self.state.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let mut p = self.lock();
         loop {
-            match (*s, want) {
-                (Outcome::Failed, _) => return false,
-                (Outcome::Written, _) => return true,
-                (Outcome::Received, Outcome::Received) => return true,
-                _ => {}
+            if let Some(ok) = settles(p.outcome, want) {
+                return ok;
             }
-            s = match self.cv.wait(s) {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
+            p.sleepers += 1;
+            p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+            p.sleepers -= 1;
         }
     }
 }

@@ -17,7 +17,7 @@ use super::channel::Channel;
 use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::metrics::Op;
-use super::nbd::BlockDevice;
+use super::nbd::{BlockDevice, Done};
 use super::peer::{self, Completion, HandshakeError, Link, Outcome};
 use super::protocol::{self, GoodbyeCode, Message, Purpose};
 use super::state::{Connection, Shared};
@@ -82,8 +82,7 @@ impl Replicated {
     /// The request completed without the peer: the generation says so, unless the export
     /// was fenced meanwhile (then the node is no longer primary and the request fails).
     fn degraded(&self) -> io::Result<()> {
-        self.check_fence()?;
-        self.s.note_degraded_write()
+        degraded(&self.s, &self.fenced)
     }
 
     fn mode_code(mode: Replication) -> u8 {
@@ -106,21 +105,76 @@ impl Replicated {
         local: impl FnOnce() -> io::Result<()>,
         remote: impl FnOnce(u64) -> Vec<u8>,
     ) -> io::Result<()> {
+        let (c, pending, queued) = match self.issue(offset, len, fua, local, remote)? {
+            Issued::Done(r) => return r,
+            Issued::Queued(c, pending, queued) => (c, pending, queued),
+        };
+        let s = &self.s;
+        let am = s.disk.activemap();
+        let mode = s.mode();
+        if fua || mode == Replication::Fullsync {
+            if c.wait(Outcome::Written) {
+                s.metrics.round_trip.observe(queued.elapsed());
+                am.complete_pending(pending, true);
+                s.counters
+                    .bytes_replicated
+                    .fetch_add(len, Ordering::Relaxed);
+                return Ok(());
+            }
+            am.complete_pending(pending, false);
+            return self.degraded();
+        }
+        if mode == Replication::Memsync && !c.wait(Outcome::Received) {
+            am.complete_pending(pending, false);
+            return self.degraded();
+        }
+        if self.backlog_full() && !c.wait(Outcome::Written) {
+            am.complete_pending(pending, false);
+            return self.degraded();
+        }
+        // memsync (received) or async (queued): the writer is answered now, but the extents stay
+        // in flight (dirty, also on disk) until the peer has written the data, so a crash of
+        // this node before that still resyncs them.
+        self.after_written(c, pending, len, queued);
+        Ok(())
+    }
+
+    /// Async: past the bounded backlog the writer waits like fullsync (backpressure).
+    fn backlog_full(&self) -> bool {
+        self.s.mode() == Replication::Async
+            && self
+                .s
+                .link()
+                .map(|l| l.pending() > ASYNC_BACKLOG || l.pending_bytes() > ASYNC_BACKLOG_BYTES)
+                .unwrap_or(false)
+    }
+
+    /// The part of `modify` that does not wait for the peer: dirty bits, local apply, queueing
+    /// (and the local fdatasync of a FUA request). `Done` when the request is already
+    /// answered (an error, no peer, or a failed disk whose peer copy was awaited).
+    fn issue(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        local: impl FnOnce() -> io::Result<()>,
+        remote: impl FnOnce(u64) -> Vec<u8>,
+    ) -> io::Result<Issued> {
         let s = &self.s;
         if s.diskless() {
-            return self.on_peer(offset, len, remote);
+            return Ok(Issued::Done(self.on_peer(offset, len, remote)));
         }
         let am = s.disk.activemap();
         let guard = match am.begin_write(offset, len) {
             Ok(g) => g,
             Err(e) if is_disk_error(&e) => {
                 s.fail_disk("writing the dirty map", &e);
-                return self.on_peer(offset, len, remote);
+                return Ok(Issued::Done(self.on_peer(offset, len, remote)));
             }
             Err(e) => return Err(e),
         };
         let Some((first, last)) = guard.extents() else {
-            return Ok(());
+            return Ok(Issued::Done(Ok(())));
         };
         let (completion, queued) = {
             let _order = s.conflicts.claim(offset, len);
@@ -143,7 +197,7 @@ impl Replicated {
                 // The peer's copy is the only one now: answered once it is written there
                 // (still holding the range, a single wait when the disk fails).
                 drop(guard);
-                return self.peer_wrote(c, len);
+                return Ok(Issued::Done(self.peer_wrote(c, len)));
             }
             (c, queued)
         };
@@ -154,44 +208,68 @@ impl Replicated {
             }
             s.fail_disk("fdatasync", &e);
             drop(guard);
-            return self.peer_wrote(completion, len);
+            return Ok(Issued::Done(self.peer_wrote(completion, len)));
         }
         let Some(c) = completion else {
             guard.done(false);
-            return self.degraded();
+            return Ok(Issued::Done(self.degraded()));
         };
-        let mode = s.mode();
-        if fua || mode == Replication::Fullsync {
-            if c.wait(Outcome::Written) {
-                s.metrics.round_trip.observe(queued.elapsed());
-                guard.done(true);
-                s.counters
-                    .bytes_replicated
-                    .fetch_add(len, Ordering::Relaxed);
-                return Ok(());
+        Ok(Issued::Queued(c, guard.defer(), queued))
+    }
+
+    /// `modify` for a write that is answered through `done` (see
+    /// [`BlockDevice::write_then`]): the waiting for the peer happens in callbacks run by the
+    /// thread that reads the peer's acknowledgement, so the calling thread goes on at once.
+    fn modify_then(
+        &self,
+        offset: u64,
+        len: u64,
+        local: impl FnOnce() -> io::Result<()>,
+        remote: impl FnOnce(u64) -> Vec<u8>,
+        done: Done,
+    ) {
+        let (c, pending, queued) = match self.issue(offset, len, false, local, remote) {
+            Ok(Issued::Queued(c, pending, queued)) => (c, pending, queued),
+            Ok(Issued::Done(r)) => return done(r),
+            Err(e) => return done(Err(e)),
+        };
+        let mode = self.s.mode();
+        if mode == Replication::Async && !self.backlog_full() {
+            self.after_written(c, pending, len, queued);
+            return done(Ok(()));
+        }
+        let want = match mode {
+            Replication::Memsync => Outcome::Received,
+            _ => Outcome::Written,
+        };
+        if want == Outcome::Written {
+            // fullsync, or async past its backlog: answered once written on the peer.
+            let s = Arc::clone(&self.s);
+            let fenced = Arc::clone(&self.fenced);
+            c.on_final(move |ok| {
+                s.disk.activemap().complete_pending(pending, ok);
+                if ok {
+                    s.metrics.round_trip.observe(queued.elapsed());
+                    s.counters
+                        .bytes_replicated
+                        .fetch_add(len, Ordering::Relaxed);
+                    return done(Ok(()));
+                }
+                done(degraded(&s, &fenced));
+            });
+            return;
+        }
+        // memsync: answered once received; the extents stay in flight until written.
+        let s = Arc::clone(&self.s);
+        let fenced = Arc::clone(&self.fenced);
+        c.on(Outcome::Received, move |ok| {
+            if ok {
+                done(Ok(()))
+            } else {
+                done(degraded(&s, &fenced))
             }
-            guard.done(false);
-            return self.degraded();
-        }
-        if mode == Replication::Memsync && !c.wait(Outcome::Received) {
-            guard.done(false);
-            return self.degraded();
-        }
-        // Async: bounded backlog; past it the writer waits like fullsync (backpressure).
-        if mode == Replication::Async
-            && s.link()
-                .map(|l| l.pending() > ASYNC_BACKLOG || l.pending_bytes() > ASYNC_BACKLOG_BYTES)
-                .unwrap_or(false)
-            && !c.wait(Outcome::Written)
-        {
-            guard.done(false);
-            return self.degraded();
-        }
-        // memsync (received) or async (queued): the writer is answered now, but the extents stay
-        // in flight (dirty, also on disk) until the peer has written the data, so a crash of
-        // this node before that still resyncs them.
-        self.after_written(c, guard.defer(), len, queued);
-        Ok(())
+        });
+        self.after_written(c, pending, len, queued);
     }
 
     /// A modifying request of a diskless primary: to the peer only, in order with the others
@@ -314,6 +392,53 @@ impl BlockDevice for Replicated {
         )
     }
 
+    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        if self.s.diskless() {
+            return None;
+        }
+        let started = Instant::now();
+        match self.s.disk.read_cached(buf, offset)? {
+            Ok(()) => {}
+            // A disk error (or a stale request) is for `read` to handle, on a worker.
+            Err(e) if is_disk_error(&e) => return None,
+            Err(e) => return Some(Err(e)),
+        }
+        self.s.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.s
+            .counters
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.s.metrics.request(Op::Read).observe(started.elapsed());
+        Some(Ok(()))
+    }
+
+    fn writes_then(&self) -> bool {
+        true
+    }
+
+    fn write_then(&self, offset: u64, data: &[u8], done: Done) {
+        // Timed until it is answered, on whichever thread that happens.
+        let started = Instant::now();
+        let s = Arc::clone(&self.s);
+        let done: Done = Box::new(move |r| {
+            s.metrics.request(Op::Write).observe(started.elapsed());
+            done(r)
+        });
+        self.s.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.s
+            .counters
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let disk = &self.s.disk;
+        self.modify_then(
+            offset,
+            data.len() as u64,
+            || disk.write_at(data, offset),
+            |seq| protocol::encode_write(seq, offset, false, data),
+            done,
+        )
+    }
+
     fn flush(&self) -> io::Result<()> {
         let _t = self.s.metrics.request(Op::Flush).start();
         self.s.counters.flushes.fetch_add(1, Ordering::Relaxed);
@@ -391,6 +516,30 @@ impl BlockDevice for Replicated {
             .encode()
         })
     }
+}
+
+/// What `modify` has done before waiting for the peer.
+enum Issued {
+    /// The request is answered with this.
+    Done(io::Result<()>),
+    /// Applied locally and queued to the peer; the extents stay in flight until `Pending` is
+    /// completed.
+    Queued(Arc<Completion>, Pending, Instant),
+}
+
+/// The request completed without the peer: the generation says so, unless the export was
+/// fenced meanwhile (then the node is no longer primary and the request fails).
+fn degraded(s: &Shared, fenced: &AtomicBool) -> io::Result<()> {
+    if fenced.load(Ordering::Acquire) {
+        return Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            format!(
+                "{}: this export is no longer primary (demoted); request refused",
+                s.name
+            ),
+        ));
+    }
+    s.note_degraded_write()
 }
 
 /// An error of the local disk itself, which fails the disk; not a request outside the

@@ -518,6 +518,131 @@ fn flush_waits_for_earlier_writes_and_disc_drains() {
     assert!(disk[7 * 4096..8 * 4096].iter().all(|&b| b == 7));
 }
 
+/// A device that answers plain writes later, from another thread (as the replication does
+/// from its ack receiver), and serves reads of even blocks at once on the reader's thread.
+struct Deferred {
+    inner: FileDevice,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl BlockDevice for Deferred {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.inner.write(offset, data, fua)?;
+        lock(&self.log).push(format!("answer {offset}"));
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        lock(&self.log).push("flush".into());
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.inner.trim(offset, len, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len, fua, no_hole)
+    }
+    fn writes_then(&self) -> bool {
+        true
+    }
+    fn write_then(&self, offset: u64, data: &[u8], done: Done) {
+        if let Err(e) = self.inner.write(offset, data, false) {
+            return done(Err(e));
+        }
+        let log = Arc::clone(&self.log);
+        thread::spawn(move || {
+            // The "peer" answers late, and the last write first.
+            thread::sleep(Duration::from_millis(200 - offset / 4096 * 20));
+            lock(&log).push(format!("answer {offset}"));
+            done(Ok(()));
+        });
+    }
+    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        (offset / 4096 % 2 == 0).then(|| {
+            lock(&self.log).push(format!("read now {offset}"));
+            self.inner.read(offset, buf)
+        })
+    }
+}
+
+/// Writes answered from another thread: each reply waits for its answer, a FLUSH waits for
+/// every earlier write's answer, and DISC for every answer; reads served at once or by a
+/// worker return the data.
+#[test]
+fn writes_answered_later_are_replied_then_and_flush_waits_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let dev = Arc::new(Deferred {
+        inner: FileDevice::open(&img, Some(SIZE)).unwrap(),
+        log: Arc::clone(&log),
+    });
+    let f = Fixture::with_device(dir, img, dev);
+    let mut s = raw_session(&f.sock);
+    // Alone in flight: started on the reader's thread; answered before anything else is sent.
+    send(&mut s, wire::CMD_WRITE, 0, 100, 9 * 4096, 4096, &[9; 4096]);
+    assert_eq!(reply(&mut s), (0, 100));
+    assert_eq!(lock(&log).clone(), vec!["answer 36864".to_string()]);
+    for i in 0..8u64 {
+        send(
+            &mut s,
+            wire::CMD_WRITE,
+            0,
+            i,
+            i * 4096,
+            4096,
+            &[i as u8 + 1; 4096],
+        );
+    }
+    send(&mut s, wire::CMD_FLUSH, 0, 8, 0, 0, &[]);
+    let mut cookies: Vec<u64> = (0..9)
+        .map(|_| {
+            let (err, cookie) = reply(&mut s);
+            assert_eq!(err, 0);
+            if cookie < 8 {
+                let answered = format!("answer {}", cookie * 4096);
+                assert!(
+                    lock(&log).contains(&answered),
+                    "reply {cookie} before its answer"
+                );
+            }
+            cookie
+        })
+        .collect();
+    let entries = lock(&log).clone();
+    let flush_at = entries.iter().position(|e| e == "flush").unwrap();
+    for i in 0..8u64 {
+        let a = entries
+            .iter()
+            .position(|e| *e == format!("answer {}", i * 4096))
+            .unwrap();
+        assert!(a < flush_at, "{entries:?}");
+    }
+    cookies.sort();
+    assert_eq!(cookies, (0..9).collect::<Vec<_>>());
+    for i in 0..8u64 {
+        send(&mut s, wire::CMD_READ, 0, 20 + i, i * 4096, 4096, &[]);
+        assert_eq!(reply(&mut s), (0, 20 + i));
+        let mut data = vec![0u8; 4096];
+        s.read_exact(&mut data).unwrap();
+        assert!(data.iter().all(|&b| b == i as u8 + 1), "read of block {i}");
+    }
+    assert!(lock(&log).contains(&"read now 8192".to_string()));
+    // Answers still due at DISC are sent before the connection closes.
+    send(&mut s, wire::CMD_WRITE, 0, 30, 4096, 4096, &[7; 4096]);
+    send(&mut s, wire::CMD_WRITE, 0, 31, 2 * 4096, 4096, &[7; 4096]);
+    send(&mut s, wire::CMD_DISC, 0, 32, 0, 0, &[]);
+    let mut last: Vec<u64> = (0..2).map(|_| reply(&mut s).1).collect();
+    last.sort();
+    assert_eq!(last, vec![30, 31]);
+    assert!(closed_by_server(&mut s));
+}
+
 #[test]
 fn shutdown_closes_clients_and_removes_the_socket() {
     let mut f = Fixture::new();
