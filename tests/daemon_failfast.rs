@@ -11,7 +11,6 @@
 mod daemon_common;
 
 use std::fs::File;
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use daemon_common::*;
@@ -23,44 +22,8 @@ const DEV_A: &str = "tfo-va";
 const DEV_B: &str = "tfo-vb";
 const IP_A: &str = "198.18.0.51";
 const IP_B: &str = "198.18.0.52";
-const NET: &str = "198.18.0.";
 const PORT: u16 = 7789;
 const LOCK: &str = "/run/tandem-tfo-netns-test.lock";
-
-fn run(argv: &[&str]) -> Output {
-    Command::new(argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
-}
-
-fn must(argv: &[&str]) -> String {
-    let out = run(argv);
-    assert!(
-        out.status.success(),
-        "{argv:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn in_ns(ns: &str, argv: &[&str]) -> String {
-    let net = format!("--net=/run/netns/{ns}");
-    let mut all = vec!["nsenter", &net, "--"];
-    all.extend_from_slice(argv);
-    must(&all)
-}
-
-fn assert_root_ns_clean() {
-    let addrs = must(&["ip", "-4", "addr", "show"]);
-    let routes = must(&["ip", "-4", "route", "show", "table", "all"]);
-    assert!(
-        !addrs.contains(NET) && !routes.contains(NET),
-        "refusing to run: the root network namespace has an address or route in \
-         198.18.0.0/24, which this test needs for its namespaces only\n{addrs}\n{routes}"
-    );
-}
 
 /// The two namespaces and their veth link, removed on drop.
 struct Net {
@@ -93,7 +56,7 @@ impl Net {
         };
         assert_root_ns_clean();
         for ns in [NS_A, NS_B] {
-            if run(&["ip", "netns", "del", ns]).status.success() {
+            if run_argv(&["ip", "netns", "del", ns]).status.success() {
                 eprintln!("removed the stale namespace {ns}");
             }
         }
@@ -123,7 +86,7 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         for ns in [NS_A, NS_B] {
-            let _ = run(&["ip", "netns", "del", ns]);
+            let _ = run_argv(&["ip", "netns", "del", ns]);
         }
     }
 }

@@ -12,7 +12,6 @@
 mod daemon_common;
 
 use std::fs::File;
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use daemon_common::*;
@@ -22,50 +21,11 @@ const NS_A: &str = "tnf-a";
 const NS_B: &str = "tnf-b";
 const IP_A: &str = "198.18.0.31";
 const IP_B: &str = "198.18.0.32";
-const NET: &str = "198.18.0.";
 const PORT: u16 = 7789;
 const TABLE: &str = "tandemtest";
 /// `daemon.timeout` of the harness's configuration.
 const TIMEOUT_S: u64 = 3;
 const LOCK: &str = "/run/tandem-daemon-netns-test.lock";
-
-fn run(argv: &[&str]) -> Output {
-    Command::new(argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
-}
-
-fn must(argv: &[&str]) -> String {
-    let out = run(argv);
-    assert!(
-        out.status.success(),
-        "{argv:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Run `argv` in namespace `ns` (network only; the mount namespace stays ours).
-fn in_ns(ns: &str, argv: &[&str]) -> String {
-    let net = format!("--net=/run/netns/{ns}");
-    let mut all = vec!["nsenter", &net, "--"];
-    all.extend_from_slice(argv);
-    must(&all)
-}
-
-/// Panic if the root namespace has anything in 198.18.0.0/24: this machine reserves that
-/// range for the namespaces of this test.
-fn assert_root_ns_clean() {
-    let addrs = must(&["ip", "-4", "addr", "show"]);
-    let routes = must(&["ip", "-4", "route", "show", "table", "all"]);
-    assert!(
-        !addrs.contains(NET) && !routes.contains(NET),
-        "refusing to run: the root network namespace already has an address or route in \
-         198.18.0.0/24, which this test needs for its namespaces only\n{addrs}\n{routes}"
-    );
-}
 
 fn can_run() -> bool {
     if !nix::unistd::geteuid().is_root() {
@@ -105,7 +65,7 @@ impl Net {
         assert_root_ns_clean();
         // Under the lock, namespaces of these names are leftovers of a killed run.
         for ns in [NS_A, NS_B] {
-            if run(&["ip", "netns", "del", ns]).status.success() {
+            if run_argv(&["ip", "netns", "del", ns]).status.success() {
                 eprintln!("removed the stale namespace {ns}");
             }
         }
@@ -166,7 +126,7 @@ impl Net {
         for ns in [NS_A, NS_B] {
             let net = format!("--net=/run/netns/{ns}");
             // Absent when only one side had rules.
-            let _ = run(&[
+            let _ = run_argv(&[
                 "nsenter", &net, "--", "nft", "delete", "table", "inet", TABLE,
             ]);
         }
@@ -177,7 +137,7 @@ impl Drop for Net {
     fn drop(&mut self) {
         // The veth pair goes with its namespaces.
         for ns in [NS_A, NS_B] {
-            let _ = run(&["ip", "netns", "del", ns]);
+            let _ = run_argv(&["ip", "netns", "del", ns]);
         }
     }
 }

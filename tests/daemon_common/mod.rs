@@ -556,3 +556,45 @@ pub fn synced(mut p: Pair) -> Pair {
     p.b.wait_for(30, "secondary complete", |s| s["state"] == "complete");
     p
 }
+
+/// Run `argv` (stdin null) and return its output; panic if it cannot start.
+pub fn run_argv(argv: &[&str]) -> Output {
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+}
+
+/// Run `argv`, panic unless it succeeds, return its stdout.
+pub fn must(argv: &[&str]) -> String {
+    let out = run_argv(argv);
+    assert!(
+        out.status.success(),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run `argv` in network namespace `ns` (network only: the mount namespace stays ours, so
+/// mounts made there stay visible).
+pub fn in_ns(ns: &str, argv: &[&str]) -> String {
+    let net = format!("--net=/run/netns/{ns}");
+    let mut all = vec!["nsenter", &net, "--"];
+    all.extend_from_slice(argv);
+    must(&all)
+}
+
+/// Panic if the root namespace has anything in 198.18.0.0/24: this machine reserves that
+/// range for the namespaces of the tests.
+pub fn assert_root_ns_clean() {
+    const NET: &str = "198.18.0.";
+    let addrs = must(&["ip", "-4", "addr", "show"]);
+    let routes = must(&["ip", "-4", "route", "show", "table", "all"]);
+    assert!(
+        !addrs.contains(NET) && !routes.contains(NET),
+        "refusing to run: the root network namespace already has an address or route in \
+         198.18.0.0/24, which the tests need for their namespaces only\n{addrs}\n{routes}"
+    );
+}
