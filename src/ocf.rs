@@ -18,7 +18,7 @@
 //! the mount table and the Pacemaker tools.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use log::{info, warn};
@@ -53,6 +53,9 @@ pub fn fence_id(res: &str) -> String {
     format!("tandem-fence-{res}")
 }
 
+/// Default of the `settle` parameter: above this lab's partition decision (token 1 s +
+/// consensus 1.2 s + the qdevice's answer; the losing side stopped 2.8-4.6 s after the cut).
+const DEFAULT_SETTLE_S: u64 = 5;
 const TOOL_TIMEOUT: Duration = Duration::from_secs(20);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -68,6 +71,8 @@ pub struct Env {
     pub check_level: u32,
     pub notify_type: Option<String>,
     pub notify_operation: Option<String>,
+    /// OCF_RESKEY_settle: seconds the peer must have been silent before a promote over it.
+    pub settle: Duration,
     /// Pacemaker runs the action (it passes `crm_feature_set` and, for a clone, its meta
     /// attributes); ocf-tester and hand runs set neither.
     pub cluster: bool,
@@ -88,6 +93,11 @@ impl Env {
                 .unwrap_or(0),
             notify_type: get("OCF_RESKEY_CRM_meta_notify_type"),
             notify_operation: get("OCF_RESKEY_CRM_meta_notify_operation"),
+            settle: Duration::from_secs(
+                get("OCF_RESKEY_settle")
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(DEFAULT_SETTLE_S),
+            ),
             cluster: get("OCF_RESKEY_crm_feature_set").is_some()
                 || get("OCF_RESKEY_CRM_meta_clone_max").is_some(),
         }
@@ -116,6 +126,8 @@ pub struct View {
     pub stale: bool,
     /// The resource's disk could not be opened.
     pub error: bool,
+    /// Milliseconds since the peer was last heard.
+    pub peer_silent_ms: Option<u64>,
 }
 
 impl View {
@@ -261,6 +273,11 @@ up-to-date copy alone, none for a stale, syncing or split-brain copy.
       <longdesc lang="en">The tandem configuration file.</longdesc>
       <shortdesc lang="en">tandem.toml path</shortdesc>
       <content type="string" default="{config}"/>
+    </parameter>
+    <parameter name="settle" reloadable="1">
+      <longdesc lang="en">Before promoting over a peer that is gone (silent for daemon.timeout), wait until the peer has been silent this long (seconds) and then promote only if this node's partition has quorum (crm_node -q). Set it above the time the cluster takes to decide a partition (Corosync token + consensus + the quorum device's answer), so that the side that is about to lose quorum never promotes in the moment before it knows. 0 turns the wait off (the quorum check stays).</longdesc>
+      <shortdesc lang="en">seconds of peer silence before a promote</shortdesc>
+      <content type="integer" default="5"/>
     </parameter>
     <parameter name="binary" reloadable="1">
       <longdesc lang="en">The tandem program (a path, or a name looked up in PATH).</longdesc>
@@ -440,6 +457,7 @@ fn observe_daemon(ctx: &Ctx) -> Daemon {
             state: s.state,
             stale: s.stale,
             error: s.error.is_some(),
+            peer_silent_ms: s.peer_silent_ms,
         }),
     }
 }
@@ -611,7 +629,65 @@ fn stop(ctx: &Ctx, env: &Env) -> i32 {
     }
 }
 
+/// Under Pacemaker, a promote over a peer that is gone (silent for `daemon.timeout`) waits until
+/// the peer has been silent for `settle` and then needs quorum. Without fencing, the side of a partition that is
+/// about to lose quorum can be told to promote in the moment before the quorum device's answer
+/// arrives (seen in the cluster lab: both partitions listed the clone as promoted); the wait
+/// lets that answer arrive, and `crm_node -q` then says no.
+fn quorum_gate(ctx: &Ctx, env: &Env) -> Result<()> {
+    let started = Instant::now();
+    // Bounded well inside the promote's default timeout (120 s).
+    let bound = env.settle + Duration::from_secs(30);
+    loop {
+        match observe_daemon(ctx) {
+            Daemon::Up(v) if v.connected() => return Ok(()),
+            Daemon::Up(v) => {
+                let silent = Duration::from_millis(v.peer_silent_ms.unwrap_or(u64::MAX));
+                // A peer heard within daemon.timeout is alive (an idle pair probes each
+                // other): the promote asks it and refuses over a live primary.
+                if silent < ctx.cfg.daemon.timeout {
+                    return Ok(());
+                }
+                if silent >= env.settle {
+                    break;
+                }
+                if started.elapsed() >= bound {
+                    anyhow::bail!(
+                        "the peer is not connected but was heard {} ms ago, still after {} s",
+                        silent.as_millis(),
+                        bound.as_secs()
+                    );
+                }
+            }
+            // The promote itself reports what is wrong with the daemon.
+            Daemon::Down | Daemon::Unknown => return Ok(()),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = Cmd::new("crm_node", &["-q"])
+        .timeout(Some(TOOL_TIMEOUT))
+        .run()
+        .context("asking Pacemaker whether this partition has quorum (crm_node -q)")?;
+    if out.stdout.trim() != "1" {
+        anyhow::bail!(
+            "the peer is gone and this node's partition has no quorum (crm_node -q: {}): not promoting",
+            out.stdout.trim()
+        );
+    }
+    info!(
+        "ocf {}: peer silent for at least {} s and this partition has quorum: promoting",
+        ctx.name,
+        env.settle.as_secs()
+    );
+    Ok(())
+}
+
 fn promote(ctx: &Ctx, env: &Env) -> i32 {
+    if env.in_cluster()
+        && let Err(e) = quorum_gate(ctx, env)
+    {
+        return failed("promote", &ctx.name, &e);
+    }
     match switch::cmd_promote(&ctx.cfg, std::slice::from_ref(&ctx.name), opts()) {
         Ok(()) => {
             if let Daemon::Up(v) = observe_daemon(ctx) {
@@ -838,6 +914,7 @@ mod tests {
             state: state.into(),
             stale: false,
             error: false,
+            peer_silent_ms: None,
         }
     }
 
