@@ -401,7 +401,11 @@ fn stale_data_is_not_promoted_unless_forced() {
     assert_eq!(r.code, 0, "{r:?}");
     p.b.qemu_io_ok(&["write -P 0x5a 0 32M", "flush"]);
 
-    // a comes back (role init). b is primary: a's promote is refused after role_timeout.
+    // a comes back (role init). b is primary: a's promote is refused after role_timeout, and
+    // the switch rolls a back to secondary. Nothing passes b -> a for now: otherwise b would
+    // resync a, and by the time b demotes a's copy could be current (and rightly promotable)
+    // or half-synced ("incomplete"), depending on timing.
+    relay.budget.store(0, Ordering::SeqCst);
     p.a.start();
     let r = run(&p.a, &["promote", "r0"]);
     assert_eq!(r.code, 3, "{r:?}");
@@ -415,14 +419,16 @@ fn stale_data_is_not_promoted_unless_forced() {
     assert_eq!(r.code, 3, "{r:?}");
     assert!(r.stderr.contains("local data is stale"), "{r:?}");
     assert_ne!(role(&p.a), "primary");
+    let s = status(&p.a);
+    assert_eq!(s["inconsistent"], false, "a was never resynced: {s}");
     // (The socket file of the killed daemon may still be there; nothing may answer on it.)
     assert!(!serving(&p.a.nbd));
 
     // b back to primary, a secondary: b resyncs a, and that sync stalls half way (the relay
     // passes 8 MiB of it): a's copy is now a mix, marked inconsistent.
+    relay.budget.store(8 << 20, Ordering::SeqCst);
     let r = run(&p.b, &["promote", "r0"]);
     assert_eq!(r.code, 0, "{r:?}");
-    relay.budget.store(8 << 20, Ordering::SeqCst);
     let r = run(&p.a, &["demote", "r0"]);
     assert_eq!(r.code, 0, "{r:?}");
     // (a drops the stalled link after daemon.timeout and b's new ones get nowhere, so whether
