@@ -371,15 +371,17 @@ impl Read for Ahead {
     }
 }
 
-/// Is `stream` readable (data, end of stream or error) within `timeout`?
-fn poll_readable(stream: &TcpStream, timeout: Duration) -> io::Result<bool> {
+/// How often an accept loop waiting in `poll_readable` looks at its stop flag.
+pub(crate) const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// Is `fd` readable (data, end of stream or error; for a listener, a connection to accept)
+/// within `timeout`? An accept loop that must also notice its stop flag waits here for the
+/// next connection instead of sleeping between attempts, so a client is served at once.
+pub(crate) fn poll_readable(fd: &impl std::os::fd::AsFd, timeout: Duration) -> io::Result<bool> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let ms = timeout.as_millis().clamp(1, 60_000) as u16;
     loop {
-        let mut fds = [PollFd::new(
-            std::os::fd::AsFd::as_fd(stream),
-            PollFlags::POLLIN,
-        )];
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(0) => return Ok(false),
             Ok(_) => return Ok(true),

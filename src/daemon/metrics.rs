@@ -516,7 +516,13 @@ pub fn serve(
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(50))
+                        {
+                            // Until a connection waits, or a while to look at the stop flag.
+                            let _ = super::channel::poll_readable(
+                                &listener,
+                                super::channel::STOP_CHECK,
+                            );
+                        }
                     }
                     Err(e) => {
                         log::warn!("metrics listener: {e}");

@@ -268,7 +268,10 @@ pub fn listen(addr: &str, registry: Registry, stop: Arc<AtomicBool>) -> Result<J
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(50))
+                        {
+                        // Until a connection waits, or a while to look at the stop flag.
+                        let _ = super::channel::poll_readable(&listener, super::channel::STOP_CHECK);
+                    }
                     }
                     Err(e) => {
                         log.warn(format!("accept: {e}"));
