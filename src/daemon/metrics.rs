@@ -508,8 +508,11 @@ pub fn serve(
                             thread::Builder::new()
                                 .name("metrics-conn".into())
                                 .spawn(move || {
-                                    answer(stream, &*r);
+                                    let mut stream = stream;
+                                    answer(&mut stream, &*r);
+                                    // The slot is free before the client sees the close.
                                     l.fetch_sub(1, Ordering::AcqRel);
+                                    drop(stream);
                                 });
                         if spawned.is_err() {
                             live.fetch_sub(1, Ordering::AcqRel);
@@ -535,7 +538,7 @@ pub fn serve(
 }
 
 /// Read one request (up to the blank line) and answer it; the connection then closes.
-fn answer(mut stream: TcpStream, render: &(dyn Fn() -> String + Send + Sync)) {
+fn answer(stream: &mut TcpStream, render: &(dyn Fn() -> String + Send + Sync)) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
@@ -548,7 +551,7 @@ fn answer(mut stream: TcpStream, render: &(dyn Fn() -> String + Send + Sync)) {
         }
         if buf.len() > MAX_REQUEST {
             let _ = respond(
-                &mut stream,
+                stream,
                 "431 Request Header Fields Too Large",
                 "request too large\n",
             );
@@ -585,10 +588,10 @@ fn answer(mut stream: TcpStream, render: &(dyn Fn() -> String + Send + Sync)) {
             }
         }
         ("GET" | "HEAD", _) => {
-            let _ = respond(&mut stream, "404 Not Found", "try /metrics\n");
+            let _ = respond(stream, "404 Not Found", "try /metrics\n");
         }
         _ => {
-            let _ = respond(&mut stream, "405 Method Not Allowed", "GET only\n");
+            let _ = respond(stream, "405 Method Not Allowed", "GET only\n");
         }
     }
 }
