@@ -59,9 +59,10 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// A write without FUA, answered by calling `done` exactly once with what `write` would
     /// return, on this thread or on another one (the thread that sees the peer's
-    /// acknowledgement). `data` is not used after this returns.
-    fn write_then(&self, offset: u64, data: &[u8], done: Done) {
-        done(self.write(offset, data, false))
+    /// acknowledgement). The device may keep `data` (e.g. to send it to the peer without
+    /// copying it); its buffer goes back to the connection once dropped.
+    fn write_then(&self, offset: u64, data: Payload, done: Done) {
+        done(self.write(offset, &data, false))
     }
 
     /// A read served at once, on the connection's reader thread, when it need not wait for
@@ -75,6 +76,60 @@ pub trait BlockDevice: Send + Sync + 'static {
 
 /// Called once with the result of a request started with [`BlockDevice::write_then`].
 pub type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// The data of one WRITE, in a buffer of its connection's pool, handed on rather than copied:
+/// the replication sends it to the peer from here. The buffer goes back to the pool when
+/// the payload is dropped, on whichever thread that happens.
+pub struct Payload {
+    buf: Vec<u8>,
+    pool: Option<Arc<Pool>>,
+}
+
+impl Payload {
+    /// A payload of its own buffer, returned to no pool.
+    pub fn from_vec(buf: Vec<u8>) -> Payload {
+        Payload { buf, pool: None }
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Payload {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.give(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+/// Payload buffers of one connection, kept for reuse (so a write's buffer is neither
+/// allocated nor zeroed again).
+#[derive(Default)]
+pub struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    /// A buffer of exactly `len` bytes (its contents are whatever it held before).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut buf = lock(&self.0).pop().unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > POOL_MAX_BUFFER {
+            return;
+        }
+        let mut pool = lock(&self.0);
+        if pool.len() < POOL_BUFFERS {
+            pool.push(buf);
+        }
+    }
+}
 
 /// Wire constants, in the spec's names without the `NBD_` prefix (also used by the small
 /// client in src/nbd_client.rs).
@@ -608,7 +663,7 @@ impl Write for Stream {
 }
 
 /// Writes a header and a payload with as few system calls as possible (one writev usually).
-fn write_two(w: &mut impl Write, head: &[u8], body: &[u8]) -> io::Result<()> {
+pub(crate) fn write_two(w: &mut impl Write, head: &[u8], body: &[u8]) -> io::Result<()> {
     let total = head.len() + body.len();
     let mut done = 0;
     while done < total {
@@ -672,7 +727,7 @@ struct Conn {
     room: Condvar,
     /// A write completed while a FLUSH was waiting.
     writes_done: Condvar,
-    buffers: Mutex<Vec<Vec<u8>>>,
+    buffers: Arc<Pool>,
     /// The first reply that could not be sent (it ended the connection).
     reply_error: Mutex<Option<io::Error>>,
     /// MAX_INFLIGHT, or WRITES_THEN_WORKERS.
@@ -700,19 +755,11 @@ impl Conn {
     }
 
     fn take_buffer(&self, len: usize) -> Vec<u8> {
-        let mut buf = lock(&self.buffers).pop().unwrap_or_default();
-        buf.resize(len, 0);
-        buf
+        self.buffers.take(len)
     }
 
     fn give_buffer(&self, buf: Vec<u8>) {
-        if buf.capacity() == 0 || buf.capacity() > POOL_MAX_BUFFER {
-            return;
-        }
-        let mut pool = lock(&self.buffers);
-        if pool.len() < POOL_BUFFERS {
-            pool.push(buf);
-        }
+        self.buffers.give(buf)
     }
 
     /// Blocks the reader until one more request of `cost` bytes may be in flight; returns
@@ -845,8 +892,11 @@ impl Conn {
     ) {
         let c = Arc::clone(self);
         let done: Done = Box::new(move |result| c.finish(req, cmd, result, Vec::new(), seq, cost));
-        self.dev.write_then(req.offset, &payload, done);
-        self.give_buffer(payload);
+        let payload = Payload {
+            buf: payload,
+            pool: Some(Arc::clone(&self.buffers)),
+        };
+        self.dev.write_then(req.offset, payload, done);
     }
 
     /// Answer a request (with `data` for a successful READ) and release what it held.
@@ -1101,7 +1151,7 @@ fn serve_inner(
         work: Condvar::new(),
         room: Condvar::new(),
         writes_done: Condvar::new(),
-        buffers: Mutex::new(Vec::new()),
+        buffers: Arc::default(),
         reply_error: Mutex::new(None),
         max_workers,
     });

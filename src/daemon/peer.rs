@@ -23,6 +23,7 @@ use anyhow::{Context, Result, bail};
 
 use super::auth::{self, Secret, Side};
 use super::channel::{self, Channel, KeyExchange};
+use super::nbd::Payload;
 use super::protocol::{
     self, AckKind, DIGEST_LEN, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message,
     NodeState, PROTOCOL_VERSION, Purpose,
@@ -208,10 +209,38 @@ impl Pending {
     }
 }
 
+/// One frame for the sender: encoded bytes, and for a write its data, which goes to the
+/// socket (or the sealing) from the NBD request's own buffer instead of being copied into
+/// the frame.
+pub struct Frame {
+    head: Vec<u8>,
+    body: Option<Payload>,
+}
+
+impl Frame {
+    /// The frame of a `Write` of `data`.
+    pub fn write(seq: u64, offset: u64, fua: bool, data: Payload) -> Frame {
+        Frame {
+            head: protocol::encode_write_head(seq, offset, fua, data.len()),
+            body: Some(data),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.head.len() + self.body.as_deref().map_or(0, <[u8]>::len)
+    }
+}
+
+impl From<Vec<u8>> for Frame {
+    fn from(head: Vec<u8>) -> Frame {
+        Frame { head, body: None }
+    }
+}
+
 /// A live replication connection to the secondary.
 pub struct Link {
     peer: SocketAddr,
-    tx: Mutex<Option<Sender<Vec<u8>>>>,
+    tx: Mutex<Option<Sender<Frame>>>,
     pending: Mutex<Pending>,
     next_seq: AtomicU64,
     dead: AtomicBool,
@@ -237,7 +266,7 @@ impl Link {
             .set_write_timeout(Some(timeout))
             .context("socket timeout")?;
         let _ = stream.set_nodelay(true);
-        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let (tx, rx) = mpsc::channel::<Frame>();
         let link = Arc::new(Link {
             peer,
             tx: Mutex::new(Some(tx)),
@@ -270,13 +299,15 @@ impl Link {
                     loop {
                         let frame = match rx.recv_timeout(ping_every) {
                             Ok(f) => f,
-                            Err(RecvTimeoutError::Timeout) => Message::Ping.encode(),
+                            Err(RecvTimeoutError::Timeout) => Message::Ping.encode().into(),
                             Err(RecvTimeoutError::Disconnected) => return w.flush(),
                         };
-                        w.write_all(&frame)?;
+                        // (A write's payload goes back to its connection's pool as the
+                        // frame is dropped, once sent.)
+                        w.write_frame(&frame.head, frame.body.as_deref().unwrap_or_default())?;
                         // Batch whatever is already queued into as few writes as possible.
                         while let Ok(f) = rx.try_recv() {
-                            w.write_all(&f)?;
+                            w.write_frame(&f.head, f.body.as_deref().unwrap_or_default())?;
                         }
                         w.flush()?;
                     }
@@ -467,7 +498,7 @@ impl Link {
 
     /// Queue a frame that expects no acknowledgement.
     pub fn send(&self, msg: &Message) -> bool {
-        let frame = msg.encode();
+        let frame = Frame::from(msg.encode());
         match self.tx.lock() {
             Ok(tx) => tx.as_ref().map(|t| t.send(frame).is_ok()).unwrap_or(false),
             Err(_) => false,
@@ -477,18 +508,18 @@ impl Link {
     /// Queue a request built from its sequence number; the completion reports the peer's acks.
     /// On a dead link the completion is already failed.
     pub fn submit(&self, make: impl FnOnce(u64) -> Message) -> Arc<Completion> {
-        self.submit_frame(|seq| make(seq).encode())
+        self.submit_frame(|seq| make(seq).encode().into())
     }
 
-    /// Like `submit`, with the frame already encoded (see `protocol::encode_write`).
-    pub fn submit_frame(&self, make: impl FnOnce(u64) -> Vec<u8>) -> Arc<Completion> {
+    /// Like `submit`, with the frame already encoded (see `Frame::write`).
+    pub fn submit_frame(&self, make: impl FnOnce(u64) -> Frame) -> Arc<Completion> {
         self.queue(make, Answer::Ack)
     }
 
     /// Queue a `ReadRequest`; once Written, `take_data()` holds the peer's `len` bytes.
     pub fn submit_read(&self, offset: u64, len: u32) -> Arc<Completion> {
         self.queue(
-            |seq| Message::ReadRequest { seq, offset, len }.encode(),
+            |seq| Message::ReadRequest { seq, offset, len }.encode().into(),
             Answer::Read(len),
         )
     }
@@ -497,12 +528,12 @@ impl Link {
     /// Called under the extent's exclusive stripe lock (see `verify.rs`).
     pub fn submit_verify(&self, extent: u64) -> Arc<Completion> {
         self.queue(
-            |seq| Message::VerifyRequest { seq, extent }.encode(),
+            |seq| Message::VerifyRequest { seq, extent }.encode().into(),
             Answer::Verify(extent),
         )
     }
 
-    fn queue(&self, make: impl FnOnce(u64) -> Vec<u8>, answer: Answer) -> Arc<Completion> {
+    fn queue(&self, make: impl FnOnce(u64) -> Frame, answer: Answer) -> Arc<Completion> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let frame = make(seq);
         let c = Completion::new(frame.len(), answer);

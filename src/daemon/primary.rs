@@ -17,8 +17,8 @@ use super::channel::Channel;
 use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::metrics::Op;
-use super::nbd::{BlockDevice, Done};
-use super::peer::{self, Completion, HandshakeError, Link, Outcome};
+use super::nbd::{BlockDevice, Done, Payload};
+use super::peer::{self, Completion, Frame, HandshakeError, Link, Outcome};
 use super::protocol::{self, GoodbyeCode, Message, Purpose};
 use super::state::{Connection, Shared};
 use super::{Role, sync};
@@ -103,7 +103,7 @@ impl Replicated {
         len: u64,
         fua: bool,
         local: impl FnOnce() -> io::Result<()>,
-        remote: impl FnOnce(u64) -> Vec<u8>,
+        remote: impl FnOnce(u64) -> Frame,
     ) -> io::Result<()> {
         let (c, pending, queued) = match self.issue(offset, len, fua, local, remote)? {
             Issued::Done(r) => return r,
@@ -158,7 +158,7 @@ impl Replicated {
         len: u64,
         fua: bool,
         local: impl FnOnce() -> io::Result<()>,
-        remote: impl FnOnce(u64) -> Vec<u8>,
+        remote: impl FnOnce(u64) -> Frame,
     ) -> io::Result<Issued> {
         let s = &self.s;
         if s.diskless() {
@@ -225,7 +225,7 @@ impl Replicated {
         offset: u64,
         len: u64,
         local: impl FnOnce() -> io::Result<()>,
-        remote: impl FnOnce(u64) -> Vec<u8>,
+        remote: impl FnOnce(u64) -> Frame,
         done: Done,
     ) {
         let (c, pending, queued) = match self.issue(offset, len, false, local, remote) {
@@ -274,12 +274,7 @@ impl Replicated {
 
     /// A modifying request of a diskless primary: to the peer only, in order with the others
     /// (the range claim), answered once the peer has written it.
-    fn on_peer(
-        &self,
-        offset: u64,
-        len: u64,
-        remote: impl FnOnce(u64) -> Vec<u8>,
-    ) -> io::Result<()> {
+    fn on_peer(&self, offset: u64, len: u64, remote: impl FnOnce(u64) -> Frame) -> io::Result<()> {
         let s = &self.s;
         let c = {
             let _order = s.conflicts.claim(offset, len);
@@ -388,7 +383,7 @@ impl BlockDevice for Replicated {
             data.len() as u64,
             fua,
             || disk.write_at(data, offset),
-            |seq| protocol::encode_write(seq, offset, fua, data),
+            |seq| protocol::encode_write(seq, offset, fua, data).into(),
         )
     }
 
@@ -416,7 +411,7 @@ impl BlockDevice for Replicated {
         true
     }
 
-    fn write_then(&self, offset: u64, data: &[u8], done: Done) {
+    fn write_then(&self, offset: u64, data: Payload, done: Done) {
         // Timed until it is answered, on whichever thread that happens.
         let started = Instant::now();
         let s = Arc::clone(&self.s);
@@ -430,11 +425,22 @@ impl BlockDevice for Replicated {
             .bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let disk = &self.s.disk;
+        let len = data.len() as u64;
+        // Written here first, then handed to the peer's frame (no copy); the frame is made
+        // only after the local write, so the borrow has ended.
+        let data = std::cell::RefCell::new(data);
         self.modify_then(
             offset,
-            data.len() as u64,
-            || disk.write_at(data, offset),
-            |seq| protocol::encode_write(seq, offset, false, data),
+            len,
+            || disk.write_at(&data.borrow(), offset),
+            |seq| {
+                Frame::write(
+                    seq,
+                    offset,
+                    false,
+                    data.replace(Payload::from_vec(Vec::new())),
+                )
+            },
             done,
         )
     }
@@ -491,6 +497,7 @@ impl BlockDevice for Replicated {
                     fua,
                 }
                 .encode()
+                .into()
             },
         )
     }
@@ -514,6 +521,7 @@ impl BlockDevice for Replicated {
                 fua,
             }
             .encode()
+            .into()
         })
     }
 }

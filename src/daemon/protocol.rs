@@ -679,13 +679,21 @@ impl Message {
 /// The frame of `Message::Write` built straight from the caller's buffer (one copy instead of
 /// two on the primary's hot path).
 pub fn encode_write(seq: u64, offset: u64, fua: bool, data: &[u8]) -> Vec<u8> {
-    let mut e = Enc(Vec::with_capacity(data.len() + 32));
-    e.u32((1 + 8 + 8 + 1 + 4 + data.len()) as u32);
+    let mut f = encode_write_head(seq, offset, fua, data.len());
+    f.extend_from_slice(data);
+    f
+}
+
+/// The frame of `Message::Write` without its data: these bytes followed by `len` bytes of
+/// data are the whole frame (so the data can be sent from its own buffer).
+pub fn encode_write_head(seq: u64, offset: u64, fua: bool, len: usize) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(32));
+    e.u32((1 + 8 + 8 + 1 + 4 + len) as u32);
     e.u8(ty::WRITE);
     e.u64(seq);
     e.u64(offset);
     e.bool(fua);
-    e.bytes(data);
+    e.u32(len as u32);
     e.0
 }
 
@@ -998,6 +1006,9 @@ mod tests {
             data: vec![1, 2, 3],
         };
         assert_eq!(encode_write(9, 4096, true, &[1, 2, 3]), w.encode());
+        let mut f = encode_write_head(9, 4096, true, 3);
+        f.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(f, w.encode());
         let c = Message::SyncChunk {
             seq: 3,
             offset: 8,

@@ -178,7 +178,7 @@ fn copy(
                             protocol::encode_sync_chunk(0, off, n, |b| disk.read_at(b, off))?;
                         comps.push(link.submit_frame(|seq| {
                             protocol::set_seq(&mut frame, seq);
-                            frame
+                            frame.into()
                         }));
                         off += n as u64;
                     }

@@ -550,16 +550,18 @@ impl BlockDevice for Deferred {
     fn writes_then(&self) -> bool {
         true
     }
-    fn write_then(&self, offset: u64, data: &[u8], done: Done) {
-        if let Err(e) = self.inner.write(offset, data, false) {
+    fn write_then(&self, offset: u64, data: Payload, done: Done) {
+        if let Err(e) = self.inner.write(offset, &data, false) {
             return done(Err(e));
         }
         let log = Arc::clone(&self.log);
         thread::spawn(move || {
-            // The "peer" answers late, and the last write first.
+            // The "peer" answers late, and the last write first; it holds the payload until
+            // then, as the replication's sender does, and drops it on its own thread.
             thread::sleep(Duration::from_millis(200 - offset / 4096 * 20));
             lock(&log).push(format!("answer {offset}"));
             done(Ok(()));
+            drop(data);
         });
     }
     fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
