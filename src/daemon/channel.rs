@@ -632,6 +632,22 @@ impl Writer {
         self.lock().write_frame(head, body)
     }
 
+    /// Write and flush a frame (as `write_frame` + `flush`) now, on the caller's thread, if no
+    /// other thread is writing and `idle` says so under the writer's lock; None (nothing
+    /// written) otherwise.
+    pub fn send_frame_if(
+        &self,
+        head: &[u8],
+        body: &[u8],
+        idle: impl FnOnce() -> bool,
+    ) -> Option<io::Result<()>> {
+        let mut w = self.0.try_lock().ok()?;
+        if !idle() {
+            return None;
+        }
+        Some(w.write_frame(head, body).and_then(|()| w.flush()))
+    }
+
     /// Like `send`, unless another thread is writing right now (then nothing is sent): for a
     /// last word before the socket is shut, which must not wait for a stuck peer.
     pub fn try_send(&self, msg: &Message) -> io::Result<()> {
