@@ -552,36 +552,42 @@ impl Link {
         )
     }
 
-    /// Send a request: written here when the link is idle (nothing queued for the sender
-    /// thread, and no other thread writing), which saves a thread handoff per request at a
-    /// low queue depth; queued for the sender thread otherwise. A frame written here cannot
+    /// Send a request: written here when it is the only one in flight and nothing is queued
+    /// for the sender thread (no other thread writing either), which saves a thread handoff
+    /// per request at queue depth 1; queued for the sender thread otherwise, which batches
+    /// the frames of a deeper queue into fewer system calls. A frame written here cannot
     /// overtake one queued before it: while any is unsent, this one queues too.
     fn queue(&self, make: impl FnOnce(u64) -> Frame, answer: Answer) -> Arc<Completion> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let frame = make(seq);
         let c = Completion::new(frame.len(), answer);
+        // None: the link is dead; Some(alone): no other request awaits the peer's answer.
         let open = match self.pending.lock() {
             Ok(mut p) if !p.dead => {
                 p.map.insert(seq, Arc::clone(&c));
                 p.bytes += c.bytes;
-                true
+                Some(p.map.len() == 1)
             }
-            _ => false,
+            _ => None,
         };
         // (The ack may come before this returns: the request is pending already.)
-        let queued = open
-            && match self.writer.send_frame_if(
+        let inline = match open {
+            Some(true) => self.writer.send_frame_if(
                 &frame.head,
                 frame.body.as_deref().unwrap_or_default(),
                 || self.unsent.load(Ordering::Acquire) == 0,
-            ) {
-                Some(Ok(())) => true,
-                Some(Err(e)) => {
-                    self.kill(&format!("send: {e}"));
-                    return c;
-                }
-                None => self.to_sender(frame),
-            };
+            ),
+            _ => None,
+        };
+        let queued = match (open, inline) {
+            (None, _) => false,
+            (Some(_), Some(Ok(()))) => true,
+            (Some(_), Some(Err(e))) => {
+                self.kill(&format!("send: {e}"));
+                return c;
+            }
+            (Some(_), None) => self.to_sender(frame),
+        };
         if !queued {
             if let Ok(mut p) = self.pending.lock() {
                 p.remove(seq);
