@@ -129,8 +129,10 @@ fn promote_after_the_primary_vanished_answers_at_once_and_serves_the_data() {
         String::from_utf8_lossy(&out.stderr),
         p.b.log_text()
     );
+    // Issue 10's bound: a probe of the dead peer alone would take daemon.probe_timeout
+    // (300 ms), so this fails if the promote asks a peer the heartbeat already gave up on.
     assert!(
-        took <= Duration::from_secs(1),
+        took <= Duration::from_millis(300),
         "role primary took {took:?}\nb log:\n{}",
         p.b.log_text()
     );
