@@ -315,7 +315,11 @@ impl Owner {
         }
         // Ask the peer until it answers or has been silent for daemon.timeout: a peer heard
         // within that time is alive, and is not promoted over because one probe was slow.
-        let deadline = std::time::Instant::now() + timeout;
+        // The silence, not the time since this promote began, ends the asking: a promote that
+        // starts just after the peer was last heard must not give up (nor fail) before the
+        // peer counts as gone. `deadline` bounds a peer that stays heard (through the
+        // watcher's probes) yet never answers this one.
+        let deadline = std::time::Instant::now() + 2 * timeout;
         let peer = loop {
             let silence = self.shared.peer_silence();
             if silence >= timeout {
@@ -361,6 +365,10 @@ impl Owner {
                 }
                 Probe::Unreachable(e) => {
                     log::info!("{name}: no answer from the peer yet ({e:#}); asking again");
+                    // A refused or reset connection fails at once: a short pause, not beyond
+                    // the moment the peer counts as gone, rather than a burst of connects.
+                    let left = timeout.saturating_sub(self.shared.peer_silence());
+                    thread::sleep(RETRY_PAUSE.min(left));
                 }
                 Probe::Refused(why) => break Err(why),
             }
@@ -625,6 +633,9 @@ fn connection_refused(e: &anyhow::Error) -> bool {
 /// A promote's probe of a peer heard just before `daemon.timeout` ran out still gets this
 /// long: a reachable peer answers within a few round trips.
 const MIN_PROBE: Duration = Duration::from_millis(50);
+
+/// Between two probes of a promote when the first failed at once (reset, closed).
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// Ask the peer for its role and state, connecting and answering within `bound` each; an
 /// answer (even a refusal) counts as hearing from the peer.
