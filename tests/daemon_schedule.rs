@@ -113,16 +113,21 @@ impl World {
 
     /// The secondary is complete (wait up to 30 s): only then is a failover to it safe, as a
     /// CARP setup with `tandem switch` would refuse it otherwise.
+    /// Both sides say the pair is in sync. The secondary's view alone is not enough: right
+    /// after a link fault it may still show `complete` while the primary already writes
+    /// without it, and a failover then would be a real split-brain (seen with SEED=1796008797:
+    /// Reset, then Failover).
     fn secondary_in_sync(&mut self) -> bool {
-        let sec = self.secondary();
+        let (prim, sec) = (self.primary, self.secondary());
         let end = Instant::now() + Duration::from_secs(30);
         while Instant::now() < end {
-            if self
-                .p
-                .node(sec)
-                .try_status()
-                .is_ok_and(|s| s["state"] == "complete")
-            {
+            let mut complete = |n: &str| {
+                self.p
+                    .node(n)
+                    .try_status()
+                    .is_ok_and(|s| s["state"] == "complete" && s["connection"] == "connected")
+            };
+            if complete(prim) && complete(sec) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(100));
