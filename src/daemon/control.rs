@@ -426,14 +426,28 @@ fn exchange_or_eof(
     stream.set_write_timeout(timeout)?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .with_context(|| format!("writing to {}", socket.display()))?;
+    // A daemon at its connection bound answers "busy" at once and closes, maybe before the
+    // request is written: then the write fails, and the answer waiting to be read says why.
+    let mut unsent = None;
+    if let Err(e) = stream.write_all(line.as_bytes()) {
+        if !matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ) {
+            // (A write that timed out: a daemon that reads nothing would not answer either.)
+            return Err(e).with_context(|| format!("writing to {}", socket.display()));
+        }
+        unsent = Some(e);
+    }
     let mut reader = BufReader::new(stream);
     let mut answer = String::new();
-    reader
-        .read_line(&mut answer)
-        .with_context(|| format!("no answer from the daemon at {}", socket.display()))?;
+    let read = reader.read_line(&mut answer);
+    if let Some(e) = unsent
+        && answer.is_empty()
+    {
+        return Err(e).with_context(|| format!("writing to {}", socket.display()));
+    }
+    read.with_context(|| format!("no answer from the daemon at {}", socket.display()))?;
     if answer.is_empty() {
         return Ok(None);
     }
