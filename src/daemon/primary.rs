@@ -113,16 +113,8 @@ impl Replicated {
         let am = s.disk.activemap();
         let mode = s.mode();
         if fua || mode == Replication::Fullsync {
-            if c.wait(Outcome::Written) {
-                s.metrics.round_trip.observe(queued.elapsed());
-                am.complete_pending(pending, true);
-                s.counters
-                    .bytes_replicated
-                    .fetch_add(len, Ordering::Relaxed);
-                return Ok(());
-            }
-            am.complete_pending(pending, false);
-            return self.degraded();
+            let ok = c.wait(Outcome::Written);
+            return peer_settled(s, &self.fenced, pending, ok, len, queued);
         }
         if mode == Replication::Memsync && !c.wait(Outcome::Received) {
             am.complete_pending(pending, false);
@@ -246,17 +238,7 @@ impl Replicated {
             // fullsync, or async past its backlog: answered once written on the peer.
             let s = Arc::clone(&self.s);
             let fenced = Arc::clone(&self.fenced);
-            c.on_final(move |ok| {
-                s.disk.activemap().complete_pending(pending, ok);
-                if ok {
-                    s.metrics.round_trip.observe(queued.elapsed());
-                    s.counters
-                        .bytes_replicated
-                        .fetch_add(len, Ordering::Relaxed);
-                    return done(Ok(()));
-                }
-                done(degraded(&s, &fenced));
-            });
+            c.on_final(move |ok| done(peer_settled(&s, &fenced, pending, ok, len, queued)));
             return;
         }
         // memsync: answered once received; the extents stay in flight until written.
@@ -328,20 +310,12 @@ impl Replicated {
         let s = Arc::clone(&self.s);
         let fenced = Arc::clone(&self.fenced);
         c.on_final(move |ok| {
-            s.disk.activemap().complete_pending(pending, ok);
-            if ok {
-                s.metrics.round_trip.observe(queued.elapsed());
-                s.counters
-                    .bytes_replicated
-                    .fetch_add(len, Ordering::Relaxed);
-                return;
-            }
-            // A fenced export's node is no longer primary: its extents stay dirty and are
-            // resynced from the new primary; no generation of its own.
-            if fenced.load(Ordering::Acquire) {
-                return;
-            }
-            if let Err(e) = s.note_degraded_write() {
+            // Nobody waits for the answer. A fenced export's node is no longer primary: its
+            // extents stay dirty and are resynced from the new primary, with no generation
+            // of its own (and no error to report).
+            if let Err(e) = peer_settled(&s, &fenced, pending, ok, len, queued)
+                && !fenced.load(Ordering::Acquire)
+            {
                 log::error!("{}: bumping the generation: {e}", s.name);
             }
         });
@@ -537,6 +511,28 @@ enum Issued {
 
 /// The request completed without the peer: the generation says so, unless the export was
 /// fenced meanwhile (then the node is no longer primary and the request fails).
+/// The peer settled a queued request (`ok`: it reached what the mode waits for): the
+/// extents leave flight, and the request is counted as replicated, or else completed
+/// without the peer (`degraded`).
+fn peer_settled(
+    s: &Shared,
+    fenced: &AtomicBool,
+    pending: Pending,
+    ok: bool,
+    len: u64,
+    queued: Instant,
+) -> io::Result<()> {
+    s.disk.activemap().complete_pending(pending, ok);
+    if !ok {
+        return degraded(s, fenced);
+    }
+    s.metrics.round_trip.observe(queued.elapsed());
+    s.counters
+        .bytes_replicated
+        .fetch_add(len, Ordering::Relaxed);
+    Ok(())
+}
+
 fn degraded(s: &Shared, fenced: &AtomicBool) -> io::Result<()> {
     if fenced.load(Ordering::Acquire) {
         return Err(io::Error::new(
