@@ -18,9 +18,10 @@
 //! This module knows nothing of the messages; `peer.rs` and `secondary.rs` run the handshake
 //! and hand a `Channel` to the link and the session.
 
-use std::io::{self, BufReader, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -238,83 +239,60 @@ impl Reader {
                 }
                 poll_readable(d.inner.get_ref(), timeout)
             }
-            Source::Ahead(a) => {
-                if a.pos < a.cur.len() || a.failed.is_some() {
-                    return Ok(true);
-                }
-                match a.rx.recv_timeout(timeout) {
-                    Ok(Ok(v)) => {
-                        let done = std::mem::replace(&mut a.cur, v);
-                        if done.capacity() > 0 {
-                            let _ = a.back.send(done);
-                        }
-                        a.pos = 0;
-                        Ok(true)
-                    }
-                    Ok(Err(e)) => {
-                        let kind = match e.kind() {
-                            io::ErrorKind::Interrupted => io::ErrorKind::Other,
-                            k => k,
-                        };
-                        a.failed = Some((kind, e.to_string()));
-                        Ok(true)
-                    }
-                    Err(mpsc::RecvTimeoutError::Timeout) => Ok(false),
-                    // The opener ended: the next read reports the end of the stream.
-                    Err(mpsc::RecvTimeoutError::Disconnected) => Ok(true),
-                }
-            }
+            Source::Ahead(a) => a.wait_readable(timeout),
         }
     }
 
-    /// From now on, open the records on a thread of its own (named `name`) up to 16 records
-    /// ahead, so that the caller's thread (the secondary's session, which also applies the
-    /// writes) does not spend its time on AES-GCM. Errors and the end of the stream arrive in
-    /// order, after the plaintext before them. Nothing changes for a channel in clear.
+    /// From now on, records may be opened ahead on a thread of its own (named `name`), up to
+    /// 16 records, so that the caller's thread (the secondary's session, which also applies the
+    /// writes) does not spend its time on AES-GCM while more is waiting in the socket. When
+    /// nothing more is waiting, the caller reads and opens the next record itself: a lone
+    /// write then wakes one thread on arrival, not the opener and then the caller. Errors
+    /// and the end of the stream arrive in order, after the plaintext before them. Nothing
+    /// changes for a channel in clear.
     pub fn open_ahead(self, name: String) -> Result<Reader> {
         let mut d = match self.0 {
             Source::Direct(d) if d.keys.is_some() => d,
             other => return Ok(Reader(other)),
         };
-        let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(16);
-        // Read buffers come back to be opened into again: no copy, no allocation per record.
-        let (back, spare) = mpsc::channel::<Vec<u8>>();
+        // Plaintext already opened (the end of the last record read here) is read first.
+        let mut cur = std::mem::take(&mut d.plain);
+        cur.truncate(d.end);
+        let pos = d.pos.min(cur.len());
+        let fd = d
+            .inner
+            .get_ref()
+            .try_clone()
+            .context("cloning the peer socket for the record opener")?;
+        let shared = Arc::new(AheadShared {
+            state: Mutex::new(AheadState {
+                queue: VecDeque::new(),
+                direct: Some(Box::new(d)),
+                wanted: false,
+                closed: false,
+                spare: Vec::new(),
+                reader_waits: false,
+                opener_waits: false,
+                opened_ahead: 0,
+            }),
+            to_reader: Condvar::new(),
+            to_opener: Condvar::new(),
+        });
+        let s2 = Arc::clone(&shared);
+        let fd2 = fd
+            .try_clone()
+            .context("cloning the peer socket for the record opener")?;
         thread::Builder::new()
             .name(name)
-            .spawn(move || {
-                let Some(keys) = d.keys.clone() else {
-                    return;
-                };
-                loop {
-                    let r = d.next_record(&keys);
-                    let item = match r {
-                        Ok(true) => {
-                            let next = spare.try_recv().unwrap_or_default();
-                            let mut full = std::mem::replace(&mut d.plain, next);
-                            full.truncate(d.end);
-                            Ok(full)
-                        }
-                        // The end of the stream: dropping `tx` says so.
-                        Ok(false) => return,
-                        // A socket with a timeout returns EINTR after SIGSTOP/SIGCONT; nothing
-                        // of the record was consumed yet (`read_exact` retries by itself).
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => Err(e),
-                    };
-                    let failed = item.is_err();
-                    // A reader that went away ends this thread too (its socket is shut).
-                    if tx.send(item).is_err() || failed {
-                        return;
-                    }
-                }
-            })
+            .spawn(move || opener(&s2, &fd2))
             .context("starting the record opener")?;
         Ok(Reader(Source::Ahead(Ahead {
-            rx,
-            back,
-            cur: Vec::new(),
-            pos: 0,
+            shared,
+            fd,
+            cur,
+            pos,
             failed: None,
+            ended: false,
         })))
     }
 }
@@ -328,14 +306,255 @@ impl Read for Reader {
     }
 }
 
-/// Records opened by another thread (`Reader::open_ahead`).
+/// A record's plaintext, an error, or `None` at the end of the stream.
+type Opened = io::Result<Option<Vec<u8>>>;
+
+/// How many opened records may wait for the reader.
+const AHEAD: usize = 16;
+
+/// Records opened by this thread or ahead by another (`Reader::open_ahead`).
 struct Ahead {
-    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
-    /// Buffers read to the end, back to the opener.
-    back: mpsc::Sender<Vec<u8>>,
+    shared: Arc<AheadShared>,
+    /// The socket, to wait for it without taking the `Direct` from the opener.
+    fd: TcpStream,
     cur: Vec<u8>,
     pos: usize,
     failed: Option<(io::ErrorKind, String)>,
+    ended: bool,
+}
+
+struct AheadShared {
+    state: Mutex<AheadState>,
+    to_reader: Condvar,
+    to_opener: Condvar,
+}
+
+struct AheadState {
+    /// Opened ahead, in record order, before anything still in the socket.
+    queue: VecDeque<Opened>,
+    /// The socket's reader; `None` while one of the two threads reads a record from it.
+    /// Whoever takes it reads exactly one record and, still under the lock where it puts it
+    /// back, queues that record (the opener) or returns it (the reader) before anyone
+    /// can read the next: so the order of records is the socket's.
+    direct: Option<Box<Direct>>,
+    /// More is waiting in the socket while the reader is busy: the opener reads ahead.
+    wanted: bool,
+    /// The reader went away: the opener ends.
+    closed: bool,
+    /// Buffers read to the end, to open into again: no allocation per record.
+    spare: Vec<Vec<u8>>,
+    /// A thread waits on its condvar (so that a wakeup is a system call only when needed).
+    reader_waits: bool,
+    opener_waits: bool,
+    /// Records the opener read (the rest the reader read itself).
+    opened_ahead: u64,
+}
+
+impl AheadShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AheadState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Read and open one record from `d` into a buffer of its own.
+fn open_one(d: &mut Direct, spare: Option<Vec<u8>>) -> Opened {
+    let Some(keys) = d.keys.clone() else {
+        return Err(io::Error::other(
+            "internal: records opened on a channel in clear",
+        ));
+    };
+    loop {
+        match d.next_record(&keys) {
+            Ok(true) => {
+                let mut full = std::mem::replace(&mut d.plain, spare.unwrap_or_default());
+                full.truncate(d.end);
+                d.pos = 0;
+                d.end = 0;
+                return Ok(Some(full));
+            }
+            Ok(false) => return Ok(None),
+            // A socket with a timeout returns EINTR after SIGSTOP/SIGCONT; nothing of the
+            // record was consumed yet (`read_exact` retries by itself).
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Is more than what was read waiting: ciphertext buffered, or the socket readable now?
+fn more_waiting(d: &Direct, fd: &TcpStream) -> bool {
+    !d.inner.buffer().is_empty() || poll_readable(fd, Duration::ZERO).unwrap_or(false)
+}
+
+/// The opener thread: reads ahead while the reader is busy and more is waiting.
+fn opener(shared: &AheadShared, fd: &TcpStream) {
+    let mut st = shared.lock();
+    loop {
+        if st.closed {
+            return;
+        }
+        if !(st.wanted && st.direct.is_some() && st.queue.len() < AHEAD) {
+            st.opener_waits = true;
+            st = shared.to_opener.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.opener_waits = false;
+            continue;
+        }
+        let Some(mut d) = st.direct.take() else {
+            continue;
+        };
+        // The reader may have read what was waiting itself: never block in the socket here
+        // (the reader would then wait for this thread when the next record arrives).
+        if !more_waiting(&d, fd) {
+            st.direct = Some(d);
+            st.wanted = false;
+            continue;
+        }
+        let spare = st.spare.pop();
+        drop(st);
+        let item = open_one(&mut d, spare);
+        let end = !matches!(item, Ok(Some(_)));
+        let more = !end && more_waiting(&d, fd);
+        st = shared.lock();
+        st.queue.push_back(item);
+        st.opened_ahead += 1;
+        st.direct = Some(d);
+        st.wanted = more;
+        if st.reader_waits {
+            shared.to_reader.notify_one();
+        }
+        if end {
+            return;
+        }
+    }
+}
+
+impl Ahead {
+    /// The next record: from the queue, or read here when the opener is not reading; waits
+    /// up to `timeout` (None: as long as the socket's own timeout) and says `Ok(None)`
+    /// when nothing arrived in that time. With `wait_only`, a record is not read here, only
+    /// waited for: `Some(Ok(Some(empty)))` says one can be read now.
+    fn next(&mut self, timeout: Option<Duration>, wait_only: bool) -> Option<Opened> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let done = std::mem::take(&mut self.cur);
+        self.pos = 0;
+        let mut st = self.shared.lock();
+        if done.capacity() > 0 && st.spare.len() < AHEAD {
+            st.spare.push(done);
+        }
+        loop {
+            if let Some(item) = st.queue.pop_front() {
+                // The opener may go on now that there is room.
+                if st.wanted && st.opener_waits {
+                    self.shared.to_opener.notify_one();
+                }
+                return Some(item);
+            }
+            if let Some(mut d) = st.direct.take() {
+                let spare = st.spare.pop();
+                drop(st);
+                if wait_only || deadline.is_some() {
+                    let ready = !d.inner.buffer().is_empty() || {
+                        let left = deadline
+                            .map(|t| t.saturating_duration_since(std::time::Instant::now()))
+                            .unwrap_or(Duration::ZERO);
+                        match poll_readable(&self.fd, left) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                self.shared.lock().direct = Some(d);
+                                return Some(Err(e));
+                            }
+                        }
+                    };
+                    if wait_only || !ready {
+                        let mut st = self.shared.lock();
+                        st.direct = Some(d);
+                        if let Some(b) = spare {
+                            st.spare.push(b);
+                        }
+                        return ready.then(|| Ok(Some(Vec::new())));
+                    }
+                }
+                let item = open_one(&mut d, spare);
+                let more = matches!(item, Ok(Some(_))) && more_waiting(&d, &self.fd);
+                let mut st = self.shared.lock();
+                st.direct = Some(d);
+                st.wanted = more;
+                if more && st.opener_waits {
+                    self.shared.to_opener.notify_one();
+                }
+                return Some(item);
+            }
+            // The opener is reading a record: wait for it.
+            st.reader_waits = true;
+            st = match deadline {
+                None => self
+                    .shared
+                    .to_reader
+                    .wait(st)
+                    .unwrap_or_else(|p| p.into_inner()),
+                Some(t) => {
+                    let left = t.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        st.reader_waits = false;
+                        return None;
+                    }
+                    self.shared
+                        .to_reader
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+            st.reader_waits = false;
+        }
+    }
+
+    /// Take in what `next` returned: true when there is plaintext to read.
+    fn take(&mut self, item: Opened) -> bool {
+        match item {
+            Ok(Some(v)) => {
+                self.cur = v;
+                self.pos = 0;
+                !self.cur.is_empty()
+            }
+            Ok(None) => {
+                self.ended = true;
+                false
+            }
+            Err(e) => {
+                // Never a sticky Interrupted: `read_exact` would retry it forever.
+                let kind = match e.kind() {
+                    io::ErrorKind::Interrupted => io::ErrorKind::Other,
+                    k => k,
+                };
+                self.failed = Some((kind, e.to_string()));
+                false
+            }
+        }
+    }
+
+    fn wait_readable(&mut self, timeout: Duration) -> io::Result<bool> {
+        if self.pos < self.cur.len() || self.failed.is_some() || self.ended {
+            return Ok(true);
+        }
+        match self.next(Some(timeout), true) {
+            None => Ok(false),
+            // Something can be read from the socket now (not read yet).
+            Some(Ok(Some(v))) if v.is_empty() => Ok(true),
+            Some(item) => {
+                self.take(item);
+                Ok(true)
+            }
+        }
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.closed = true;
+        self.shared.to_opener.notify_one();
+    }
 }
 
 impl Read for Ahead {
@@ -344,24 +563,18 @@ impl Read for Ahead {
             if let Some((kind, why)) = &self.failed {
                 return Err(io::Error::new(*kind, why.clone()));
             }
-            match self.rx.recv() {
-                Ok(Ok(v)) => {
-                    let done = std::mem::replace(&mut self.cur, v);
-                    if done.capacity() > 0 {
-                        let _ = self.back.send(done);
-                    }
-                    self.pos = 0;
+            if self.ended {
+                return Ok(0);
+            }
+            match self.next(None, false) {
+                Some(item) => {
+                    self.take(item);
                 }
-                Ok(Err(e)) => {
-                    // Never a sticky Interrupted: `read_exact` would retry it forever.
-                    let kind = match e.kind() {
-                        io::ErrorKind::Interrupted => io::ErrorKind::Other,
-                        k => k,
-                    };
-                    self.failed = Some((kind, e.to_string()));
-                    return Err(io::Error::new(kind, e.to_string()));
+                None => {
+                    return Err(io::Error::other(
+                        "internal: a wait without a deadline ended",
+                    ));
                 }
-                Err(_) => return Ok(0),
             }
         }
         let n = out.len().min(self.cur.len() - self.pos);
@@ -379,7 +592,11 @@ pub(crate) const STOP_CHECK: Duration = Duration::from_millis(100);
 /// next connection instead of sleeping between attempts, so a client is served at once.
 pub(crate) fn poll_readable(fd: &impl std::os::fd::AsFd, timeout: Duration) -> io::Result<bool> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let ms = timeout.as_millis().clamp(1, 60_000) as u16;
+    // Zero looks without waiting; anything else waits at least a millisecond.
+    let ms = match timeout.is_zero() {
+        true => 0,
+        false => timeout.as_millis().clamp(1, 60_000) as u16,
+    };
     loop {
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(ms)) {
@@ -432,15 +649,23 @@ impl Direct {
                 "sealed record {n} failed authentication: {len} bytes, shorter than its tag"
             )));
         }
-        self.record.resize(len, 0);
-        self.inner.read_exact(&mut self.record).map_err(cut)?;
         // As long as the largest record (zero-filled only where it grows): ring opens in place
         // in `plain`, and copies the record to a fresh allocation first when `plain` is shorter.
         self.plain.resize(MAX_RECORD, 0);
-        match keys
-            .0
-            .read_message(self.nonce, &self.record, &mut self.plain)
-        {
+        // A record already buffered whole is opened from the buffer, not copied out first.
+        let opened = if self.inner.buffer().len() >= len {
+            let r = keys
+                .0
+                .read_message(self.nonce, &self.inner.buffer()[..len], &mut self.plain);
+            self.inner.consume(len);
+            r
+        } else {
+            self.record.resize(len, 0);
+            self.inner.read_exact(&mut self.record).map_err(cut)?;
+            keys.0
+                .read_message(self.nonce, &self.record, &mut self.plain)
+        };
+        match opened {
             Ok(n) => {
                 self.end = n;
                 self.pos = 0;
@@ -768,6 +993,97 @@ mod tests {
         }
         // The stream ended cleanly between frames.
         assert!(matches!(rx.recv(MAX_FRAME), Err(ProtocolError::Io(_))));
+    }
+
+    /// Opened ahead, records are read by the opener while the reader is busy and more is
+    /// waiting, and by the reader itself otherwise: under traffic that comes in bursts and
+    /// pauses, with a reader that is sometimes slow, every frame arrives once, whole and in
+    /// order, and `wait_readable` times out only when nothing is there.
+    #[test]
+    fn records_opened_by_either_thread_arrive_once_and_in_order() {
+        let (ki, kr) = keys_pair(&secret(1), &secret(1)).unwrap();
+        let (c, s) = sockets();
+        let mut tx = Channel::sealed(c, ki).unwrap();
+        // Sizes from a few bytes to several records, from a fixed pseudo-random sequence.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let msgs: Vec<Message> = (0..600u64)
+            .map(|seq| {
+                let r = next();
+                let len = match r % 10 {
+                    0 => 200_000 + (r >> 8) as usize % 70_000,
+                    1..=3 => MAX_PLAIN - 20 + (r >> 8) as usize % 40,
+                    _ => 1 + (r >> 8) as usize % 8192,
+                };
+                Message::Write {
+                    seq,
+                    offset: r >> 20,
+                    fua: false,
+                    data: vec![(seq % 251) as u8; len],
+                }
+            })
+            .collect();
+        let pauses: Vec<u64> = (0..msgs.len()).map(|_| next() % 8).collect();
+        let sent = msgs.clone();
+        let t = std::thread::spawn(move || {
+            // The whole channel, not only the writer: its end closes the socket.
+            let mut tx = tx;
+            for (m, p) in sent.iter().zip(&pauses) {
+                tx.writer.write_all(&m.encode()).unwrap();
+                // A burst goes out together; a pause lets the reader catch up and wait.
+                if *p < 4 {
+                    tx.writer.flush().unwrap();
+                    std::thread::sleep(Duration::from_micros(400 * p));
+                }
+            }
+            tx.writer.flush().unwrap();
+        });
+        let Channel { reader, .. } = Channel::sealed(s, kr).unwrap();
+        let mut r = reader.open_ahead("test-open".into()).unwrap();
+        let mut waits = 0;
+        for (i, want) in msgs.iter().enumerate() {
+            match next() % 6 {
+                // Wait as the session does between frames, in short steps.
+                0 => {
+                    let mut steps = 0;
+                    while !r.wait_readable(Duration::from_millis(1)).unwrap() {
+                        steps += 1;
+                        assert!(steps < 10_000, "frame {i} never became readable");
+                    }
+                    waits += steps;
+                }
+                // A slow reader: the opener gets ahead.
+                1 => std::thread::sleep(Duration::from_micros(300)),
+                _ => {}
+            }
+            assert_eq!(
+                &protocol::read_message(&mut r, MAX_FRAME).unwrap(),
+                want,
+                "frame {i}"
+            );
+        }
+        t.join().unwrap();
+        // The sender is gone: the end of the stream, reported as such.
+        assert!(r.wait_readable(Duration::from_secs(5)).unwrap());
+        match protocol::read_message(&mut r, MAX_FRAME) {
+            Err(ProtocolError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+            other => panic!("after the last frame: {other:?}"),
+        }
+        let ahead = match &r.0 {
+            Source::Ahead(a) => a.shared.lock().opened_ahead,
+            Source::Direct(_) => 0,
+        };
+        eprintln!("{waits} waits timed out, {ahead} records opened ahead");
+        // Both ways were taken.
+        assert!(
+            waits > 0 && ahead > 0,
+            "{waits} waits, {ahead} opened ahead"
+        );
     }
 
     /// Writes given as a head and a payload (sent from the payload's own buffer: in the clear
