@@ -1003,7 +1003,7 @@ mod tests {
     fn records_opened_by_either_thread_arrive_once_and_in_order() {
         let (ki, kr) = keys_pair(&secret(1), &secret(1)).unwrap();
         let (c, s) = sockets();
-        let mut tx = Channel::sealed(c, ki).unwrap();
+        let tx = Channel::sealed(c, ki).unwrap();
         // Sizes from a few bytes to several records, from a fixed pseudo-random sequence.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {

@@ -78,9 +78,13 @@ pub trait BlockDevice: Send + Sync + 'static {
 pub type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 /// The data of one WRITE, in a buffer of its connection's pool, handed on rather than copied:
-/// the replication sends it to the peer from here. The buffer goes back to the pool when
-/// the payload is dropped, on whichever thread that happens.
-pub struct Payload {
+/// the replication sends it to the peer from here while the local write reads it too (a
+/// clone shares the buffer). The buffer goes back to the pool when the last clone is
+/// dropped, on whichever thread that happens.
+#[derive(Clone)]
+pub struct Payload(Arc<PayloadBuf>);
+
+struct PayloadBuf {
     buf: Vec<u8>,
     pool: Option<Arc<Pool>>,
 }
@@ -88,18 +92,25 @@ pub struct Payload {
 impl Payload {
     /// A payload of its own buffer, returned to no pool.
     pub fn from_vec(buf: Vec<u8>) -> Payload {
-        Payload { buf, pool: None }
+        Payload(Arc::new(PayloadBuf { buf, pool: None }))
+    }
+
+    fn pooled(buf: Vec<u8>, pool: Arc<Pool>) -> Payload {
+        Payload(Arc::new(PayloadBuf {
+            buf,
+            pool: Some(pool),
+        }))
     }
 }
 
 impl std::ops::Deref for Payload {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf
+        &self.0.buf
     }
 }
 
-impl Drop for Payload {
+impl Drop for PayloadBuf {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
             pool.give(std::mem::take(&mut self.buf));
@@ -892,10 +903,7 @@ impl Conn {
     ) {
         let c = Arc::clone(self);
         let done: Done = Box::new(move |result| c.finish(req, cmd, result, Vec::new(), seq, cost));
-        let payload = Payload {
-            buf: payload,
-            pool: Some(Arc::clone(&self.buffers)),
-        };
+        let payload = Payload::pooled(payload, Arc::clone(&self.buffers));
         self.dev.write_then(req.offset, payload, done);
     }
 

@@ -172,6 +172,15 @@ impl Replicated {
             let _order = s.conflicts.claim(offset, len);
             let _locks = s.locks.shared(first, last);
             self.check_fence()?;
+            // To the peer first, so that its write runs while this one does (both under the
+            // range claim: overlapping requests reach both disks in the same order). Either
+            // copy alone is an unanswered write, which a crash may leave half done; the
+            // extent is already dirty here, so a resync makes the two agree.
+            let queued = Instant::now();
+            let c = s.link().map(|l| l.submit_frame(remote));
+            if c.is_some() {
+                s.writes_queued.fetch_add(1, Ordering::AcqRel);
+            }
             let applied = match local() {
                 Ok(()) => Ok(()),
                 Err(e) if is_disk_error(&e) => {
@@ -180,11 +189,6 @@ impl Replicated {
                 }
                 Err(e) => return Err(e),
             };
-            let queued = Instant::now();
-            let c = s.link().map(|l| l.submit_frame(remote));
-            if c.is_some() {
-                s.writes_queued.fetch_add(1, Ordering::AcqRel);
-            }
             if applied.is_err() {
                 // The peer's copy is the only one now: answered once it is written there
                 // (still holding the range, a single wait when the disk fails).
@@ -400,21 +404,14 @@ impl BlockDevice for Replicated {
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let disk = &self.s.disk;
         let len = data.len() as u64;
-        // Written here first, then handed to the peer's frame (no copy); the frame is made
-        // only after the local write, so the borrow has ended.
-        let data = std::cell::RefCell::new(data);
+        // The peer's frame shares the buffer (no copy): it may be sent while the local write
+        // reads it.
+        let frame_data = data.clone();
         self.modify_then(
             offset,
             len,
-            || disk.write_at(&data.borrow(), offset),
-            |seq| {
-                Frame::write(
-                    seq,
-                    offset,
-                    false,
-                    data.replace(Payload::from_vec(Vec::new())),
-                )
-            },
+            || disk.write_at(&data, offset),
+            |seq| Frame::write(seq, offset, false, frame_data),
             done,
         )
     }
