@@ -2,7 +2,7 @@
 //! worst case: the address check lets it in), and from strangers. What a user would observe:
 //! slow handshakes do not keep the real primary out after the secondary restarts, a client
 //! that trickles bytes is closed at the handshake deadline, and a flood of garbage does not
-//! flood the log.
+//! flood the log. And an NBD client that never reads its replies stalls only itself.
 
 mod daemon_common;
 
@@ -249,4 +249,93 @@ fn a_flood_of_garbage_connections_writes_few_log_lines() {
         p.b.log_text()
     );
     assert_eq!(p.a.status()["connection"], "connected");
+}
+
+/// A raw NBD connection to the export at `sock` (fixed newstyle, export `r0`).
+fn nbd_connect(sock: &std::path::Path) -> std::os::unix::net::UnixStream {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut o = b"IHAVEOPT".to_vec();
+    o.extend_from_slice(&1u32.to_be_bytes());
+    o.extend_from_slice(&2u32.to_be_bytes());
+    o.extend_from_slice(b"r0");
+    s.write_all(&o).unwrap();
+    let mut info = [0u8; 10];
+    s.read_exact(&mut info).unwrap();
+    s
+}
+
+/// An NBD client that sends writes and never reads the replies (a hung or hostile client)
+/// fills its socket. The writes of every connection are answered by the thread that reads
+/// the peer's acknowledgements; if that thread waited for this client, every other client's
+/// writes would hang with it, up to the reply timeout (30 s). What a user sees instead: the
+/// other client's writes go on at once, the link stays up, and the stuck client, once it
+/// reads, gets every reply it was owed.
+#[test]
+fn a_client_that_never_reads_its_replies_stalls_only_itself() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let p = synced_pair("fullsync");
+    let mut hog = nbd_connect(&p.a.nbd);
+    hog.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    // Writes (4 KiB each, within the first MiB) until the daemon stops taking them: the
+    // replies it owes pile up and it stops reading this connection.
+    let mut sent = 0u64;
+    let started = Instant::now();
+    while sent < 100_000 && started.elapsed() < Duration::from_secs(20) {
+        let mut r = Vec::with_capacity(28 + 4096);
+        r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&1u16.to_be_bytes());
+        r.extend_from_slice(&sent.to_be_bytes());
+        r.extend_from_slice(&((sent % 256) * 4096).to_be_bytes());
+        r.extend_from_slice(&4096u32.to_be_bytes());
+        r.extend_from_slice(&[0x77; 4096]);
+        if hog.write_all(&r).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the daemon took {sent} writes and kept reading a client that reads no replies"
+    );
+    eprintln!("the stuck client got {sent} writes in before the daemon stopped reading it");
+    // Another client of the same export: its writes are answered at once.
+    let (_, took) = qemu_io_within(
+        &p.a.nbd_uri(),
+        &p.a.log,
+        &["write -P 0x5a 2M 256k", "write -P 0x5b 3M 64k", "flush"],
+        Duration::from_secs(25),
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "another client's writes took {took:?} while one client read no replies"
+    );
+    let st = p.a.status();
+    assert_eq!(st["connection"], "connected", "{st}");
+    // The stuck client reads now: one reply per request it sent whole, none failed.
+    let mut answered = std::collections::BTreeSet::new();
+    let mut b = [0u8; 16];
+    while (answered.len() as u64) < sent {
+        if hog.read_exact(&mut b).is_err() {
+            break;
+        }
+        assert_eq!(
+            u32::from_be_bytes(b[4..8].try_into().unwrap()),
+            0,
+            "error reply"
+        );
+        answered.insert(u64::from_be_bytes(b[8..].try_into().unwrap()));
+    }
+    assert_eq!(
+        answered.len() as u64,
+        sent,
+        "replies owed to the stuck client"
+    );
 }

@@ -235,6 +235,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// connection: a client that sends requests and never reads the replies cannot hold a
 /// connection's threads forever. Per write call: a client that reads, however slowly, stays.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Reply bytes waiting for a client that does not read them (see `Conn::reply`) before the
+/// reader stops taking its requests.
+const MAX_BACKLOG: u64 = 64 << 10;
 /// How long `shutdown` waits for connection threads.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 /// Socket read buffer: many request headers per system call.
@@ -730,7 +733,11 @@ struct Conn {
     dev: Arc<dyn BlockDevice>,
     counters: Arc<Counters>,
     /// Replies go out whole, one at a time, in completion order.
-    writer: Mutex<Stream>,
+    writer: Mutex<Replies>,
+    /// The backlog was sent (or its sending failed): a waiting replier may go on.
+    drained: Condvar,
+    /// `Replies::backlog`'s length, for the reader's admission.
+    backlog: AtomicU64,
     state: Mutex<State>,
     /// A job was queued (or the queue closed).
     work: Condvar,
@@ -745,24 +752,165 @@ struct Conn {
     max_workers: usize,
 }
 
+/// Who answers a request.
+enum Via {
+    /// A thread of the connection (a worker, the reader), which may wait for the client;
+    /// with the data of a READ (or the buffer to give back).
+    Thread(Vec<u8>),
+    /// The device's callback, possibly on the thread that serves every connection.
+    Callback,
+}
+
+/// The sending side of a connection.
+struct Replies {
+    stream: Stream,
+    /// Reply bytes the socket did not take at once; `flushing` while a thread sends them.
+    backlog: Vec<u8>,
+    flushing: bool,
+    /// A reply could not be sent: the connection is ending, later replies fail the same way.
+    failed: Option<(io::ErrorKind, String)>,
+}
+
+/// `sendmsg` of `head` and `body` without blocking: the bytes the socket took (0 when full).
+fn send_nowait(s: &Stream, head: &[u8], body: &[u8]) -> io::Result<usize> {
+    use nix::sys::socket::{MsgFlags, sendmsg};
+    let fd = match s {
+        Stream::Unix(u) => u.as_raw_fd(),
+        Stream::Tcp(t) => t.as_raw_fd(),
+    };
+    let iov = [IoSlice::new(head), IoSlice::new(body)];
+    let n = if body.is_empty() { 1 } else { 2 };
+    loop {
+        match sendmsg::<()>(
+            fd,
+            &iov[..n],
+            &[],
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(sent) => return Ok(sent),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => return Ok(0),
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+}
+
 impl Conn {
-    fn reply(&self, cookie: u64, error: u32, data: &[u8]) -> io::Result<()> {
+    /// Send a reply. `may_wait`: the caller may block until the client takes it (a worker,
+    /// the reader). Otherwise (a write answered by the thread that reads the peer's acks,
+    /// which serves every connection) a reply the socket cannot take at once goes to the
+    /// connection's backlog, sent by a thread of its own: a client that stops reading its
+    /// replies then stalls only itself.
+    fn reply(
+        self: &Arc<Self>,
+        cookie: u64,
+        error: u32,
+        data: &[u8],
+        may_wait: bool,
+    ) -> io::Result<()> {
         let mut head = [0u8; 16];
         head[0..4].copy_from_slice(&wire::SIMPLE_REPLY_MAGIC.to_be_bytes());
         head[4..8].copy_from_slice(&error.to_be_bytes());
         head[8..16].copy_from_slice(&cookie.to_be_bytes());
         let mut w = lock(&self.writer);
-        let res = write_two(&mut *w, &head, data);
-        if let Err(e) = &res {
-            // The client is gone or takes no replies: wake the reader so the connection
-            // winds down.
-            w.shutdown();
-            let mut first = lock(&self.reply_error);
-            if first.is_none() {
-                *first = Some(io::Error::new(e.kind(), e.to_string()));
+        if may_wait {
+            // In order: after the backlog.
+            while w.flushing && w.failed.is_none() {
+                w = self.drained.wait(w).unwrap_or_else(|e| e.into_inner());
             }
         }
+        if let Some((kind, why)) = &w.failed {
+            return Err(io::Error::new(*kind, why.clone()));
+        }
+        if w.flushing {
+            w.backlog.extend_from_slice(&head);
+            w.backlog.extend_from_slice(data);
+            self.backlog
+                .store(w.backlog.len() as u64, Ordering::Release);
+            return Ok(());
+        }
+        let res = match may_wait {
+            true => write_two(&mut w.stream, &head, data),
+            false => match send_nowait(&w.stream, &head, data) {
+                Ok(n) if n == head.len() + data.len() => Ok(()),
+                Ok(n) => {
+                    let rest = [&head[..], data].concat();
+                    w.backlog.extend_from_slice(&rest[n..]);
+                    self.backlog
+                        .store(w.backlog.len() as u64, Ordering::Release);
+                    w.flushing = true;
+                    drop(w);
+                    self.start_flusher();
+                    return Ok(());
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = &res {
+            self.reply_failed(&mut w, e);
+        }
         res
+    }
+
+    /// The client is gone or takes no replies: wake the reader so the connection winds down.
+    fn reply_failed(&self, w: &mut Replies, e: &io::Error) {
+        w.stream.shutdown();
+        w.failed = Some((e.kind(), e.to_string()));
+        let mut first = lock(&self.reply_error);
+        if first.is_none() {
+            *first = Some(io::Error::new(e.kind(), e.to_string()));
+        }
+    }
+
+    /// Send the backlog on a thread of its own, waiting for the client as long as the reply
+    /// timeout allows each write. The connection is not drained (DISC, shutdown) before it
+    /// is done.
+    fn start_flusher(self: &Arc<Self>) {
+        lock(&self.state).unanswered += 1;
+        let conn = Arc::clone(self);
+        let spawned = thread::Builder::new()
+            .name("nbd-replies".into())
+            .spawn(move || conn.flush_backlog());
+        if let Err(e) = spawned {
+            warn!("nbd: cannot start a thread to send delayed replies: {e}");
+            // Sent here then, waiting as a worker would.
+            self.flush_backlog();
+        }
+    }
+
+    fn flush_backlog(&self) {
+        let mut w = lock(&self.writer);
+        loop {
+            if w.backlog.is_empty() || w.failed.is_some() {
+                w.backlog = Vec::new();
+                w.flushing = false;
+                break;
+            }
+            let out = std::mem::take(&mut w.backlog);
+            let mut stream = match w.stream.try_clone() {
+                Ok(s) => s,
+                Err(e) => {
+                    self.reply_failed(&mut w, &e);
+                    continue;
+                }
+            };
+            drop(w);
+            let res = stream.write_all(&out);
+            w = lock(&self.writer);
+            self.backlog
+                .store(w.backlog.len() as u64, Ordering::Release);
+            if let Err(e) = res {
+                self.reply_failed(&mut w, &e);
+            }
+        }
+        self.backlog.store(0, Ordering::Release);
+        drop(w);
+        self.drained.notify_all();
+        let mut st = lock(&self.state);
+        st.unanswered -= 1;
+        // The reader may wait for the backlog to shrink, or for the last reply.
+        self.room.notify_all();
     }
 
     fn take_buffer(&self, len: usize) -> Vec<u8> {
@@ -779,6 +927,7 @@ impl Conn {
         let mut st = lock(&self.state);
         while st.inflight >= MAX_INFLIGHT
             || (st.inflight > 0 && st.inflight_bytes + cost > MAX_INFLIGHT_BYTES)
+            || self.backlog.load(Ordering::Acquire) > MAX_BACKLOG
         {
             st.reader_waiting = true;
             st = self.room.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -889,7 +1038,7 @@ impl Conn {
             Command::Zeroes { fua, no_hole } => dev.write_zeroes(req.offset, len, fua, no_hole),
             Command::Disc => Ok(()),
         };
-        self.finish(req, cmd, result, data, seq, cost);
+        self.finish(req, cmd, result, Via::Thread(data), seq, cost);
     }
 
     /// Start a plain write on a device that answers it through a callback (`write_then`).
@@ -902,21 +1051,27 @@ impl Conn {
         cost: usize,
     ) {
         let c = Arc::clone(self);
-        let done: Done = Box::new(move |result| c.finish(req, cmd, result, Vec::new(), seq, cost));
+        // Possibly on the thread that reads the peer's acks: it must not wait for a client.
+        let done: Done =
+            Box::new(move |result| c.finish(req, cmd, result, Via::Callback, seq, cost));
         let payload = Payload::pooled(payload, Arc::clone(&self.buffers));
         self.dev.write_then(req.offset, payload, done);
     }
 
     /// Answer a request (with `data` for a successful READ) and release what it held.
     fn finish(
-        &self,
+        self: &Arc<Self>,
         req: Request,
         cmd: Command,
         result: io::Result<()>,
-        data: Vec<u8>,
+        via: Via,
         seq: u64,
         cost: usize,
     ) {
+        let (data, may_wait) = match via {
+            Via::Thread(data) => (data, true),
+            Via::Callback => (Vec::new(), false),
+        };
         {
             let mut st = lock(&self.state);
             st.inflight -= 1;
@@ -952,11 +1107,12 @@ impl Conn {
                     req.cookie,
                     0,
                     if cmd == Command::Read { &data } else { &[] },
+                    may_wait,
                 )
             }
             Err(e) => {
                 debug!("nbd: request {:?} failed: {e}", req);
-                self.reply(req.cookie, nbd_errno(e), &[])
+                self.reply(req.cookie, nbd_errno(e), &[], may_wait)
             }
         };
         if let Err(e) = sent {
@@ -1035,7 +1191,7 @@ fn transmission(conn: &Arc<Conn>, r: &mut impl Read, size: u64) -> io::Result<()
                 if req.kind == wire::CMD_WRITE {
                     discard(r, req.len)?;
                 }
-                conn.reply(req.cookie, errno, &[])?;
+                conn.reply(req.cookie, errno, &[], true)?;
                 continue;
             }
         };
@@ -1065,7 +1221,7 @@ fn transmission(conn: &Arc<Conn>, r: &mut impl Read, size: u64) -> io::Result<()
         if cmd == Command::Read
             && let Some(result) = conn.dev.read_now(req.offset, &mut payload)
         {
-            conn.finish(req, cmd, result, payload, seq, cost);
+            conn.finish(req, cmd, result, Via::Thread(payload), seq, cost);
             continue;
         }
         if alone && cmd == (Command::Write { fua: false }) && conn.dev.writes_then() {
@@ -1154,7 +1310,14 @@ fn serve_inner(
     let conn = Arc::new(Conn {
         dev,
         counters,
-        writer: Mutex::new(w),
+        writer: Mutex::new(Replies {
+            stream: w,
+            backlog: Vec::new(),
+            flushing: false,
+            failed: None,
+        }),
+        drained: Condvar::new(),
+        backlog: AtomicU64::new(0),
         state: Mutex::new(State::default()),
         work: Condvar::new(),
         room: Condvar::new(),
