@@ -475,7 +475,9 @@ impl Ahead {
                     }
                 }
                 let item = open_one(&mut d, spare);
-                let more = matches!(item, Ok(Some(_))) && more_waiting(&d, &self.fd);
+                // Only what is already buffered counts here (no system call): a lone write
+                // leaves nothing, while a burst of large ones arrives several records a read.
+                let more = matches!(item, Ok(Some(_))) && !d.inner.buffer().is_empty();
                 let mut st = self.shared.lock();
                 st.direct = Some(d);
                 st.wanted = more;

@@ -1,20 +1,29 @@
 //! Ordering of conflicting application writes on the primary.
 //!
 //! NBD lets a server run overlapping requests in any order, but the two replicas must end up
-//! with the same order. The primary applies a write to its disk and queues it to the peer in
+//! with the same order. The primary queues a write to the peer and applies it to its disk in
 //! one step; two overlapping writes from different connections could otherwise interleave
-//! that step (A local, B local, B queued, A queued) and leave the primary with B's data and the
-//! secondary with A's, with no dirty bit to notice. A write therefore claims its byte range
-//! for that step, and a write that overlaps a claimed range waits for it (DRBD waits for
-//! conflicting requests the same way). Writes that do not overlap never wait for each other.
+//! that step (A queued, B queued, B local, A local) and leave the primary with A's data and
+//! the secondary with B's, with no dirty bit to notice. A write therefore claims its byte
+//! range for that step, and a write that overlaps a claimed range waits for it (DRBD waits
+//! for conflicting requests the same way). Writes that do not overlap never wait for each
+//! other.
 
 use std::sync::{Condvar, Mutex};
 
-/// The byte ranges whose writes are between "apply locally" and "queued to the peer".
+/// The byte ranges whose writes are between "queued to the peer" and "applied locally".
 #[derive(Default)]
 pub struct Conflicts {
-    claimed: Mutex<Vec<(u64, u64)>>,
+    claimed: Mutex<Claimed>,
     released: Condvar,
+}
+
+#[derive(Default)]
+struct Claimed {
+    ranges: Vec<(u64, u64)>,
+    /// Claims waiting for a release (a release wakes them; without any it makes no system
+    /// call).
+    waiters: usize,
 }
 
 /// A claimed range; released on drop.
@@ -32,13 +41,15 @@ impl Conflicts {
     pub fn claim(&self, offset: u64, len: u64) -> Claim<'_> {
         let range = (offset, offset.saturating_add(len));
         let mut claimed = self.claimed.lock().unwrap_or_else(|p| p.into_inner());
-        while claimed.iter().any(|&c| overlaps(c, range)) {
+        while claimed.ranges.iter().any(|&c| overlaps(c, range)) {
+            claimed.waiters += 1;
             claimed = self
                 .released
                 .wait(claimed)
                 .unwrap_or_else(|p| p.into_inner());
+            claimed.waiters -= 1;
         }
-        claimed.push(range);
+        claimed.ranges.push(range);
         Claim { owner: self, range }
     }
 }
@@ -46,11 +57,14 @@ impl Conflicts {
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut claimed = self.owner.claimed.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = claimed.iter().position(|&c| c == self.range) {
-            claimed.swap_remove(i);
+        if let Some(i) = claimed.ranges.iter().position(|&c| c == self.range) {
+            claimed.ranges.swap_remove(i);
         }
+        let waiters = claimed.waiters;
         drop(claimed);
-        self.owner.released.notify_all();
+        if waiters > 0 {
+            self.owner.released.notify_all();
+        }
     }
 }
 
@@ -96,8 +110,8 @@ mod tests {
         let a = c.claim(0, 10);
         drop(a);
         let b = c.claim(0, 10);
-        assert_eq!(c.claimed.lock().unwrap().len(), 1);
+        assert_eq!(c.claimed.lock().unwrap().ranges.len(), 1);
         drop(b);
-        assert!(c.claimed.lock().unwrap().is_empty());
+        assert!(c.claimed.lock().unwrap().ranges.is_empty());
     }
 }
