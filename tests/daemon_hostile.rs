@@ -251,24 +251,6 @@ fn a_flood_of_garbage_connections_writes_few_log_lines() {
     assert_eq!(p.a.status()["connection"], "connected");
 }
 
-/// A raw NBD connection to the export at `sock` (fixed newstyle, export `r0`).
-fn nbd_connect(sock: &std::path::Path) -> std::os::unix::net::UnixStream {
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).unwrap();
-    assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT");
-    s.write_all(&3u32.to_be_bytes()).unwrap();
-    let mut o = b"IHAVEOPT".to_vec();
-    o.extend_from_slice(&1u32.to_be_bytes());
-    o.extend_from_slice(&2u32.to_be_bytes());
-    o.extend_from_slice(b"r0");
-    s.write_all(&o).unwrap();
-    let mut info = [0u8; 10];
-    s.read_exact(&mut info).unwrap();
-    s
-}
-
 /// An NBD client that sends writes and never reads the replies (a hung or hostile client)
 /// fills its socket. The writes of every connection are answered by the thread that reads
 /// the peer's acknowledgements; if that thread waited for this client, every other client's

@@ -115,24 +115,6 @@ struct Written {
     failed: u64,
 }
 
-fn nbd_connect(sock: &Path) -> UnixStream {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).unwrap();
-    assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT");
-    // Fixed newstyle, no zeroes; NBD_OPT_EXPORT_NAME "r0".
-    s.write_all(&3u32.to_be_bytes()).unwrap();
-    let mut o = b"IHAVEOPT".to_vec();
-    o.extend_from_slice(&1u32.to_be_bytes());
-    o.extend_from_slice(&2u32.to_be_bytes());
-    o.extend_from_slice(b"r0");
-    s.write_all(&o).unwrap();
-    let mut info = [0u8; 10];
-    s.read_exact(&mut info).unwrap();
-    s
-}
-
 fn nbd_send(s: &mut UnixStream, kind: u16, handle: u64, offset: u64, data: &[u8]) -> bool {
     let mut r = Vec::with_capacity(28 + data.len());
     r.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());

@@ -598,3 +598,24 @@ pub fn assert_root_ns_clean() {
          198.18.0.0/24, which the tests need for their namespaces only\n{addrs}\n{routes}"
     );
 }
+
+/// A raw NBD connection to the export at `sock` (fixed newstyle, export `r0`), for tests that
+/// must send what no ordinary client would; reads time out after 60 s.
+pub fn nbd_connect(sock: &Path) -> std::os::unix::net::UnixStream {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT");
+    // Fixed newstyle, no zeroes; NBD_OPT_EXPORT_NAME "r0".
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut o = b"IHAVEOPT".to_vec();
+    o.extend_from_slice(&1u32.to_be_bytes());
+    o.extend_from_slice(&2u32.to_be_bytes());
+    o.extend_from_slice(b"r0");
+    s.write_all(&o).unwrap();
+    let mut info = [0u8; 10];
+    s.read_exact(&mut info).unwrap();
+    s
+}
