@@ -10,11 +10,9 @@
 
 mod daemon_common;
 
-use std::fs::File;
 use std::time::{Duration, Instant};
 
 use daemon_common::*;
-use nix::fcntl::{Flock, FlockArg};
 
 const NS_A: &str = "tfo-a";
 const NS_B: &str = "tfo-b";
@@ -25,70 +23,21 @@ const IP_B: &str = "198.18.0.52";
 const PORT: u16 = 7789;
 const LOCK: &str = "/run/tandem-tfo-netns-test.lock";
 
-/// The two namespaces and their veth link, removed on drop.
-struct Net {
-    _lock: Flock<File>,
-}
-
-impl Net {
-    fn up() -> Option<Net> {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipping: network namespaces need root");
-            return None;
-        }
-        if !(need("ip", "iproute2")
-            && need("nsenter", "util-linux")
-            && need("qemu-io", "qemu-utils"))
-        {
-            return None;
-        }
-        let mut file = File::create(LOCK).unwrap();
-        let end = Instant::now() + Duration::from_secs(300);
-        let lock = loop {
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(l) => break l,
-                Err((f, _)) if Instant::now() < end => {
-                    file = f;
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err((_, e)) => panic!("{LOCK} still locked after 300 s: {e}"),
-            }
-        };
-        assert_root_ns_clean();
-        for ns in [NS_A, NS_B] {
-            if run_argv(&["ip", "netns", "del", ns]).status.success() {
-                eprintln!("removed the stale namespace {ns}");
-            }
-        }
-        let net = Net { _lock: lock };
-        for ns in [NS_A, NS_B] {
-            must(&["ip", "netns", "add", ns]);
-            in_ns(
-                ns,
-                &["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
-            );
-        }
-        must(&[
-            "ip", "-n", NS_A, "link", "add", DEV_A, "type", "veth", "peer", "name", DEV_B, "netns",
-            NS_B,
-        ]);
-        for (ns, dev, ip) in [(NS_A, DEV_A, IP_A), (NS_B, DEV_B, IP_B)] {
-            let cidr = format!("{ip}/24");
-            must(&["ip", "-n", ns, "addr", "add", &cidr, "dev", dev]);
-            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-            must(&["ip", "-n", ns, "link", "set", dev, "up"]);
-        }
-        assert_root_ns_clean();
-        Some(net)
+/// The two namespaces and their veth link, removed on drop; `None`: skip (printed why).
+fn net_up() -> Option<NetnsPair> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: network namespaces need root");
+        return None;
     }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in [NS_A, NS_B] {
-            let _ = run_argv(&["ip", "netns", "del", ns]);
-        }
+    if !(need("ip", "iproute2") && need("nsenter", "util-linux") && need("qemu-io", "qemu-utils")) {
+        return None;
     }
+    Some(NetnsPair::up(
+        LOCK,
+        [NS_A, NS_B],
+        [DEV_A, DEV_B],
+        [IP_A, IP_B],
+    ))
 }
 
 /// The harness sets `daemon.timeout = "3s"`; these tests run on the defaults.
@@ -106,7 +55,7 @@ fn use_default_timeouts(p: &Pair) {
 /// And it serves what the old primary acknowledged.
 #[test]
 fn promote_after_the_primary_vanished_answers_at_once_and_serves_the_data() {
-    let Some(_net) = Net::up() else { return };
+    let Some(_net) = net_up() else { return };
     let mut p = Pair::new_on("fullsync", (IP_A, PORT), (IP_B, PORT));
     p.a.netns = Some(NS_A);
     p.b.netns = Some(NS_B);

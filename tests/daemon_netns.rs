@@ -11,11 +11,9 @@
 
 mod daemon_common;
 
-use std::fs::File;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use daemon_common::*;
-use nix::fcntl::{Flock, FlockArg};
 
 const NS_A: &str = "tnf-a";
 const NS_B: &str = "tnf-b";
@@ -38,10 +36,11 @@ fn can_run() -> bool {
         && need("qemu-io", "qemu-utils")
 }
 
-/// The two namespaces and their link; removed on drop, also when the test fails. Holds the
-/// lock that keeps the tests of this file (and of other processes) from sharing them.
+/// The two namespaces and their link (removed on drop, also when the test fails), and the
+/// faults made in them. Holds the lock that keeps the tests of this file (and of other
+/// processes) from sharing them.
 struct Net {
-    _lock: Flock<File>,
+    _pair: NetnsPair,
 }
 
 impl Net {
@@ -50,55 +49,9 @@ impl Net {
         if !can_run() {
             return None;
         }
-        let mut file = File::create(LOCK).unwrap();
-        let end = Instant::now() + Duration::from_secs(300);
-        let lock = loop {
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(l) => break l,
-                Err((f, _)) if Instant::now() < end => {
-                    file = f;
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err((_, e)) => panic!("{LOCK} still locked after 300 s: {e}"),
-            }
-        };
-        assert_root_ns_clean();
-        // Under the lock, namespaces of these names are leftovers of a killed run.
-        for ns in [NS_A, NS_B] {
-            if run_argv(&["ip", "netns", "del", ns]).status.success() {
-                eprintln!("removed the stale namespace {ns}");
-            }
-        }
-        let net = Net { _lock: lock };
-        for ns in [NS_A, NS_B] {
-            must(&["ip", "netns", "add", ns]);
-            // No IPv6 (router solicitations, DAD) on the link: IPv4 between the two only.
-            in_ns(
-                ns,
-                &["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
-            );
-        }
-        // Created inside tnf-a, its peer inside tnf-b: the link is never in the root namespace.
-        must(&[
-            "ip", "-n", NS_A, "link", "add", "tnf-va", "type", "veth", "peer", "name", "tnf-vb",
-            "netns", NS_B,
-        ]);
-        for (ns, dev, ip) in [(NS_A, "tnf-va", IP_A), (NS_B, "tnf-vb", IP_B)] {
-            must(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                dev,
-            ]);
-            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-            must(&["ip", "-n", ns, "link", "set", dev, "up"]);
-        }
-        assert_root_ns_clean();
-        Some(net)
+        Some(Net {
+            _pair: NetnsPair::up(LOCK, [NS_A, NS_B], ["tnf-va", "tnf-vb"], [IP_A, IP_B]),
+        })
     }
 
     /// Drop, in `ns`'s input chain, what matches each of `rules`.
@@ -129,15 +82,6 @@ impl Net {
             let _ = run_argv(&[
                 "nsenter", &net, "--", "nft", "delete", "table", "inet", TABLE,
             ]);
-        }
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        // The veth pair goes with its namespaces.
-        for ns in [NS_A, NS_B] {
-            let _ = run_argv(&["ip", "netns", "del", ns]);
         }
     }
 }

@@ -619,3 +619,79 @@ pub fn nbd_connect(sock: &Path) -> std::os::unix::net::UnixStream {
     s.read_exact(&mut info).unwrap();
     s
 }
+
+/// Two network namespaces joined by a veth pair on 198.18.0.0/24, each end with its address,
+/// for tests whose nodes must drop packets rather than refuse them. Made under a file lock
+/// (tests sharing the names wait for each other, at most 300 s); removed on drop, also when
+/// the test fails. The caller has checked for root and `ip`. The root namespace never gets an
+/// address there: checked before and after.
+pub struct NetnsPair {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    ns: [&'static str; 2],
+}
+
+impl NetnsPair {
+    /// Namespaces `ns`, veth ends `dev` in them, addresses `ip` (/24).
+    pub fn up(
+        lock: &str,
+        ns: [&'static str; 2],
+        dev: [&'static str; 2],
+        ip: [&'static str; 2],
+    ) -> NetnsPair {
+        use nix::fcntl::{Flock, FlockArg};
+        let mut file = std::fs::File::create(lock).unwrap();
+        let end = Instant::now() + Duration::from_secs(300);
+        let lock_held = loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => break l,
+                Err((f, _)) if Instant::now() < end => {
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err((_, e)) => panic!("{lock} still locked after 300 s: {e}"),
+            }
+        };
+        assert_root_ns_clean();
+        // Under the lock, namespaces of these names are leftovers of a killed run.
+        for n in ns {
+            if run_argv(&["ip", "netns", "del", n]).status.success() {
+                eprintln!("removed the stale namespace {n}");
+            }
+        }
+        let pair = NetnsPair {
+            _lock: lock_held,
+            ns,
+        };
+        for n in ns {
+            must(&["ip", "netns", "add", n]);
+            // No IPv6 (router solicitations, DAD) on the link: IPv4 between the two only.
+            in_ns(
+                n,
+                &["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
+            );
+        }
+        // Created inside the first namespace, its peer inside the second: the link is never in
+        // the root namespace.
+        must(&[
+            "ip", "-n", ns[0], "link", "add", dev[0], "type", "veth", "peer", "name", dev[1],
+            "netns", ns[1],
+        ]);
+        for i in 0..2 {
+            let cidr = format!("{}/24", ip[i]);
+            must(&["ip", "-n", ns[i], "addr", "add", &cidr, "dev", dev[i]]);
+            must(&["ip", "-n", ns[i], "link", "set", "lo", "up"]);
+            must(&["ip", "-n", ns[i], "link", "set", dev[i], "up"]);
+        }
+        assert_root_ns_clean();
+        pair
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        // The veth pair goes with its namespaces.
+        for n in self.ns {
+            let _ = run_argv(&["ip", "netns", "del", n]);
+        }
+    }
+}
