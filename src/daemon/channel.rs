@@ -23,7 +23,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use hmac::{Hmac, KeyInit, Mac};
@@ -429,12 +429,12 @@ fn opener(shared: &AheadShared, fd: &TcpStream) {
 }
 
 impl Ahead {
-    /// The next record: from the queue, or read here when the opener is not reading; waits
-    /// up to `timeout` (None: as long as the socket's own timeout) and says `Ok(None)`
-    /// when nothing arrived in that time. With `wait_only`, a record is not read here, only
-    /// waited for: `Some(Ok(Some(empty)))` says one can be read now.
-    fn next(&mut self, timeout: Option<Duration>, wait_only: bool) -> Option<Opened> {
-        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    /// The next record: from the queue, or read here when the opener is not reading one.
+    /// With `wait_until`, nothing is read here: it waits until that instant for a record to
+    /// be at hand, `Some(Ok(Some(empty)))` saying the socket has something to read now and
+    /// `None` that nothing came in time. Without, it reads (as long as the socket's own
+    /// timeout allows).
+    fn next(&mut self, wait_until: Option<Instant>) -> Option<Opened> {
         let done = std::mem::take(&mut self.cur);
         self.pos = 0;
         let mut st = self.shared.lock();
@@ -450,30 +450,22 @@ impl Ahead {
                 return Some(item);
             }
             if let Some(mut d) = st.direct.take() {
+                if let Some(t) = wait_until {
+                    drop(st);
+                    let left = t.saturating_duration_since(Instant::now());
+                    let ready = match d.inner.buffer().is_empty() {
+                        false => Ok(true),
+                        true => poll_readable(&self.fd, left),
+                    };
+                    self.shared.lock().direct = Some(d);
+                    return match ready {
+                        Ok(true) => Some(Ok(Some(Vec::new()))),
+                        Ok(false) => None,
+                        Err(e) => Some(Err(e)),
+                    };
+                }
                 let spare = st.spare.pop();
                 drop(st);
-                if wait_only || deadline.is_some() {
-                    let ready = !d.inner.buffer().is_empty() || {
-                        let left = deadline
-                            .map(|t| t.saturating_duration_since(std::time::Instant::now()))
-                            .unwrap_or(Duration::ZERO);
-                        match poll_readable(&self.fd, left) {
-                            Ok(r) => r,
-                            Err(e) => {
-                                self.shared.lock().direct = Some(d);
-                                return Some(Err(e));
-                            }
-                        }
-                    };
-                    if wait_only || !ready {
-                        let mut st = self.shared.lock();
-                        st.direct = Some(d);
-                        if let Some(b) = spare {
-                            st.spare.push(b);
-                        }
-                        return ready.then(|| Ok(Some(Vec::new())));
-                    }
-                }
                 let item = open_one(&mut d, spare);
                 // Only what is already buffered counts here (no system call): a lone write
                 // leaves nothing, while a burst of large ones arrives several records a read.
@@ -488,14 +480,14 @@ impl Ahead {
             }
             // The opener is reading a record: wait for it.
             st.reader_waits = true;
-            st = match deadline {
+            st = match wait_until {
                 None => self
                     .shared
                     .to_reader
                     .wait(st)
                     .unwrap_or_else(|p| p.into_inner()),
                 Some(t) => {
-                    let left = t.saturating_duration_since(std::time::Instant::now());
+                    let left = t.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         st.reader_waits = false;
                         return None;
@@ -511,18 +503,14 @@ impl Ahead {
         }
     }
 
-    /// Take in what `next` returned: true when there is plaintext to read.
-    fn take(&mut self, item: Opened) -> bool {
+    /// Take in what `next` returned.
+    fn take(&mut self, item: Opened) {
         match item {
             Ok(Some(v)) => {
                 self.cur = v;
                 self.pos = 0;
-                !self.cur.is_empty()
             }
-            Ok(None) => {
-                self.ended = true;
-                false
-            }
+            Ok(None) => self.ended = true,
             Err(e) => {
                 // Never a sticky Interrupted: `read_exact` would retry it forever.
                 let kind = match e.kind() {
@@ -530,7 +518,6 @@ impl Ahead {
                     k => k,
                 };
                 self.failed = Some((kind, e.to_string()));
-                false
             }
         }
     }
@@ -539,7 +526,7 @@ impl Ahead {
         if self.pos < self.cur.len() || self.failed.is_some() || self.ended {
             return Ok(true);
         }
-        match self.next(Some(timeout), true) {
+        match self.next(Some(Instant::now() + timeout)) {
             None => Ok(false),
             // Something can be read from the socket now (not read yet).
             Some(Ok(Some(v))) if v.is_empty() => Ok(true),
@@ -568,13 +555,11 @@ impl Read for Ahead {
             if self.ended {
                 return Ok(0);
             }
-            match self.next(None, false) {
-                Some(item) => {
-                    self.take(item);
-                }
+            match self.next(None) {
+                Some(item) => self.take(item),
                 None => {
                     return Err(io::Error::other(
-                        "internal: a wait without a deadline ended",
+                        "internal: a read without a deadline ended",
                     ));
                 }
             }
