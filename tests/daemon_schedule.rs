@@ -111,12 +111,11 @@ impl World {
         stamp::aim(&self.target, path);
     }
 
-    /// The secondary is complete (wait up to 30 s): only then is a failover to it safe, as a
-    /// CARP setup with `tandem switch` would refuse it otherwise.
-    /// Both sides say the pair is in sync. The secondary's view alone is not enough: right
-    /// after a link fault it may still show `complete` while the primary already writes
-    /// without it, and a failover then would be a real split-brain (seen with SEED=1796008797:
-    /// Reset, then Failover).
+    /// Both sides say the pair is connected and complete (wait up to 30 s): only then is a
+    /// failover to the secondary safe, as a CARP setup with `tandem switch` would refuse it
+    /// otherwise. The secondary's view alone is not enough: right after a link fault it may
+    /// still show `complete` while the primary already writes without it, and a failover then
+    /// would be a real split-brain (seen with SEED=1796008797: Reset, then Failover).
     fn secondary_in_sync(&mut self) -> bool {
         let (prim, sec) = (self.primary, self.secondary());
         let end = Instant::now() + Duration::from_secs(30);

@@ -881,20 +881,19 @@ impl Conn {
 
     fn flush_backlog(&self) {
         let mut w = lock(&self.writer);
-        loop {
+        // Written to outside the lock, so that replies can join the backlog meanwhile.
+        let mut stream = match w.stream.try_clone() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.reply_failed(&mut w, &e);
+                None
+            }
+        };
+        while let Some(stream) = stream.as_mut() {
             if w.backlog.is_empty() || w.failed.is_some() {
-                w.backlog = Vec::new();
-                w.flushing = false;
                 break;
             }
             let out = std::mem::take(&mut w.backlog);
-            let mut stream = match w.stream.try_clone() {
-                Ok(s) => s,
-                Err(e) => {
-                    self.reply_failed(&mut w, &e);
-                    continue;
-                }
-            };
             drop(w);
             let res = stream.write_all(&out);
             w = lock(&self.writer);
@@ -904,6 +903,8 @@ impl Conn {
                 self.reply_failed(&mut w, &e);
             }
         }
+        w.backlog = Vec::new();
+        w.flushing = false;
         self.backlog.store(0, Ordering::Release);
         drop(w);
         self.drained.notify_all();

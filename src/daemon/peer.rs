@@ -3,9 +3,9 @@
 //! A `Link` owns two threads: the sender writes frames from a channel in order (and a `Ping`
 //! when idle for `daemon.ping_interval`), except that a request alone in flight on an idle
 //! link is written by the thread that submits it; the receiver reads `Ack`s and completes the
-//! waiting request by sequence number. Requests are pipelined: any number can be in flight. When the
-//! connection fails (I/O error, bad frame, no frame within the timeout), every pending request
-//! completes as failed, so callers finish them locally as degraded.
+//! waiting request by sequence number. Requests are pipelined: any number can be in flight.
+//! When the connection fails (I/O error, bad frame, no frame within the timeout), every
+//! pending request completes as failed, so callers finish them locally as degraded.
 //!
 //! Also here: opening a connection (bound to this node's configured address) and the
 //! connecting side of the hello/auth/state handshake, shared by replication and probes.

@@ -506,8 +506,6 @@ enum Issued {
     Queued(Arc<Completion>, Pending, Instant),
 }
 
-/// The request completed without the peer: the generation says so, unless the export was
-/// fenced meanwhile (then the node is no longer primary and the request fails).
 /// The peer settled a queued request (`ok`: it reached what the mode waits for): the
 /// extents leave flight, and the request is counted as replicated, or else completed
 /// without the peer (`degraded`).
@@ -530,6 +528,8 @@ fn peer_settled(
     Ok(())
 }
 
+/// The request completed without the peer: the generation says so, unless the export was
+/// fenced meanwhile (then the node is no longer primary and the request fails).
 fn degraded(s: &Shared, fenced: &AtomicBool) -> io::Result<()> {
     if fenced.load(Ordering::Acquire) {
         return Err(io::Error::new(
