@@ -783,9 +783,12 @@ fn connect_once(
             s.set_conn(|c| c.in_sync = true);
             *s.gen_bumped.lock().unwrap_or_else(|p| p.into_inner()) = false;
             // A write that failed on a link dying right at the end of the sync may have found
-            // the flag still set and skipped its bump: bump now to be safe.
+            // the flag still set and skipped its bump. Such a write was queued and never
+            // covered by a peer FLUSH: bump if there is one (a link closed by a role change
+            // with no write since is not a write without the peer, and must not make the
+            // peer look stale).
             if link.is_dead()
-                && let Err(e) = s.note_degraded_write()
+                && let Err(e) = s.peer_may_have_lost_writes()
             {
                 log::error!("{}: bumping the generation: {e}", s.name);
             }
