@@ -43,6 +43,9 @@ pub const DEFAULT_EXTENT_SIZE: u64 = 2 * 1024 * 1024;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// `daemon.probe_timeout`: a reachable peer answers in a few round trips, well within this.
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+/// `daemon.flush_timeout`: a disk that takes longer than this to flush its cache hangs (hastd
+/// and DRBD give a slow secondary 20 to 42 s).
+pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// `daemon.ping_interval`.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -121,6 +124,10 @@ pub struct DaemonConfig {
     /// that its peer still answers).
     #[serde(serialize_with = "ser_duration")]
     pub ping_interval: Duration,
+    /// A secondary whose fdatasync (for a FLUSH or FUA write) has not returned after this
+    /// long has a hung disk: it drops the link, and the primary goes on alone.
+    #[serde(serialize_with = "ser_duration")]
+    pub flush_timeout: Duration,
     /// Seal every frame after authentication (both nodes must agree); false only on a
     /// dedicated cable.
     pub encrypt: bool,
@@ -491,6 +498,7 @@ struct RawDaemon {
     timeout: Option<Spanned<String>>,
     probe_timeout: Option<Spanned<String>>,
     ping_interval: Option<Spanned<String>>,
+    flush_timeout: Option<Spanned<String>>,
     encrypt: Option<bool>,
 }
 
@@ -681,7 +689,7 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
     if raw.daemon.listen.is_none() {
         listen.push(format!("0.0.0.0:{DEFAULT_PORT}"));
     }
-    let daemon = DaemonConfig {
+    let mut daemon = DaemonConfig {
         listen,
         control: raw
             .daemon
@@ -700,6 +708,7 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
         timeout: src.duration(&raw.daemon.timeout, DEFAULT_TIMEOUT)?,
         probe_timeout: src.duration(&raw.daemon.probe_timeout, DEFAULT_PROBE_TIMEOUT)?,
         ping_interval: src.duration(&raw.daemon.ping_interval, DEFAULT_PING_INTERVAL)?,
+        flush_timeout: src.duration(&raw.daemon.flush_timeout, DEFAULT_FLUSH_TIMEOUT)?,
         encrypt: raw.daemon.encrypt.unwrap_or(true),
     };
     let span_of = |v: &Option<Spanned<String>>| v.as_ref().map(|t| t.span()).unwrap_or(0..0);
@@ -713,6 +722,20 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
         return Err(src.error(
             span_of(&raw.daemon.probe_timeout),
             "daemon.probe_timeout must be at least 10ms",
+        ));
+    }
+    if raw.daemon.flush_timeout.is_none() {
+        // Unset: never shorter than the link's own timeout.
+        daemon.flush_timeout = daemon.flush_timeout.max(daemon.timeout);
+    }
+    if daemon.flush_timeout < daemon.timeout {
+        return Err(src.error(
+            span_of(&raw.daemon.flush_timeout),
+            format!(
+                "daemon.flush_timeout ({}) must be at least daemon.timeout ({})",
+                format_duration(daemon.flush_timeout),
+                format_duration(daemon.timeout)
+            ),
         ));
     }
     if daemon.ping_interval < Duration::from_millis(10) {
@@ -1466,6 +1489,18 @@ remote = "192.168.10.11"
         assert_eq!(c.daemon.timeout, Duration::from_secs(1));
         assert_eq!(c.daemon.probe_timeout, Duration::from_millis(300));
         assert_eq!(c.daemon.ping_interval, Duration::from_millis(200));
+        assert_eq!(c.daemon.flush_timeout, Duration::from_secs(30));
+        // Unset, the flush timeout follows a longer link timeout; set, it may not be shorter.
+        let c = p("node = \"s1\"\n[daemon]\ntimeout = \"45s\"\n").unwrap();
+        assert_eq!(c.daemon.flush_timeout, Duration::from_secs(45));
+        let c = p("node = \"s1\"\n[daemon]\nflush_timeout = \"2s\"\n").unwrap();
+        assert_eq!(c.daemon.flush_timeout, Duration::from_secs(2));
+        let e = err("node = \"s1\"\n[daemon]\ntimeout = \"5s\"\nflush_timeout = \"2s\"\n");
+        assert!(e.contains("/etc/tandem.toml:4:17:"), "{e}");
+        assert!(
+            e.contains("daemon.flush_timeout (2s) must be at least daemon.timeout (5s)"),
+            "{e}"
+        );
         let c = p("node = \"s1\"\n[daemon]\nping_interval = \"50ms\"\ntimeout = \"3s\"\n").unwrap();
         assert_eq!(c.daemon.ping_interval, Duration::from_millis(50));
         let e = err("node = \"s1\"\n[daemon]\nping_interval = \"600ms\"\n");

@@ -165,7 +165,11 @@ mod faults {
             len: u64,
             sectors: u64,
         },
-        /// Remove the EIO ranges and the pending torn write (power-loss mode stays).
+        /// Every fdatasync of this disk takes SECONDS longer (a disk slow to flush its cache,
+        /// or one that hangs), until `clear`; other I/O goes on meanwhile.
+        SlowSync { seconds: u64 },
+        /// Remove the EIO ranges, the pending torn write and a slow sync (power-loss mode
+        /// stays).
         Clear,
         /// Not a disk fault: the resource's owner thread stops answering for SECONDS (for
         /// the watchdog tests); the daemon handles it, the disk ignores it.
@@ -204,6 +208,8 @@ mod faults {
         eio: Vec<(Op, u64, u64)>,
         /// (offset, len, sectors)
         torn: Option<(u64, u64, u64)>,
+        /// Added to every fdatasync.
+        slow_sync: Option<std::time::Duration>,
     }
 
     fn intersects(offset: u64, len: u64, start: u64, rlen: u64) -> bool {
@@ -328,7 +334,8 @@ mod faults {
         }
 
         fn rearm(&self, st: &State) {
-            let armed = st.power_loss || !st.eio.is_empty() || st.torn.is_some();
+            let armed =
+                st.power_loss || !st.eio.is_empty() || st.torn.is_some() || st.slow_sync.is_some();
             self.armed.store(armed, Ordering::Release);
         }
 
@@ -363,11 +370,21 @@ mod faults {
                     st.torn = Some((offset, len, sectors));
                     self.rearm(&st);
                 }
+                Action::SlowSync { seconds } => {
+                    log::warn!(
+                        "fault injection: {}: every fdatasync takes {seconds}s longer",
+                        self.path.display()
+                    );
+                    let mut st = lock(&self.state);
+                    st.slow_sync = Some(std::time::Duration::from_secs(seconds));
+                    self.rearm(&st);
+                }
                 Action::Clear => {
                     log::warn!("fault injection: {}: faults cleared", self.path.display());
                     let mut st = lock(&self.state);
                     st.eio.clear();
                     st.torn = None;
+                    st.slow_sync = None;
                     self.rearm(&st);
                 }
                 Action::WedgeOwner { .. } => {}
@@ -431,6 +448,11 @@ mod faults {
         }
 
         fn sync(&self, file: &File) -> io::Result<()> {
+            // The delay comes first and without the lock: writes go on while a sync is slow.
+            let slow = self.state()?.slow_sync;
+            if let Some(d) = slow {
+                std::thread::sleep(d);
+            }
             let mut st = self.state()?;
             if st.power_loss {
                 st.overlay.write_out(file)?;

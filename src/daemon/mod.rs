@@ -52,6 +52,7 @@ use auth::{Secret, SharedSecret};
 use control::{ControlError, ErrorKind, Request, Response};
 use hooks::Hooks;
 use resource::Handle;
+use state::DaemonSettings;
 use state::Msg;
 
 /// A node's replication role for one resource; changed only by command.
@@ -87,11 +88,9 @@ impl std::str::FromStr for Role {
 
 struct Daemon {
     node: String,
-    secret: SharedSecret,
-    timeout: std::time::Duration,
-    probe_timeout: std::time::Duration,
-    ping_interval: std::time::Duration,
-    hooks: Hooks,
+    /// What each resource takes from the configuration; its secret and hooks are shared, so
+    /// a reload reaches every resource.
+    settings: DaemonSettings,
     handles: Mutex<HashMap<String, Handle>>,
     /// Resources that could not start (no metadata, disk missing), with the reason.
     failed: Mutex<HashMap<String, String>>,
@@ -102,15 +101,7 @@ struct Daemon {
 
 impl Daemon {
     fn start_resource(&self, res: &Resource) {
-        match resource::start(
-            res,
-            &self.node,
-            self.secret.clone(),
-            self.timeout,
-            self.probe_timeout,
-            self.ping_interval,
-            self.hooks.clone(),
-        ) {
+        match resource::start(res, &self.node, self.settings.clone()) {
             Ok(h) => {
                 self.failed
                     .lock()
@@ -427,20 +418,23 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
     // Rust binaries ignore SIGPIPE already: a vanished peer is an error return, not death.
     let daemon = Arc::new(Daemon {
         node: cfg.node.clone(),
-        secret,
-        timeout: cfg.daemon.timeout,
-        probe_timeout: cfg.daemon.probe_timeout,
-        ping_interval: cfg.daemon.ping_interval,
-        hooks: Hooks::new(cfg.daemon.exec.clone()).with_env(vec![
-            (
-                "TANDEM_CONFIG".into(),
-                std::fs::canonicalize(&config_path)
-                    .unwrap_or_else(|_| config_path.clone())
-                    .display()
-                    .to_string(),
-            ),
-            ("TANDEM_NODE".into(), cfg.node.clone()),
-        ]),
+        settings: DaemonSettings {
+            secret,
+            timeout: cfg.daemon.timeout,
+            probe_timeout: cfg.daemon.probe_timeout,
+            ping_interval: cfg.daemon.ping_interval,
+            flush_timeout: cfg.daemon.flush_timeout,
+            hooks: Hooks::new(cfg.daemon.exec.clone()).with_env(vec![
+                (
+                    "TANDEM_CONFIG".into(),
+                    std::fs::canonicalize(&config_path)
+                        .unwrap_or_else(|_| config_path.clone())
+                        .display()
+                        .to_string(),
+                ),
+                ("TANDEM_NODE".into(), cfg.node.clone()),
+            ]),
+        },
         handles: Mutex::new(HashMap::new()),
         failed: Mutex::new(HashMap::new()),
         registry: Arc::new(Mutex::new(HashMap::new())),
@@ -513,11 +507,11 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
                         continue;
                     }
                 };
-                daemon.hooks.set(new.daemon.exec.clone());
+                daemon.settings.hooks.set(new.daemon.exec.clone());
                 // New connections only: a live link keeps what it was opened with.
-                daemon.secret.set_encrypt(new.daemon.encrypt);
+                daemon.settings.secret.set_encrypt(new.daemon.encrypt);
                 match Secret::load(&new.daemon.secret) {
-                    Ok(sec) => daemon.secret.set(sec),
+                    Ok(sec) => daemon.settings.secret.set(sec),
                     Err(e) => log::error!("keeping the old secret: {e:#}"),
                 }
                 if new.daemon.listen != listen {

@@ -19,10 +19,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::Role;
-use super::auth::SharedSecret;
 use super::control::ErrorKind;
 use super::generation::{self, Decision};
-use super::hooks::{Event, Hooks};
+use super::hooks::Event;
 use super::metadata::{Disk, PrevRole};
 use super::nbd::NbdServer;
 use super::peer::{self, HandshakeError};
@@ -57,28 +56,13 @@ impl Handle {
 }
 
 /// Open the resource's disk and start its owner thread in role init.
-pub fn start(
-    res: &Resource,
-    node: &str,
-    secret: SharedSecret,
-    timeout: Duration,
-    probe_timeout: Duration,
-    ping_interval: Duration,
-    hooks: Hooks,
-) -> Result<Handle> {
+pub fn start(res: &Resource, node: &str, daemon: DaemonSettings) -> Result<Handle> {
     let local: PathBuf = res
         .local
         .clone()
         .with_context(|| format!("{}: no local disk configured for this node", res.name))?;
     let disk = Disk::open(&local, &res.name)?;
     let (tx, rx) = mpsc::channel();
-    let daemon = DaemonSettings {
-        secret,
-        timeout,
-        probe_timeout,
-        ping_interval,
-        hooks,
-    };
     let shared = Arc::new(Shared::new(res, node, disk, daemon, tx.clone()));
     let watch_stop = Arc::new(AtomicBool::new(false));
     let (s, st) = (Arc::clone(&shared), Arc::clone(&watch_stop));
@@ -714,14 +698,13 @@ pub(crate) fn start_for_test(dir: &std::path::Path, node: &str) -> Handle {
         img = img.display()
     );
     let cfg = crate::config::parse(&dir.join("t.toml"), &text, Some(node)).unwrap();
-    start(
-        cfg.resource("r0").unwrap(),
-        node,
-        SharedSecret::new(super::auth::Secret::from_bytes(b"k"), true),
-        Duration::from_secs(10),
-        Duration::from_secs(2),
-        Duration::from_millis(500),
-        Hooks::new(None),
-    )
-    .unwrap()
+    let daemon = DaemonSettings {
+        secret: super::auth::SharedSecret::new(super::auth::Secret::from_bytes(b"k"), true),
+        timeout: Duration::from_secs(10),
+        probe_timeout: Duration::from_secs(2),
+        ping_interval: Duration::from_millis(500),
+        flush_timeout: Duration::from_secs(30),
+        hooks: super::hooks::Hooks::new(None),
+    };
+    start(cfg.resource("r0").unwrap(), node, daemon).unwrap()
 }

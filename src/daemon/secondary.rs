@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use super::auth::{self, Side};
 use super::channel::{self, Channel, KeyExchange, Reader, Writer};
 use super::generation::{self, Decision};
 use super::hooks::Event;
+use super::metadata::Disk;
 use super::protocol::{
     self, AckKind, DataFrame, GoodbyeCode, MAX_DATA, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED,
     MIN_PROTOCOL_VERSION, Message, NodeState, PROTOCOL_VERSION, Purpose, SEALED_PROTOCOL_VERSION,
@@ -626,13 +627,14 @@ const EARLY_RECEIVED_ACK: usize = 64 << 10;
 /// Between frames: until the primary's next frame arrives, ping it every `ping_interval`
 /// (its pongs and pings are what `peer_silence` counts), and give up once it has been silent
 /// for `daemon.timeout`.
-fn idle_until_readable(s: &Shared, r: &mut Reader, w: &mut Writer) -> Result<()> {
+fn idle_until_readable(s: &Shared, r: &mut Reader, w: &mut Writer, f: &Flusher) -> Result<()> {
     loop {
         if r.wait_readable(s.ping_interval)
             .context("waiting for the primary's next frame")?
         {
             return Ok(());
         }
+        f.check(s)?;
         let silent = s.peer_silence();
         if silent >= s.timeout {
             bail!(
@@ -655,36 +657,153 @@ fn idle_until_readable(s: &Shared, r: &mut Reader, w: &mut Writer) -> Result<()>
 fn session(s: &Shared, chan: Channel, memsync: bool) -> Result<()> {
     let Channel { reader, writer, .. } = chan;
     let mut w = writer.clone();
-    // This thread applies the writes; records are opened (decrypted) on another.
+    // This thread applies the writes; records are opened (decrypted) on another, and the
+    // fdatasyncs run on a third.
     let reader = reader.open_ahead(format!("open-{}", s.name))?;
-    let r = apply(s, reader, writer, memsync);
-    // The acks of what was applied before an error still go out.
+    let flusher = Flusher::start(s, writer.clone())?;
+    let r = apply(s, reader, writer, memsync, &flusher);
+    // The acks of what was applied before an error still go out, those of pending
+    // fdatasyncs too (unless the disk hangs: no longer than `daemon.flush_timeout`).
     let _ = w.flush();
+    flusher.finish(s);
     r
 }
 
-fn apply(s: &Shared, mut r: Reader, mut w: Writer, memsync: bool) -> Result<()> {
-    let disk = &s.disk;
-    let ack = |w: &mut Writer, seq: u64, kind: AckKind, res: io::Result<()>| -> io::Result<()> {
-        let status = match &res {
-            Ok(()) => 0,
-            Err(e) => {
-                log::error!("{}: request {seq} failed: {e}", s.name);
-                errno(e)
-            }
-        };
-        w.write_all(&Message::Ack { seq, kind, status }.encode())
+/// Ack request `seq` with the outcome `res`, logging a failure.
+fn ack(name: &str, w: &mut Writer, seq: u64, kind: AckKind, res: io::Result<()>) -> io::Result<()> {
+    let status = match &res {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("{name}: request {seq} failed: {e}");
+            errno(e)
+        }
     };
-    let durable = |fua: bool, res: io::Result<()>| {
-        res.and_then(|()| if fua { disk.sync_data() } else { Ok(()) })
+    w.write_all(&Message::Ack { seq, kind, status }.encode())
+}
+
+/// The session's fdatasyncs, on a thread of their own: a FLUSH, and a FUA write once it is
+/// written, are acknowledged when an fdatasync that began after them returns, while the
+/// session goes on applying the frames that follow. An fdatasync covers every write
+/// completed before it began, so what the primary asked to be durable is; the writes after
+/// a FLUSH need not wait for the disk's cache (on a busy disk, seconds), as they do not on
+/// the primary either. Requests queued while an fdatasync runs share the next one.
+///
+/// Meanwhile the session reads on and answers pings, so a slow fdatasync no longer looks like
+/// a dead peer after `daemon.timeout` (each such drop cost a resync). A disk whose fdatasync
+/// does not return at all is a hung disk: past `daemon.flush_timeout` the session ends
+/// (`check`), so the primary's FLUSH does not hang with it; the primary goes on alone.
+struct Flusher {
+    tx: Option<mpsc::Sender<u64>>,
+    /// Set (to `()`) or dropped when the thread ends.
+    ended: mpsc::Receiver<()>,
+    /// When the running fdatasync began, in ms after `since` plus one; 0 while none runs.
+    busy: Arc<AtomicU64>,
+    since: Instant,
+}
+
+impl Flusher {
+    fn start(s: &Shared, mut w: Writer) -> Result<Flusher> {
+        let (tx, rx) = mpsc::channel::<u64>();
+        let (ended_tx, ended) = mpsc::channel();
+        let busy = Arc::new(AtomicU64::new(0));
+        let since = Instant::now();
+        let disk: Arc<Disk> = Arc::clone(&s.disk);
+        let name = s.name.clone();
+        let b = Arc::clone(&busy);
+        thread::Builder::new()
+            .name(format!("flush-{}", s.name))
+            .spawn(move || {
+                let _ended = ended_tx;
+                while let Ok(first) = rx.recv() {
+                    let mut seqs = vec![first];
+                    seqs.extend(rx.try_iter());
+                    b.store(since.elapsed().as_millis() as u64 + 1, Ordering::Release);
+                    let res = disk.sync_data();
+                    b.store(0, Ordering::Release);
+                    let sent = seqs.iter().try_for_each(|&seq| {
+                        let r = match &res {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err(io::Error::new(e.kind(), format!("fdatasync: {e}"))),
+                        };
+                        ack(&name, &mut w, seq, AckKind::Written, r)
+                    });
+                    if sent.and_then(|()| w.flush()).is_err() {
+                        // The connection is gone; the session notices on its own.
+                        return;
+                    }
+                }
+            })
+            .context("starting the flush thread")?;
+        Ok(Flusher {
+            tx: Some(tx),
+            ended,
+            busy,
+            since,
+        })
+    }
+
+    /// Ack `seq` (Written) after an fdatasync that begins from now on.
+    fn queue(&self, seq: u64) -> Result<()> {
+        match &self.tx {
+            Some(tx) if tx.send(seq).is_ok() => Ok(()),
+            _ => bail!("the flush thread ended"),
+        }
+    }
+
+    /// An error once an fdatasync has run for `daemon.timeout`.
+    fn check(&self, s: &Shared) -> Result<()> {
+        let began = self.busy.load(Ordering::Acquire);
+        if began == 0 {
+            return Ok(());
+        }
+        let now = self.since.elapsed().as_millis() as u64 + 1;
+        let ran = Duration::from_millis(now.saturating_sub(began));
+        if ran >= s.flush_timeout {
+            bail!(
+                "fdatasync of {} has not returned for {} ms (daemon.flush_timeout {} ms): the disk hangs",
+                s.disk.path().display(),
+                ran.as_millis(),
+                s.flush_timeout.as_millis()
+            );
+        }
+        Ok(())
+    }
+
+    /// Let the pending fdatasyncs finish and their acks go out, waiting no longer than
+    /// what is left of `daemon.flush_timeout`; a thread stuck in a hung fdatasync is left to
+    /// end by itself.
+    fn finish(mut self, s: &Shared) {
+        self.tx = None;
+        if let Err(mpsc::RecvTimeoutError::Timeout) = self.ended.recv_timeout(s.flush_timeout) {
+            log::warn!(
+                "{}: an fdatasync of {} is still running; the session ends without it",
+                s.name,
+                s.disk.path().display()
+            );
+        }
+    }
+}
+
+fn apply(s: &Shared, mut r: Reader, mut w: Writer, memsync: bool, f: &Flusher) -> Result<()> {
+    let disk = &s.disk;
+    let ack = |w: &mut Writer, seq: u64, kind: AckKind, res: io::Result<()>| {
+        ack(&s.name, w, seq, kind, res)
+    };
+    // A FUA request: written, its ack waits for an fdatasync (unless it failed already).
+    let durable = |w: &mut Writer, seq: u64, fua: bool, res: io::Result<()>| -> Result<()> {
+        match res {
+            Ok(()) if fua => f.queue(seq),
+            res => Ok(ack(w, seq, AckKind::Written, res)?),
+        }
     };
     // Frames are read into one reused buffer; data frames are applied from it in place.
     let mut frame = Vec::new();
     loop {
+        f.check(s)?;
         if !holds_frame(r.buffer()) {
             w.flush()?;
             if r.buffer().is_empty() {
-                idle_until_readable(s, &mut r, &mut w)?;
+                idle_until_readable(s, &mut r, &mut w, f)?;
             }
         }
         let body = match protocol::read_frame(&mut r, MAX_FRAME, &mut frame) {
@@ -724,11 +843,7 @@ fn apply(s: &Shared, mut r: Reader, mut w: Writer, memsync: bool) -> Result<()> 
                         w.flush()?;
                     }
                 }
-                if fua {
-                    w.flush()?;
-                }
-                let res = durable(fua, disk.write_at(data, offset));
-                ack(&mut w, seq, AckKind::Written, res)?;
+                durable(&mut w, seq, fua, disk.write_at(data, offset))?;
                 continue;
             }
         };
@@ -752,21 +867,14 @@ fn apply(s: &Shared, mut r: Reader, mut w: Writer, memsync: bool) -> Result<()> 
                 if memsync {
                     ack(&mut w, seq, AckKind::Received, Ok(()))?;
                 }
-                if fua {
-                    w.flush()?;
-                }
                 let res = if zeroes {
                     disk.write_zeroes(offset, len)
                 } else {
                     disk.punch(offset, len)
                 };
-                ack(&mut w, seq, AckKind::Written, durable(fua, res))?;
+                durable(&mut w, seq, fua, res)?;
             }
-            Message::Flush { seq } => {
-                w.flush()?;
-                let res = disk.sync_data();
-                ack(&mut w, seq, AckKind::Written, res)?;
-            }
+            Message::Flush { seq } => f.queue(seq)?,
             Message::SyncStart { total, full } => {
                 if total > 0 || full {
                     disk.update_header(|h| h.inconsistent = true)?;

@@ -252,6 +252,7 @@ impl PeerFlush {
 }
 
 /// What every resource takes from the daemon's configuration.
+#[derive(Clone)]
 pub struct DaemonSettings {
     pub secret: SharedSecret,
     /// A peer silent this long is dead.
@@ -260,6 +261,8 @@ pub struct DaemonSettings {
     pub probe_timeout: Duration,
     /// How often an idle link is pinged (and an idle secondary checks on its peer).
     pub ping_interval: Duration,
+    /// A secondary's fdatasync running this long means a hung disk.
+    pub flush_timeout: Duration,
     pub hooks: Hooks,
 }
 
@@ -276,6 +279,8 @@ pub struct Shared {
     /// How long `role primary` tries to reach the peer before deciding alone.
     pub probe_timeout: Duration,
     pub ping_interval: Duration,
+    /// A secondary's fdatasync running this long means a hung disk: the session ends.
+    pub flush_timeout: Duration,
     pub hooks: Hooks,
     /// When this resource started: the peer's silence counts from here until it is heard.
     pub started: Instant,
@@ -325,6 +330,7 @@ impl Shared {
             timeout,
             probe_timeout,
             ping_interval,
+            flush_timeout,
             hooks,
         } = daemon;
         Shared {
@@ -337,6 +343,7 @@ impl Shared {
             timeout,
             probe_timeout,
             ping_interval,
+            flush_timeout,
             hooks,
             started: Instant::now(),
             heard_at: AtomicU64::new(0),

@@ -1,0 +1,150 @@
+//! FLUSH on a replicated export while the secondary's disk is slow to flush (`--features
+//! faults`: `tandem fault RES slow-sync SECONDS` makes every fdatasync of that node's disk
+//! take that much longer). A FLUSH must wait for the secondary's fdatasync; the writes of
+//! other clients must not, a slow fdatasync must not look like a dead peer, and one that never
+//! returns must not hold the primary's FLUSH for longer than `daemon.flush_timeout`.
+
+mod daemon_common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use daemon_common::*;
+
+const NBD_CMD_WRITE: u16 = 1;
+const NBD_CMD_FLUSH: u16 = 3;
+
+/// Send one request and read its simple reply: the reply's error, and how long it took.
+fn request(
+    c: &mut UnixStream,
+    kind: u16,
+    handle: u64,
+    offset: u64,
+    data: &[u8],
+) -> (u32, Duration) {
+    let t = Instant::now();
+    let mut r = Vec::with_capacity(28 + data.len());
+    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&kind.to_be_bytes());
+    r.extend_from_slice(&handle.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    r.extend_from_slice(data);
+    c.write_all(&r).unwrap();
+    let mut reply = [0u8; 16];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(reply[..4].try_into().unwrap()),
+        0x6744_6698
+    );
+    assert_eq!(u64::from_be_bytes(reply[8..].try_into().unwrap()), handle);
+    (
+        u32::from_be_bytes(reply[4..8].try_into().unwrap()),
+        t.elapsed(),
+    )
+}
+
+/// A FLUSH sent from a thread of its own: its error and how long it took.
+fn flush_in_background(sock: PathBuf) -> thread::JoinHandle<(u32, Duration)> {
+    thread::spawn(move || {
+        let mut c = nbd_connect(&sock);
+        request(&mut c, NBD_CMD_FLUSH, 7, 0, &[])
+    })
+}
+
+/// The secondary takes 4 s to flush, longer than `daemon.timeout` (3 s here). A FLUSH on the
+/// primary waits for that (its data must be durable on both nodes), but a write from another
+/// client, sent while the flush is running, is answered at once: a flush is not a barrier for
+/// the writes after it. And a secondary busy flushing is not a dead peer: the link stays.
+#[test]
+fn a_slow_flush_on_the_secondary_holds_up_the_flush_and_not_other_writes() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let p = synced_pair("fullsync");
+    p.a.qemu_io_ok(&["write -P 0x11 0 1M"]);
+    p.b.ok(&["fault", "r0", "slow-sync", "4"]);
+    let flush = flush_in_background(p.a.nbd.clone());
+    thread::sleep(Duration::from_millis(500));
+    let mut c = nbd_connect(&p.a.nbd);
+    let mut took = Vec::new();
+    for i in 0..4u64 {
+        let (err, t) = request(
+            &mut c,
+            NBD_CMD_WRITE,
+            100 + i,
+            (2 << 20) + i * 4096,
+            &[0x5c; 4096],
+        );
+        assert_eq!(err, 0, "write {i} failed");
+        took.push(t);
+    }
+    let (err, flush_took) = flush.join().unwrap();
+    assert_eq!(err, 0, "the FLUSH failed");
+    let worst = took.iter().max().copied().unwrap_or_default();
+    assert!(
+        worst < Duration::from_millis(1500),
+        "writes sent during the secondary's slow fdatasync took {took:?}: they waited for it"
+    );
+    assert!(
+        flush_took >= Duration::from_millis(3500),
+        "the FLUSH returned after {flush_took:?}, before the secondary's fdatasync (4 s) could end"
+    );
+    let st = p.a.status();
+    assert_eq!(st["connection"], "connected", "{st}");
+    assert!(
+        !p.a.log_text().contains("lost the peer"),
+        "a dropped the link to a secondary that was flushing: {}",
+        p.a.log_text()
+    );
+    assert!(
+        region_is(&p.b.img, 2 << 20, 4 * 4096, 0x5c),
+        "the writes are not on b"
+    );
+    p.b.ok(&["fault", "r0", "clear"]);
+}
+
+/// The secondary's fdatasync does not return (a hung disk). The primary's FLUSH must not hang
+/// with it: within about `daemon.flush_timeout` (3 s here) the link is given up, the FLUSH
+/// completes on the primary alone, and once the fault is cleared the pair reconnects and
+/// resyncs, although the hung fdatasync has not returned yet.
+#[test]
+fn a_secondary_whose_flush_never_returns_is_given_up_within_the_flush_timeout() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let p = synced_pair_with("fullsync", |p| {
+        for n in [&p.a, &p.b] {
+            let text = std::fs::read_to_string(&n.conf).unwrap();
+            assert!(text.contains("timeout = \"3s\"\n"), "{text}");
+            let text = text.replace(
+                "timeout = \"3s\"\n",
+                "timeout = \"3s\"\nflush_timeout = \"3s\"\n",
+            );
+            std::fs::write(&n.conf, text).unwrap();
+        }
+    });
+    p.a.qemu_io_ok(&["write -P 0x22 0 1M"]);
+    p.b.ok(&["fault", "r0", "slow-sync", "40"]);
+    let flush = flush_in_background(p.a.nbd.clone());
+    let (err, flush_took) = flush.join().unwrap();
+    assert_eq!(err, 0, "the FLUSH failed: the primary's own disk is fine");
+    assert!(
+        flush_took < Duration::from_secs(12),
+        "the FLUSH took {flush_took:?} with daemon.flush_timeout = 3s: it waited for a hung secondary"
+    );
+    assert!(
+        p.a.log_contains("lost the peer", 10),
+        "a kept the link to a secondary whose disk hangs: {}",
+        p.a.log_text()
+    );
+    p.b.ok(&["fault", "r0", "clear"]);
+    p.a.ok(&["wait-sync", "r0", "--timeout", "30s"]);
+    let st = p.a.status();
+    assert_eq!(st["connection"], "connected", "{st}");
+    assert!(region_is(&p.b.img, 0, 1 << 20, 0x22));
+}
