@@ -750,14 +750,18 @@ impl Flusher {
         }
     }
 
-    /// An error once an fdatasync has run for `daemon.timeout`.
-    fn check(&self, s: &Shared) -> Result<()> {
+    /// How long the running fdatasync has been running, if one is.
+    fn running_for(&self) -> Option<Duration> {
         let began = self.busy.load(Ordering::Acquire);
-        if began == 0 {
-            return Ok(());
-        }
         let now = self.since.elapsed().as_millis() as u64 + 1;
-        let ran = Duration::from_millis(now.saturating_sub(began));
+        (began != 0).then(|| Duration::from_millis(now.saturating_sub(began)))
+    }
+
+    /// An error once an fdatasync has run for `daemon.flush_timeout`.
+    fn check(&self, s: &Shared) -> Result<()> {
+        let Some(ran) = self.running_for() else {
+            return Ok(());
+        };
         if ran >= s.flush_timeout {
             bail!(
                 "fdatasync of {} has not returned for {} ms (daemon.flush_timeout {} ms): the disk hangs",
@@ -774,7 +778,10 @@ impl Flusher {
     /// end by itself.
     fn finish(mut self, s: &Shared) {
         self.tx = None;
-        if let Err(mpsc::RecvTimeoutError::Timeout) = self.ended.recv_timeout(s.flush_timeout) {
+        let left = s
+            .flush_timeout
+            .saturating_sub(self.running_for().unwrap_or_default());
+        if let Err(mpsc::RecvTimeoutError::Timeout) = self.ended.recv_timeout(left) {
             log::warn!(
                 "{}: an fdatasync of {} is still running; the session ends without it",
                 s.name,
