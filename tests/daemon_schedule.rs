@@ -111,23 +111,34 @@ impl World {
         stamp::aim(&self.target, path);
     }
 
-    /// Both sides say the pair is connected and complete (wait up to 30 s): only then is a
-    /// failover to the secondary safe, as a CARP setup with `tandem switch` would refuse it
-    /// otherwise. The secondary's view alone is not enough: right after a link fault it may
-    /// still show `complete` while the primary already writes without it, and a failover then
-    /// would be a real split-brain (seen with SEED=1796008797: Reset, then Failover).
+    /// Both sides say the pair is connected and complete, and the secondary holds the
+    /// primary's current generation, for half a second on end (wait up to 30 s): only then is
+    /// a failover to the secondary safe, as a CARP setup with `tandem switch` would refuse it
+    /// otherwise. One look is not enough: right after a link fault both sides may still show
+    /// `connected` and `complete` for a few milliseconds while the primary is about to write
+    /// without the peer, and a failover then is a real split-brain (seen with
+    /// SEED=1796008797 and SEED=1796027031: Reset, then Failover 4 ms later). A link fault
+    /// injected before the call is noticed well within the half second.
     fn secondary_in_sync(&mut self) -> bool {
         let (prim, sec) = (self.primary, self.secondary());
         let end = Instant::now() + Duration::from_secs(30);
+        let mut since: Option<Instant> = None;
         while Instant::now() < end {
-            let mut complete = |n: &str| {
-                self.p
-                    .node(n)
-                    .try_status()
-                    .is_ok_and(|s| s["state"] == "complete" && s["connection"] == "connected")
+            let mut status = |n: &str| self.p.node(n).try_status().ok();
+            let ok = match (status(prim), status(sec)) {
+                (Some(p), Some(s)) => {
+                    let complete = |s: &serde_json::Value| {
+                        s["state"] == "complete" && s["connection"] == "connected"
+                    };
+                    complete(&p) && complete(&s) && p["local_gen"] == s["peer_gen"]
+                }
+                _ => false,
             };
-            if complete(prim) && complete(sec) {
-                return true;
+            match (ok, since) {
+                (false, _) => since = None,
+                (true, None) => since = Some(Instant::now()),
+                (true, Some(t)) if t.elapsed() >= Duration::from_millis(500) => return true,
+                (true, Some(_)) => {}
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -152,8 +163,10 @@ impl World {
             Step::Pause(ms) => std::thread::sleep(Duration::from_millis(ms)),
             Step::Failover => {
                 if !self.secondary_in_sync() {
+                    eprintln!("    (not in sync within 30 s: the failover is a restart)");
                     return self.run(Step::PrimaryRestart);
                 }
+                eprintln!("    (in sync: failing over)");
                 self.aim(None);
                 self.p.node(prim).kill9();
                 self.lost_primary();
@@ -178,8 +191,10 @@ impl World {
             }
             Step::Switchover => {
                 if !self.secondary_in_sync() {
+                    eprintln!("    (not in sync within 30 s: no switchover)");
                     return;
                 }
+                eprintln!("    (in sync: switching over)");
                 self.aim(None);
                 self.p.node(prim).ok(&["role", "secondary", "r0"]);
                 self.p.node(sec).ok(&["role", "primary", "r0"]);
