@@ -6,7 +6,6 @@
 
 mod daemon_common;
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::thread;
@@ -26,26 +25,13 @@ fn request(
     data: &[u8],
 ) -> (u32, Duration) {
     let t = Instant::now();
-    let mut r = Vec::with_capacity(28 + data.len());
-    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-    r.extend_from_slice(&0u16.to_be_bytes());
-    r.extend_from_slice(&kind.to_be_bytes());
-    r.extend_from_slice(&handle.to_be_bytes());
-    r.extend_from_slice(&offset.to_be_bytes());
-    r.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    r.extend_from_slice(data);
-    c.write_all(&r).unwrap();
-    let mut reply = [0u8; 16];
-    c.read_exact(&mut reply).unwrap();
-    assert_eq!(
-        u32::from_be_bytes(reply[..4].try_into().unwrap()),
-        0x6744_6698
+    assert!(
+        nbd_send(c, kind, handle, offset, data),
+        "the export went away"
     );
-    assert_eq!(u64::from_be_bytes(reply[8..].try_into().unwrap()), handle);
-    (
-        u32::from_be_bytes(reply[4..8].try_into().unwrap()),
-        t.elapsed(),
-    )
+    let (h, error) = nbd_reply(c).expect("no reply: the export went away");
+    assert_eq!(h, handle);
+    (error, t.elapsed())
 }
 
 /// A FLUSH sent from a thread of its own: its error and how long it took.

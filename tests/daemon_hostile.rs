@@ -270,15 +270,7 @@ fn a_client_that_never_reads_its_replies_stalls_only_itself() {
     let mut sent = 0u64;
     let started = Instant::now();
     while sent < 100_000 && started.elapsed() < Duration::from_secs(20) {
-        let mut r = Vec::with_capacity(28 + 4096);
-        r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        r.extend_from_slice(&0u16.to_be_bytes());
-        r.extend_from_slice(&1u16.to_be_bytes());
-        r.extend_from_slice(&sent.to_be_bytes());
-        r.extend_from_slice(&((sent % 256) * 4096).to_be_bytes());
-        r.extend_from_slice(&4096u32.to_be_bytes());
-        r.extend_from_slice(&[0x77; 4096]);
-        if hog.write_all(&r).is_err() {
+        if !nbd_send(&mut hog, 1, sent, (sent % 256) * 4096, &[0x77; 4096]) {
             break;
         }
         sent += 1;

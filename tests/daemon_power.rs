@@ -6,8 +6,6 @@
 mod daemon_common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -79,8 +77,6 @@ fn power_cut_of_the_secondary_then_its_promotion_is_split_brain_not_an_overwrite
 // A pipelined NBD writer that knows which writes a FLUSH made durable
 // ---------------------------------------------------------------------------------------------
 
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const REPLY_MAGIC: u32 = 0x6744_6698;
 const CMD_WRITE: u16 = 1;
 const CMD_FLUSH: u16 = 3;
 const BLOCK: usize = 4096;
@@ -113,27 +109,6 @@ struct Written {
     flushes: u64,
     /// Replies with an error.
     failed: u64,
-}
-
-fn nbd_send(s: &mut UnixStream, kind: u16, handle: u64, offset: u64, data: &[u8]) -> bool {
-    let mut r = Vec::with_capacity(28 + data.len());
-    r.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    r.extend_from_slice(&0u16.to_be_bytes());
-    r.extend_from_slice(&kind.to_be_bytes());
-    r.extend_from_slice(&handle.to_be_bytes());
-    r.extend_from_slice(&offset.to_be_bytes());
-    r.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    r.extend_from_slice(data);
-    s.write_all(&r).is_ok()
-}
-
-/// The next reply: (handle, error), None once the server is gone.
-fn nbd_reply(s: &mut UnixStream) -> Option<(u64, u32)> {
-    let mut b = [0u8; 16];
-    s.read_exact(&mut b).ok()?;
-    assert_eq!(u32::from_be_bytes(b[..4].try_into().unwrap()), REPLY_MAGIC);
-    let error = u32::from_be_bytes(b[4..8].try_into().unwrap());
-    Some((u64::from_be_bytes(b[8..].try_into().unwrap()), error))
 }
 
 /// Stamp blocks through the export at `sock`, `WINDOW` writes in flight and a FLUSH every

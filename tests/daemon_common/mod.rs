@@ -620,6 +620,37 @@ pub fn nbd_connect(sock: &Path) -> std::os::unix::net::UnixStream {
     s
 }
 
+/// Send one raw NBD request on `s` (a connection from `nbd_connect`); false once the server
+/// is gone.
+pub fn nbd_send(
+    s: &mut std::os::unix::net::UnixStream,
+    kind: u16,
+    handle: u64,
+    offset: u64,
+    data: &[u8],
+) -> bool {
+    use std::io::Write;
+    let mut r = Vec::with_capacity(28 + data.len());
+    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&kind.to_be_bytes());
+    r.extend_from_slice(&handle.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    r.extend_from_slice(data);
+    s.write_all(&r).is_ok()
+}
+
+/// The next simple reply on `s`: (handle, error), None once the server is gone.
+pub fn nbd_reply(s: &mut std::os::unix::net::UnixStream) -> Option<(u64, u32)> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    s.read_exact(&mut b).ok()?;
+    assert_eq!(u32::from_be_bytes(b[..4].try_into().unwrap()), 0x6744_6698);
+    let error = u32::from_be_bytes(b[4..8].try_into().unwrap());
+    Some((u64::from_be_bytes(b[8..].try_into().unwrap()), error))
+}
+
 /// Two network namespaces joined by a veth pair on 198.18.0.0/24, each end with its address,
 /// for tests whose nodes must drop packets rather than refuse them. Made under a file lock
 /// (tests sharing the names wait for each other, at most 300 s); removed on drop, also when
