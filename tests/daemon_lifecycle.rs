@@ -17,13 +17,15 @@ fn notify_reload_and_clean_stop() {
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let log = std::fs::File::create(&p.a.log).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["-c", p.a.conf.to_str().unwrap(), "-v", "daemon"])
-        .env("NOTIFY_SOCKET", &notify)
-        .stdin(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args(["-c", p.a.conf.to_str().unwrap(), "-v", "daemon"])
+            .env("NOTIFY_SOCKET", &notify)
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let mut buf = [0u8; 64];
     let n = sock.recv(&mut buf).expect("no READY=1 from the daemon");
     assert_eq!(&buf[..n], b"READY=1\n");
@@ -47,7 +49,7 @@ fn notify_reload_and_clean_stop() {
     // another SIGHUP it runs.
     let hup = || {
         Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
+            .args(["-HUP", &child.0.id().to_string()])
             .status()
             .unwrap();
     };
@@ -56,17 +58,31 @@ fn notify_reload_and_clean_stop() {
     p.a.ok(&["create", "r1"]);
     hup();
     wait_status(&p.a, "r1", "\"role\":\"init\"");
+    // A changed link timing is not applied by a reload: the log says so.
+    let text = std::fs::read_to_string(&p.a.conf).unwrap();
+    assert!(text.contains("timeout = \"3s\"\n"), "{text}");
+    std::fs::write(
+        &p.a.conf,
+        text.replace("timeout = \"3s\"\n", "timeout = \"4s\"\n"),
+    )
+    .unwrap();
+    hup();
+    assert!(
+        p.a.log_contains("flush_timeout changed; restart the daemon to apply it", 10),
+        "no word of the ignored timeout change: {}",
+        p.a.log_text()
+    );
 
     // Primary (peer unreachable: degraded), then SIGTERM: export gone, exit 0.
     p.a.ok(&["role", "primary", "r0"]);
     assert!(p.a.nbd.exists());
     Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     let end = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < end, "daemon ignored SIGTERM");
@@ -75,6 +91,16 @@ fn notify_reload_and_clean_stop() {
     assert!(status.success(), "exit status {status}\n{}", p.a.log_text());
     assert!(!p.a.nbd.exists(), "export socket left behind");
     assert!(!p.a.sock().exists(), "control socket left behind");
+}
+
+/// The daemon this test started itself: killed if the test fails before it stopped it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn status_of(n: &Node, res: &str) -> String {

@@ -495,6 +495,9 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
         }
     }
     let mut listen = cfg.daemon.listen.clone();
+    let timing =
+        |d: &config::DaemonConfig| (d.timeout, d.probe_timeout, d.ping_interval, d.flush_timeout);
+    let mut timings = timing(&cfg.daemon);
     loop {
         let sig = signals.wait().context("waiting for signals")?;
         match sig {
@@ -517,6 +520,12 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
                 if new.daemon.listen != listen {
                     log::warn!("daemon.listen changed; restart the daemon to apply it");
                     listen = new.daemon.listen.clone();
+                }
+                if timing(&new.daemon) != timings {
+                    log::warn!(
+                        "daemon.timeout, probe_timeout, ping_interval or flush_timeout changed; restart the daemon to apply it"
+                    );
+                    timings = timing(&new.daemon);
                 }
                 let mut wanted = tandem_resources(&new);
                 for w in wanted.iter_mut() {
