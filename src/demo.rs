@@ -381,6 +381,12 @@ pub fn run() -> Result<()> {
     );
     d.nodes[0].kill();
     println!("killed A's daemon");
+    // As in a real failover, B is promoted once A's death is noticed (VRRP or CARP take
+    // longer than B's link does); a promote in the same millisecond may still find A primary.
+    let end = Instant::now() + Duration::from_secs(10);
+    while d.status_json(1)?["connection"] == "connected" && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     d.run(1, &["role", "primary", RESOURCE])?;
     let mut client = d.wait_export(1)?;
     let mut back = vec![0u8; data.len()];

@@ -662,10 +662,14 @@ fn session(s: &Shared, chan: Channel, memsync: bool) -> Result<()> {
     let reader = reader.open_ahead(format!("open-{}", s.name))?;
     let flusher = Flusher::start(s, writer.clone())?;
     let r = apply(s, reader, writer, memsync, &flusher);
-    // The acks of what was applied before an error still go out, those of pending
-    // fdatasyncs too (unless the disk hangs: no longer than `daemon.flush_timeout`).
+    // The acks of what was applied before an error still go out.
     let _ = w.flush();
-    flusher.finish(s);
+    // At a clean end, those of pending fdatasyncs too (unless the disk hangs: no longer than
+    // `daemon.flush_timeout`). After an error the connection is closed at once: the
+    // flusher ends by itself once its fdatasync returns, and it applies no write.
+    if r.is_ok() {
+        flusher.finish(s);
+    }
     r
 }
 
