@@ -756,9 +756,13 @@ impl Flusher {
 
     /// How long the running fdatasync has been running, if one is.
     fn running_for(&self) -> Option<Duration> {
+        // Checked before every frame: no clock read while no fdatasync runs.
         let began = self.busy.load(Ordering::Acquire);
+        if began == 0 {
+            return None;
+        }
         let now = self.since.elapsed().as_millis() as u64 + 1;
-        (began != 0).then(|| Duration::from_millis(now.saturating_sub(began)))
+        Some(Duration::from_millis(now.saturating_sub(began)))
     }
 
     /// An error once an fdatasync has run for `daemon.flush_timeout`.
