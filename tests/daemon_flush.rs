@@ -2,9 +2,12 @@
 //! faults`: `tandem fault RES slow-sync SECONDS` makes every fdatasync of that node's disk
 //! take that much longer). A FLUSH must wait for the secondary's fdatasync; the writes of
 //! other clients must not, a slow fdatasync must not look like a dead peer, and one that never
-//! returns must not hold the primary's FLUSH for longer than `daemon.flush_timeout`.
+//! returns must not hold the primary's FLUSH for longer than `daemon.flush_timeout`. The same
+//! holds for the durable header writes the secondary makes at the start and the end of a
+//! resync.
 
 mod daemon_common;
+mod fault_proxy;
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -12,6 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use daemon_common::*;
+use fault_proxy::{Fault, FaultProxy};
 
 const NBD_CMD_WRITE: u16 = 1;
 const NBD_CMD_FLUSH: u16 = 3;
@@ -138,4 +142,115 @@ fn a_secondary_whose_flush_never_returns_is_given_up_within_the_flush_timeout() 
     let st = p.a.status();
     assert_eq!(st["connection"], "connected", "{st}");
     assert!(region_is(&p.b.img, 0, 1 << 20, 0x22));
+}
+
+/// A synced pair whose a reaches b only through a fault proxy (in `Pass`), with `extra` added
+/// to both nodes' `[daemon]` section.
+fn proxied_pair(extra: &str) -> (Pair, FaultProxy) {
+    let mut proxy = None;
+    let p = synced_pair_with("fullsync", |p| {
+        for n in [&p.a, &p.b] {
+            let text = std::fs::read_to_string(&n.conf).unwrap();
+            assert!(text.contains("timeout = \"3s\"\n"), "{text}");
+            let text = text.replace("timeout = \"3s\"\n", &format!("timeout = \"3s\"\n{extra}"));
+            std::fs::write(&n.conf, text).unwrap();
+        }
+        let fp = FaultProxy::start(format!("{}:{}", p.b.ip, p.b.port).parse().unwrap());
+        p.route_via("a", fp.addr);
+        proxy = Some(fp);
+    });
+    (p, proxy.unwrap())
+}
+
+/// Cut the link and write 2 MiB on a alone (dirty extents to resync); the link stays cut.
+fn cut_and_write_alone(p: &Pair, proxy: &FaultProxy, byte: u8) {
+    proxy.set(Fault::Stall);
+    proxy.reset();
+    p.a.wait_for(20, "a degraded", |s| s["connection"] != "connected");
+    p.a.qemu_io_ok(&[&format!("write -P {byte:#x} 4M 2M")]);
+    let st = p.a.status();
+    assert!(u(&st, &["dirty_bytes"]) >= 2 << 20, "{st}");
+}
+
+/// How many syncs a has begun so far (its log).
+fn syncs_started(p: &Pair) -> usize {
+    p.a.log_text().matches("to the peer started").count()
+}
+
+/// The secondary's disk takes 4 s per fdatasync, longer than `daemon.timeout` (3 s), while a
+/// resync runs; b writes its header durably as the resync starts and as it ends. The resync
+/// must complete on its first attempt. Before, b answered nothing while it wrote its header, a
+/// took it for dead after 3 s, and the next connection began the same resync: the pair never
+/// got back in sync while b's disk was slow.
+#[test]
+fn a_resync_completes_while_the_secondarys_header_writes_are_slow() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let (p, proxy) = proxied_pair("");
+    cut_and_write_alone(&p, &proxy, 0x33);
+    p.b.ok(&["fault", "r0", "slow-sync", "4"]);
+    let before = syncs_started(&p);
+    let t = Instant::now();
+    proxy.set(Fault::Pass);
+    // Each of b's fdatasyncs takes 4 s: the header at the start, the Flushes, and at the end
+    // the data, the dirty map and the header again: about 25 s for one resync.
+    let out = p.a.run(&["wait-sync", "r0", "--timeout", "60s"]);
+    let log = p.a.log_text();
+    assert!(
+        out.status.success(),
+        "the resync did not complete while b's disk was slow: {}\na's log:\n{log}\nb's log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        p.b.log_text()
+    );
+    let took = t.elapsed();
+    eprintln!("the resync with b's fdatasyncs 4 s slow took {took:?}");
+    assert!(
+        took >= Duration::from_secs(8),
+        "the resync took {took:?}: b's slow fdatasyncs (header, data) did not slow it, so this \
+         test did not test them"
+    );
+    let attempts = syncs_started(&p) - before;
+    assert_eq!(
+        attempts, 1,
+        "the resync took {attempts} attempts: a gave up on b while b wrote its header\n{log}"
+    );
+    p.b.ok(&["fault", "r0", "clear"]);
+    assert!(
+        region_is(&p.b.img, 4 << 20, 2 << 20, 0x33),
+        "the resync did not reach b"
+    );
+}
+
+/// As above, but b's disk hangs (every fdatasync 10 s, `daemon.flush_timeout` 3 s): b keeps
+/// the link alive while it writes its header no longer than `flush_timeout`, then gives the
+/// connection up, so a is not held by a hung peer; once the disk recovers the pair resyncs.
+#[test]
+fn a_secondary_whose_header_write_hangs_gives_the_link_up_within_the_flush_timeout() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let (p, proxy) = proxied_pair("flush_timeout = \"3s\"\n");
+    cut_and_write_alone(&p, &proxy, 0x44);
+    p.b.ok(&["fault", "r0", "slow-sync", "10"]);
+    proxy.set(Fault::Pass);
+    assert!(
+        p.b.log_contains("writing the header on", 20),
+        "b did not give up a header write that hangs: {}",
+        p.b.log_text()
+    );
+    // a, meanwhile, is not stuck with it: a write completes (degraded) well before the
+    // hung fdatasync would have returned by itself.
+    let (text, took) = qemu_io_within(
+        &p.a.nbd_uri(),
+        &p.a.log,
+        &["write -P 0x45 8M 64k"],
+        Duration::from_secs(20),
+    );
+    assert!(text.contains("wrote"), "{text}");
+    eprintln!("a write on a during b's hung header write took {took:?}");
+    p.b.ok(&["fault", "r0", "clear"]);
+    p.a.ok(&["wait-sync", "r0", "--timeout", "60s"]);
+    assert!(region_is(&p.b.img, 4 << 20, 2 << 20, 0x44));
+    assert!(region_is(&p.b.img, 8 << 20, 64 << 10, 0x45));
 }

@@ -66,6 +66,14 @@ struct Progress {
 }
 
 /// Whether `now` settles a callback waiting for `want`: Some(success) or None (not yet).
+/// A socket timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO` ran out): EAGAIN on Linux and FreeBSD.
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 fn settles(now: Outcome, want: Outcome) -> Option<bool> {
     match (now, want) {
         (Outcome::Failed, _) => Some(false),
@@ -325,6 +333,10 @@ impl Link {
                 })();
                 match result {
                     Ok(()) => l.kill("closed"),
+                    Err(e) if timed_out(&e) => l.kill(&format!(
+                        "the peer took nothing sent to it for {} ms (daemon.timeout)",
+                        timeout.as_millis()
+                    )),
                     Err(e) => l.kill(&format!("send: {e}")),
                 }
             })
@@ -424,6 +436,13 @@ impl Link {
                         }
                         Ok(other) => {
                             l.kill(&format!("unexpected {} from peer", other.name()));
+                            return;
+                        }
+                        Err(protocol::ProtocolError::Io(e)) if timed_out(&e) => {
+                            l.kill(&format!(
+                                "nothing from the peer for {} ms (daemon.timeout)",
+                                timeout.as_millis()
+                            ));
                             return;
                         }
                         Err(e) => {

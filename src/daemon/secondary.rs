@@ -655,13 +655,14 @@ fn idle_until_readable(s: &Shared, r: &mut Reader, w: &mut Writer, f: &Flusher) 
 /// send per batch instead of one per request: with 32 writes in flight this was one
 /// `sendto` (and one TCP segment) per 4 KiB write.
 fn session(s: &Shared, chan: Channel, memsync: bool) -> Result<()> {
+    let stream = chan.stream().try_clone()?;
     let Channel { reader, writer, .. } = chan;
     let mut w = writer.clone();
     // This thread applies the writes; records are opened (decrypted) on another, and the
     // fdatasyncs run on a third.
     let reader = reader.open_ahead(format!("open-{}", s.name))?;
     let flusher = Flusher::start(s, writer.clone())?;
-    let r = apply(s, reader, writer, memsync, &flusher);
+    let r = apply(s, reader, writer, memsync, &flusher, &stream);
     // The acks of what was applied before an error still go out.
     let _ = w.flush();
     // At a clean end, those of pending fdatasyncs too (unless the disk hangs: no longer than
@@ -799,7 +800,62 @@ impl Flusher {
     }
 }
 
-fn apply(s: &Shared, mut r: Reader, mut w: Writer, memsync: bool, f: &Flusher) -> Result<()> {
+/// Run `step`, a durable write the session must finish before it applies the next frame (the
+/// header and dirty map at the start and the end of a sync), while another thread pings the
+/// primary every `ping_interval`. Otherwise the session is silent meanwhile, and a disk slower
+/// to flush than `daemon.timeout` looks like a dead peer: the primary drops the link, and the
+/// next connection begins the same sync again, never to complete while the disk is slow. A
+/// step still running after `daemon.flush_timeout` is a hung disk: the pings stop and the
+/// connection is shut, so the primary goes on alone rather than waiting for it.
+fn while_pinging<T>(
+    s: &Shared,
+    w: &Writer,
+    stream: &TcpStream,
+    what: &str,
+    step: impl FnOnce() -> T,
+) -> T {
+    let (done, finished) = mpsc::channel::<()>();
+    thread::scope(|scope| {
+        let pinger = thread::Builder::new()
+            .name(format!("keepalive-{}", s.name))
+            .spawn_scoped(scope, move || {
+                let began = Instant::now();
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    finished.recv_timeout(s.ping_interval)
+                {
+                    let ran = began.elapsed();
+                    if ran >= s.flush_timeout {
+                        log::error!(
+                            "{}: {what} on {} has not returned for {} ms (daemon.flush_timeout {} ms): the disk hangs; closing the connection",
+                            s.name,
+                            s.disk.path().display(),
+                            ran.as_millis(),
+                            s.flush_timeout.as_millis()
+                        );
+                        let _ = stream.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    // Not if the session's own acks are being sent: they count as well.
+                    let _ = w.try_send(&Message::Ping);
+                }
+            });
+        if let Err(e) = &pinger {
+            log::warn!("{}: {what} without keepalive pings: {e}", s.name);
+        }
+        let r = step();
+        drop(done);
+        r
+    })
+}
+
+fn apply(
+    s: &Shared,
+    mut r: Reader,
+    mut w: Writer,
+    memsync: bool,
+    f: &Flusher,
+    stream: &TcpStream,
+) -> Result<()> {
     let disk = &s.disk;
     let ack = |w: &mut Writer, seq: u64, kind: AckKind, res: io::Result<()>| {
         ack(&s.name, w, seq, kind, res)
@@ -892,7 +948,10 @@ fn apply(s: &Shared, mut r: Reader, mut w: Writer, memsync: bool, f: &Flusher) -
             Message::Flush { seq } => f.queue(seq)?,
             Message::SyncStart { total, full } => {
                 if total > 0 || full {
-                    disk.update_header(|h| h.inconsistent = true)?;
+                    w.flush()?;
+                    while_pinging(s, &w, stream, "writing the header", || {
+                        disk.update_header(|h| h.inconsistent = true)
+                    })?;
                     s.sync.start(total);
                     log::info!(
                         "{}: receiving a {} sync of {total} bytes",
@@ -915,7 +974,7 @@ fn apply(s: &Shared, mut r: Reader, mut w: Writer, memsync: bool, f: &Flusher) -
             }
             Message::SyncDone { seq, local_gen } => {
                 w.flush()?;
-                let res = (|| -> io::Result<()> {
+                let res = while_pinging(s, &w, stream, "completing the sync", || {
                     disk.sync_data()?;
                     let am = disk.activemap();
                     for e in am.dirty_extents() {
@@ -929,7 +988,7 @@ fn apply(s: &Shared, mut r: Reader, mut w: Writer, memsync: bool, f: &Flusher) -
                         h.discard_local = false;
                         h.split_brain = false;
                     })
-                })();
+                });
                 let ok = res.is_ok();
                 if ok {
                     // This disk is now a copy of the primary's, whose generation the primary

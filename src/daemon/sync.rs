@@ -99,6 +99,18 @@ fn copy(
         if !link.send(&Message::SyncStart { total, full }) {
             bail!("link closed");
         }
+        if total > 0 || full {
+            // The peer marks its copy inconsistent, durably, before it applies sync data.
+            // Wait for that (a Flush after the SyncStart) instead of filling the socket
+            // meanwhile: on a disk slow to flush, a send blocked for `daemon.timeout` would
+            // end the link. The peer pings while it writes its header.
+            if !s.peer_flush(link) {
+                bail!(
+                    "the peer did not confirm the start of the sync: {}",
+                    link.last_error().unwrap_or_default()
+                );
+            }
+        }
         if total > 0 {
             log::info!(
                 "{}: sync of {} bytes ({} extents) to the peer started",
@@ -304,6 +316,11 @@ pub(crate) mod tests {
                         seen.push(("data", *offset));
                         *seq
                     }
+                    // The Flush that confirms the SyncStart, before any data.
+                    Message::Flush { seq } if !seen.iter().any(|x| x.0 != "start") => {
+                        seen.push(("start", 0));
+                        *seq
+                    }
                     Message::SyncDone { seq, .. } | Message::Flush { seq } => {
                         barriers += 1;
                         seen.push(("barrier", barriers as u64));
@@ -383,7 +400,15 @@ pub(crate) mod tests {
         let r = super::run(&s, &link, Decision::DirtySync, &NodeState::default(), &stop);
         assert!(r.is_err(), "the sync cannot complete without the peer");
         let seen = fake.join().unwrap();
-        let sent = seen.iter().filter(|x| x.0 != "barrier").count() as u64;
+        assert_eq!(
+            seen.first(),
+            Some(&("start", 0)),
+            "sync data went out before the peer confirmed the start of the sync: {seen:?}"
+        );
+        let sent = seen
+            .iter()
+            .filter(|x| x.0 == "data" || x.0 == "zero")
+            .count() as u64;
         assert_eq!(sent, count, "every extent was sent: {seen:?}");
         let dirty = s.disk.activemap().dirty_count();
         handle.stop();
