@@ -4,7 +4,8 @@
 //! other clients must not, a slow fdatasync must not look like a dead peer, and one that never
 //! returns must not hold the primary's FLUSH for longer than `daemon.flush_timeout`. The same
 //! holds for the durable header writes the secondary makes at the start and the end of a
-//! resync.
+//! resync, and a disk slow to write zeroes (`slow-zero MS`: MS per MiB) must not make a large
+//! discard look like a dead peer either.
 
 mod daemon_common;
 mod fault_proxy;
@@ -253,4 +254,38 @@ fn a_secondary_whose_header_write_hangs_gives_the_link_up_within_the_flush_timeo
     p.a.ok(&["wait-sync", "r0", "--timeout", "60s"]);
     assert!(region_is(&p.b.img, 4 << 20, 2 << 20, 0x44));
     assert!(region_is(&p.b.img, 8 << 20, 64 << 10, 0x45));
+}
+
+/// A discard of 48 MiB (mkfs discards a whole device, up to 4 GiB a request) on a secondary
+/// whose disk writes zeroes at 150 ms per MiB: 7 s of work, longer than `daemon.timeout`
+/// (3 s). The primary waits for it (fullsync), but must not take the busy secondary for a
+/// dead one: the link stays up, and the zeroes are on both disks.
+#[test]
+fn a_large_discard_on_a_secondary_slow_to_zero_keeps_the_link() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let p = synced_pair("fullsync");
+    p.a.qemu_io_ok(&["write -P 0x66 0 48M"]);
+    p.b.ok(&["fault", "r0", "slow-zero", "150"]);
+    let t = Instant::now();
+    p.a.qemu_io_ok(&["write -z 0 48M"]);
+    let took = t.elapsed();
+    eprintln!("a 48 MiB zeroing with b's disk at 150 ms/MiB took {took:?}");
+    p.b.ok(&["fault", "r0", "clear"]);
+    let st = p.a.status();
+    assert_eq!(st["connection"], "connected", "{st}");
+    assert!(
+        !p.a.log_text().contains("lost the peer"),
+        "a dropped the link to a secondary busy zeroing: {}",
+        p.a.log_text()
+    );
+    assert!(
+        took >= Duration::from_secs(5),
+        "the zeroing took {took:?}: b's slow zeroing did not slow it, so this test did not test it"
+    );
+    assert!(
+        region_is(&p.b.img, 0, 48 << 20, 0),
+        "the zeroes are not on b"
+    );
 }

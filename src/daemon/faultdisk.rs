@@ -168,6 +168,9 @@ mod faults {
         /// Every fdatasync of this disk takes SECONDS longer (a disk slow to flush its cache,
         /// or one that hangs), until `clear`; other I/O goes on meanwhile.
         SlowSync { seconds: u64 },
+        /// Every fallocate (a discard or a zeroing) takes MS milliseconds longer per MiB of
+        /// its range (a disk that has to write the zeroes), until `clear`.
+        SlowZero { ms: u64 },
         /// Remove the EIO ranges, the pending torn write and a slow sync (power-loss mode
         /// stays).
         Clear,
@@ -210,6 +213,8 @@ mod faults {
         torn: Option<(u64, u64, u64)>,
         /// Added to every fdatasync.
         slow_sync: Option<std::time::Duration>,
+        /// Added to every fallocate, per MiB of its range.
+        slow_zero: Option<std::time::Duration>,
     }
 
     fn intersects(offset: u64, len: u64, start: u64, rlen: u64) -> bool {
@@ -334,8 +339,11 @@ mod faults {
         }
 
         fn rearm(&self, st: &State) {
-            let armed =
-                st.power_loss || !st.eio.is_empty() || st.torn.is_some() || st.slow_sync.is_some();
+            let armed = st.power_loss
+                || !st.eio.is_empty()
+                || st.torn.is_some()
+                || st.slow_sync.is_some()
+                || st.slow_zero.is_some();
             self.armed.store(armed, Ordering::Release);
         }
 
@@ -379,12 +387,22 @@ mod faults {
                     st.slow_sync = Some(std::time::Duration::from_secs(seconds));
                     self.rearm(&st);
                 }
+                Action::SlowZero { ms } => {
+                    log::warn!(
+                        "fault injection: {}: every fallocate takes {ms} ms longer per MiB",
+                        self.path.display()
+                    );
+                    let mut st = lock(&self.state);
+                    st.slow_zero = Some(std::time::Duration::from_millis(ms));
+                    self.rearm(&st);
+                }
                 Action::Clear => {
                     log::warn!("fault injection: {}: faults cleared", self.path.display());
                     let mut st = lock(&self.state);
                     st.eio.clear();
                     st.torn = None;
                     st.slow_sync = None;
+                    st.slow_zero = None;
                     self.rearm(&st);
                 }
                 Action::WedgeOwner { .. } => {}
@@ -480,6 +498,11 @@ mod faults {
         }
 
         fn fallocate(&self, file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+            // As for a slow sync: the delay first, without the lock.
+            let slow = self.state()?.slow_zero;
+            if let Some(per_mib) = slow {
+                std::thread::sleep(per_mib.saturating_mul((len >> 20).min(u32::MAX.into()) as u32));
+            }
             let mut st = self.state()?;
             Self::check_eio(&st, true, offset, len)?;
             // Without fallocate (FreeBSD) the real call fails and the caller writes zeroes, which

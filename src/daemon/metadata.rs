@@ -787,7 +787,8 @@ impl Disk {
         self.layout.data_size.div_ceil(self.extent_size)
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+    /// EINVAL, naming the disk, for a range that is not inside the data region.
+    pub fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.layout.data_size => Ok(()),
             _ => Err(einval(format!(

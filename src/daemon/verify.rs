@@ -42,8 +42,13 @@ const CHUNK: u64 = 1 << 20;
 const WINDOW: usize = 8;
 
 /// SHA-256 of extent `extent` of the data region (the last extent up to the data size),
-/// read in chunks.
-pub fn hash_extent(disk: &Disk, extent: u64) -> io::Result<[u8; DIGEST_LEN]> {
+/// read in chunks, with `between` called between them (the secondary pings the primary
+/// there: an extent may be up to 1 GiB, seconds of reading on a busy disk).
+pub fn hash_extent(
+    disk: &Disk,
+    extent: u64,
+    mut between: impl FnMut() -> io::Result<()>,
+) -> io::Result<[u8; DIGEST_LEN]> {
     if extent >= disk.extent_count() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -63,6 +68,9 @@ pub fn hash_extent(disk: &Disk, extent: u64) -> io::Result<[u8; DIGEST_LEN]> {
         disk.read_at(&mut buf[..n], off)?;
         h.update(&buf[..n]);
         off += n as u64;
+        if off < end {
+            between()?;
+        }
     }
     Ok(h.finalize().into())
 }
@@ -159,7 +167,7 @@ pub fn run(s: &Arc<Shared>, opts: Options) -> Result<VerifyResult, RoleError> {
             let entry = {
                 let _x = s.locks.exclusive(e);
                 let c = link.submit_verify(e);
-                let ours = hash_extent(disk, e).map_err(|err| {
+                let ours = hash_extent(disk, e, || Ok(())).map_err(|err| {
                     failed(format!(
                         "{name}: verify: reading extent {e} of the local disk: {err}"
                     ))
