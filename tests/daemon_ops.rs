@@ -419,6 +419,14 @@ impl FakeSystemd {
 #[test]
 fn systemd_notify_status_watchdog_and_stopping() {
     let mut p = Pair::new("fullsync");
+    // A wedge is told from a demote waiting for a slow flush on the peer by
+    // `flush_timeout`: a short one here, so that the wedge below is found soon.
+    let text = std::fs::read_to_string(&p.a.conf).unwrap();
+    let text = text.replace(
+        "timeout = \"3s\"\n",
+        "timeout = \"3s\"\nflush_timeout = \"3s\"\n",
+    );
+    std::fs::write(&p.a.conf, text).unwrap();
     let (mut sd, path) = FakeSystemd::new(p.dir.path());
     p.a.start_with_env(&[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "400000")]);
     sd.until("READY=1", 10);
@@ -434,8 +442,8 @@ fn systemd_notify_status_watchdog_and_stopping() {
     assert!(n >= 4, "{n} WATCHDOG=1 in a second: {pings:?}");
     #[cfg(feature = "faults")]
     {
-        // The owner thread stops answering for 25 s; the harness's timeout is 3 s, so the
-        // owner counts as wedged after 2 x 3 s + 10 s = 16 s.
+        // The owner thread stops answering for 25 s; the harness's timeout is 3 s and the
+        // flush_timeout 3 s, so the owner counts as wedged after 2 x 3 s + 3 s + 10 s = 19 s.
         let wedged_at = Instant::now();
         p.a.ok(&["fault", "r0", "wedge-owner", "25"]);
         let said = sd.until("STATUS=owner thread not responding: r0", 25);
@@ -457,6 +465,63 @@ fn systemd_notify_status_watchdog_and_stopping() {
     }
     p.a.stop();
     sd.until("STOPPING=1", 10);
+}
+
+/// A demote makes everything durable on the peer first. On a secondary whose fdatasync takes
+/// 20 s (slow, not hung: `daemon.flush_timeout` is 30 s) that FLUSH takes 20 s, and the owner
+/// thread waits for it. A slow peer disk is not a wedged daemon: the watchdog must go on
+/// sending WATCHDOG=1, or systemd would kill the daemon in the middle of the demote.
+#[cfg(feature = "faults")]
+#[test]
+fn a_demote_waiting_for_a_slow_secondary_flush_is_not_a_wedged_owner() {
+    let mut p = Pair::new("fullsync");
+    let (mut sd, path) = FakeSystemd::new(p.dir.path());
+    p.a.start_with_env(&[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "400000")]);
+    p.b.start();
+    p.b.ok(&["role", "secondary", "r0"]);
+    p.a.ok(&["role", "primary", "r0"]);
+    p.a.ok(&["wait-sync", "r0", "--timeout", "60s"]);
+    sd.until("STATUS=r0 primary connected complete", 10);
+    p.a.qemu_io_ok(&["write -P 0x77 0 1M"]);
+    p.b.ok(&["fault", "r0", "slow-sync", "20"]);
+    let t = Instant::now();
+    let conf = p.a.conf.clone();
+    let demote = std::thread::spawn(move || {
+        run_argv(&[BIN, "-c", conf.to_str().unwrap(), "role", "secondary", "r0"])
+    });
+    let mut seen = Vec::new();
+    while !demote.is_finished() && t.elapsed() < Duration::from_secs(60) {
+        seen.extend(sd.during(Duration::from_millis(500)));
+    }
+    let out = demote.join().unwrap();
+    let took = t.elapsed();
+    p.b.ok(&["fault", "r0", "clear"]);
+    eprintln!("the demote took {took:?}");
+    assert!(
+        out.status.success(),
+        "role secondary: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wedged: Vec<_> = seen
+        .iter()
+        .filter(|m| m.contains("not responding"))
+        .collect();
+    assert!(
+        wedged.is_empty(),
+        "the watchdog called the owner wedged while it waited for the peer's flush: {wedged:?}\n{}",
+        p.a.log_text()
+    );
+    let last = seen
+        .iter()
+        .rev()
+        .take(20)
+        .filter(|m| m.contains("WATCHDOG=1"))
+        .count();
+    assert!(last >= 10, "WATCHDOG=1 stopped during the demote: {seen:?}");
+    assert!(
+        took >= Duration::from_secs(15),
+        "the demote took {took:?}: it did not wait for b's slow flush, so this test did not test it"
+    );
 }
 
 /// One status line: the request, and the answer read whole.

@@ -478,11 +478,13 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
     if let Some(n) = &notifier {
         n.send("READY=1\n");
         let interval = systemd::watchdog_interval();
-        // An owner thread legitimately blocks for up to a demote (the export drains for the
-        // dead-peer timeout plus 10 s, then a flush to the peer): only longer is wedged.
-        let bound = interval
-            .unwrap_or_default()
-            .max(2 * cfg.daemon.timeout + std::time::Duration::from_secs(10));
+        // An owner thread legitimately blocks for up to a demote: the export drains for the
+        // dead-peer timeout plus 10 s, then a FLUSH to the peer, which waits for the peer's
+        // fdatasync up to `flush_timeout` and for its silence up to the dead-peer timeout.
+        // Only longer is wedged.
+        let bound = interval.unwrap_or_default().max(
+            2 * cfg.daemon.timeout + cfg.daemon.flush_timeout + std::time::Duration::from_secs(10),
+        );
         match systemd::start(
             Arc::clone(n),
             daemon.clone(),
