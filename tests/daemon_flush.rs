@@ -138,11 +138,25 @@ fn a_secondary_whose_flush_never_returns_is_given_up_within_the_flush_timeout() 
         "a kept the link to a secondary whose disk hangs: {}",
         p.a.log_text()
     );
+    // And a's log says why, in b's words.
+    assert!(
+        p.a.log_contains("the disk hangs", 5),
+        "a's log does not say why b gave the link up: {}",
+        p.a.log_text()
+    );
+    eprintln!("{}", why_b_left(&p));
     p.b.ok(&["fault", "r0", "clear"]);
     p.a.ok(&["wait-sync", "r0", "--timeout", "30s"]);
     let st = p.a.status();
     assert_eq!(st["connection"], "connected", "{st}");
     assert!(region_is(&p.b.img, 0, 1 << 20, 0x22));
+}
+
+/// a's log line that says why b gave the link up.
+fn why_b_left(p: &Pair) -> String {
+    let log = p.a.log_text();
+    let line = log.lines().find(|l| l.contains("the disk hangs"));
+    line.unwrap_or_default().to_string()
 }
 
 /// A synced pair whose a reaches b only through a fault proxy (in `Pass`), with `extra` added
@@ -240,6 +254,12 @@ fn a_secondary_whose_header_write_hangs_gives_the_link_up_within_the_flush_timeo
         "b did not give up a header write that hangs: {}",
         p.b.log_text()
     );
+    assert!(
+        p.a.log_contains("the disk hangs", 5),
+        "a's log does not say why b gave the link up: {}",
+        p.a.log_text()
+    );
+    eprintln!("{}", why_b_left(&p));
     // a, meanwhile, is not stuck with it: a write completes (degraded) well before the
     // hung fdatasync would have returned by itself.
     let (text, took) = qemu_io_within(

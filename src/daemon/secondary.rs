@@ -564,7 +564,11 @@ pub fn start_session(s: &Arc<Shared>, a: Accepted) -> Result<Session> {
         .name(format!("sec-{}", s.name))
         .spawn(move || {
             let closer = chan.stream().try_clone();
+            let goodbye = chan.writer.clone();
             let r = session(&s2, chan, memsync);
+            if let Err(e) = &r {
+                say_goodbye(&goodbye, &format!("{e:#}"));
+            }
             // The owner keeps a clone of the socket open: shut it, so that the primary sees
             // the end at once (after a protocol error, say) rather than after its timeout.
             if let Ok(c) = closer {
@@ -591,6 +595,23 @@ pub fn start_session(s: &Arc<Shared>, a: Accepted) -> Result<Session> {
         writer,
         thread,
     })
+}
+
+/// Tell the primary why this node ends the session (its log then says so, not just "closed"),
+/// unless the writer is busy: never wait for a stuck link here.
+fn say_goodbye(w: &Writer, why: &str) {
+    let mut reason = why.to_string();
+    if reason.len() > 512 {
+        let mut end = 512;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    let _ = w.try_send(&Message::Goodbye {
+        code: GoodbyeCode::Error,
+        reason,
+    });
 }
 
 /// Persist, log and hook a split-brain with the peer (once: not again while it is recorded).
@@ -890,13 +911,14 @@ fn while_pinging<T>(
                 {
                     let ran = began.elapsed();
                     if ran >= s.flush_timeout {
-                        log::error!(
-                            "{}: {what} on {} has not returned for {} ms (daemon.flush_timeout {} ms): the disk hangs; closing the connection",
-                            s.name,
+                        let why = format!(
+                            "{what} on {} has not returned for {} ms (daemon.flush_timeout {} ms): the disk hangs",
                             s.disk.path().display(),
                             ran.as_millis(),
                             s.flush_timeout.as_millis()
                         );
+                        log::error!("{}: {why}; closing the connection", s.name);
+                        say_goodbye(w, &why);
                         let _ = stream.shutdown(Shutdown::Both);
                         return;
                     }
