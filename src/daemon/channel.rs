@@ -625,9 +625,13 @@ impl Direct {
             return Err(io::Error::new(io::ErrorKind::InvalidData, why.clone()));
         }
         let mut len = [0u8; 2];
-        match self.inner.read(&mut len[..1])? {
+        let named = |e: io::Error, d: &Self| name_timeout(cut(e), d.inner.get_ref(), true);
+        match self.inner.read(&mut len[..1]).map_err(|e| named(e, self))? {
             0 => return Ok(false),
-            _ => self.inner.read_exact(&mut len[1..]).map_err(cut)?,
+            _ => {
+                let r = self.inner.read_exact(&mut len[1..]);
+                r.map_err(|e| named(e, self))?
+            }
         }
         let len = u16::from_le_bytes(len) as usize;
         if len < TAG_LEN {
@@ -648,7 +652,8 @@ impl Direct {
             r
         } else {
             self.record.resize(len, 0);
-            self.inner.read_exact(&mut self.record).map_err(cut)?;
+            let r = self.inner.read_exact(&mut self.record);
+            r.map_err(|e| named(e, self))?;
             keys.0
                 .read_message(self.nonce, &self.record, &mut self.plain)
         };
@@ -687,10 +692,41 @@ fn cut(e: io::Error) -> io::Error {
     }
 }
 
+/// A socket timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO` ran out: EAGAIN) said in words: which peer
+/// and how long, instead of "Resource temporarily unavailable". Other errors pass unchanged.
+fn name_timeout(e: io::Error, stream: &TcpStream, reading: bool) -> io::Error {
+    if !matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        return e;
+    }
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "the peer".into());
+    let timeout = match reading {
+        true => stream.read_timeout(),
+        false => stream.write_timeout(),
+    };
+    let took = match timeout {
+        Ok(Some(t)) => format!("{} ms", t.as_millis()),
+        _ => "the socket's timeout".into(),
+    };
+    let msg = match reading {
+        true => format!("nothing from {peer} for {took}"),
+        false => format!("{peer} took nothing sent to it for {took}"),
+    };
+    io::Error::new(io::ErrorKind::TimedOut, msg)
+}
+
 impl Read for Direct {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let Some(keys) = self.keys.clone() else {
-            return self.inner.read(out);
+            return self
+                .inner
+                .read(out)
+                .map_err(|e| name_timeout(e, self.inner.get_ref(), true));
         };
         while self.pos == self.end {
             if !self.next_record(&keys)? {
@@ -732,7 +768,8 @@ impl WriterInner {
             if self.plain.len() + data.len() > SEND_AT {
                 self.send_plain()?;
                 if data.len() > SEND_AT {
-                    return self.stream.write_all(data);
+                    let r = self.stream.write_all(data);
+                    return r.map_err(|e| name_timeout(e, &self.stream, false));
                 }
             }
             self.plain.extend_from_slice(data);
@@ -797,19 +834,19 @@ impl WriterInner {
         self.plain.extend_from_slice(head);
         let r = super::nbd::write_two(&mut self.stream, &self.plain, body);
         self.plain.clear();
-        r
+        r.map_err(|e| name_timeout(e, &self.stream, false))
     }
 
     fn send_plain(&mut self) -> io::Result<()> {
         let r = self.stream.write_all(&self.plain);
         self.plain.clear();
-        r
+        r.map_err(|e| name_timeout(e, &self.stream, false))
     }
 
     fn send_out(&mut self) -> io::Result<()> {
         let r = self.stream.write_all(&self.out[..self.out_len]);
         self.out_len = 0;
-        r
+        r.map_err(|e| name_timeout(e, &self.stream, false))
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -1076,6 +1113,55 @@ mod tests {
     /// Writes given as a head and a payload (sent from the payload's own buffer: in the clear
     /// by writev once large, sealed record by record) arrive as the same frames, in order
     /// with whole frames, on a clear and on a sealed channel.
+    #[test]
+    fn a_stalled_peer_is_named_with_the_timeout_on_both_halves() {
+        for sealed in [false, true] {
+            let (c, s) = sockets();
+            let (tx, mut rx) = if sealed {
+                let (ki, kr) = keys_pair(&secret(1), &secret(1)).unwrap();
+                (
+                    Channel::sealed(c, ki).unwrap(),
+                    Channel::sealed(s, kr).unwrap(),
+                )
+            } else {
+                (Channel::clear(c).unwrap(), Channel::clear(s).unwrap())
+            };
+            // Half a frame, then nothing: the reader's socket timeout runs out mid-frame.
+            let frame = Message::Write {
+                seq: 1,
+                offset: 0,
+                fua: false,
+                data: vec![7; 100_000],
+            }
+            .encode();
+            let mut w = tx.writer.clone();
+            w.write_all(&frame[..frame.len() / 2]).unwrap();
+            w.flush().unwrap();
+            rx.stream()
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let e = rx.recv(MAX_FRAME).unwrap_err().to_string();
+            assert!(
+                e.contains("nothing from 127.0.0.1:") && e.contains("200 ms"),
+                "sealed {sealed}: {e}"
+            );
+            // The other way: the peer reads nothing while more than the socket buffers hold
+            // is sent.
+            tx.stream()
+                .set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let big = vec![1u8; 1 << 20];
+            let e = (0..64)
+                .find_map(|_| w.write_all(&big).and_then(|()| w.flush()).err())
+                .expect("64 MiB went into a socket nobody reads")
+                .to_string();
+            assert!(
+                e.contains("127.0.0.1:") && e.contains("took nothing") && e.contains("200 ms"),
+                "sealed {sealed}: {e}"
+            );
+        }
+    }
+
     #[test]
     fn frames_in_two_parts_arrive_whole_and_in_order() {
         for sealed in [false, true] {

@@ -1272,7 +1272,14 @@ mod tests {
             protocol::read_message(&mut r, MAX_FRAME).unwrap(),
             Message::ReadReply { seq: 4, data: want }
         );
-        // Extent 16 does not exist: the session ends instead of answering.
+        // Extent 16 does not exist: the session ends instead of answering, saying why.
+        match protocol::read_message(&mut r, MAX_FRAME) {
+            Ok(Message::Goodbye {
+                code: GoodbyeCode::Error,
+                reason,
+            }) => assert!(reason.contains("extent 16"), "{reason}"),
+            other => panic!("not a Goodbye naming the bad request: {other:?}"),
+        }
         assert!(protocol::read_message(&mut r, MAX_FRAME).is_err());
         handle.stop();
     }
