@@ -4,8 +4,8 @@
 //! other clients must not, a slow fdatasync must not look like a dead peer, and one that never
 //! returns must not hold the primary's FLUSH for longer than `daemon.flush_timeout`. The same
 //! holds for the durable header writes the secondary makes at the start and the end of a
-//! resync, and a disk slow to write zeroes (`slow-zero MS`: MS per MiB) must not make a large
-//! discard look like a dead peer either.
+//! resync, and a disk slow to write zeroes (`slow-zero MS`: MS per MiB) or to read
+//! (`slow-read MS`) must not make a large discard or a verify look like a dead peer either.
 
 mod daemon_common;
 mod fault_proxy;
@@ -307,5 +307,55 @@ fn a_large_discard_on_a_secondary_slow_to_zero_keeps_the_link() {
     assert!(
         region_is(&p.b.img, 0, 48 << 20, 0),
         "the zeroes are not on b"
+    );
+}
+
+/// `tandem verify` with 16 MiB extents while the secondary's disk reads at 250 ms per MiB: b
+/// takes 4 s to hash each extent, longer than `daemon.timeout` (3 s). A secondary busy
+/// hashing is not a dead one: the verify completes and finds the replicas identical, and the
+/// link stays up.
+#[test]
+fn a_verify_of_large_extents_on_a_secondary_slow_to_read_keeps_the_link() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let p = synced_pair_with("fullsync", |p| {
+        for n in [&p.a, &p.b] {
+            let text = std::fs::read_to_string(&n.conf).unwrap();
+            assert!(text.contains("extent_size = \"1M\"\n"), "{text}");
+            let text = text.replace("extent_size = \"1M\"\n", "extent_size = \"16M\"\n");
+            std::fs::write(&n.conf, text).unwrap();
+            let out = tandem(n, &["create", "r0", "--force"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    });
+    p.a.qemu_io_ok(&["write -P 0x88 0 40M"]);
+    p.b.ok(&["fault", "r0", "slow-read", "250"]);
+    let t = Instant::now();
+    let out = p.a.run(&["verify", "r0", "--rate", "0"]);
+    let took = t.elapsed();
+    p.b.ok(&["fault", "r0", "clear"]);
+    eprintln!("verify with b's reads at 250 ms/MiB took {took:?}");
+    assert!(
+        out.status.success(),
+        "verify failed: {}{}\na's log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        p.a.log_text()
+    );
+    let st = p.a.status();
+    assert_eq!(st["connection"], "connected", "{st}");
+    assert!(
+        !p.a.log_text().contains("lost the peer"),
+        "a dropped the link to a secondary busy hashing: {}",
+        p.a.log_text()
+    );
+    assert!(
+        took >= Duration::from_secs(8),
+        "the verify took {took:?}: b's slow reads did not slow it, so this test did not test them"
     );
 }

@@ -171,6 +171,8 @@ mod faults {
         /// Every fallocate (a discard or a zeroing) takes MS milliseconds longer per MiB of
         /// its range (a disk that has to write the zeroes), until `clear`.
         SlowZero { ms: u64 },
+        /// Every read takes MS milliseconds longer per MiB read (a busy disk), until `clear`.
+        SlowRead { ms: u64 },
         /// Remove the EIO ranges, the pending torn write and a slow sync (power-loss mode
         /// stays).
         Clear,
@@ -215,6 +217,13 @@ mod faults {
         slow_sync: Option<std::time::Duration>,
         /// Added to every fallocate, per MiB of its range.
         slow_zero: Option<std::time::Duration>,
+        /// Added to every read, per MiB read.
+        slow_read: Option<std::time::Duration>,
+    }
+
+    /// `per_mib` for every whole MiB of `len`.
+    fn per_mib(per_mib: std::time::Duration, len: u64) -> std::time::Duration {
+        per_mib.saturating_mul((len >> 20).min(u32::MAX.into()) as u32)
     }
 
     fn intersects(offset: u64, len: u64, start: u64, rlen: u64) -> bool {
@@ -343,7 +352,8 @@ mod faults {
                 || !st.eio.is_empty()
                 || st.torn.is_some()
                 || st.slow_sync.is_some()
-                || st.slow_zero.is_some();
+                || st.slow_zero.is_some()
+                || st.slow_read.is_some();
             self.armed.store(armed, Ordering::Release);
         }
 
@@ -396,6 +406,15 @@ mod faults {
                     st.slow_zero = Some(std::time::Duration::from_millis(ms));
                     self.rearm(&st);
                 }
+                Action::SlowRead { ms } => {
+                    log::warn!(
+                        "fault injection: {}: every read takes {ms} ms longer per MiB",
+                        self.path.display()
+                    );
+                    let mut st = lock(&self.state);
+                    st.slow_read = Some(std::time::Duration::from_millis(ms));
+                    self.rearm(&st);
+                }
                 Action::Clear => {
                     log::warn!("fault injection: {}: faults cleared", self.path.display());
                     let mut st = lock(&self.state);
@@ -403,6 +422,7 @@ mod faults {
                     st.torn = None;
                     st.slow_sync = None;
                     st.slow_zero = None;
+                    st.slow_read = None;
                     self.rearm(&st);
                 }
                 Action::WedgeOwner { .. } => {}
@@ -426,6 +446,10 @@ mod faults {
         }
 
         fn read(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            // As for a slow sync: the delay first, without the lock.
+            if let Some(d) = self.state()?.slow_read {
+                std::thread::sleep(per_mib(d, buf.len() as u64));
+            }
             let st = self.state()?;
             Self::check_eio(&st, false, offset, buf.len() as u64)?;
             let n = file.read_at(buf, offset)?;
@@ -500,8 +524,8 @@ mod faults {
         fn fallocate(&self, file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
             // As for a slow sync: the delay first, without the lock.
             let slow = self.state()?.slow_zero;
-            if let Some(per_mib) = slow {
-                std::thread::sleep(per_mib.saturating_mul((len >> 20).min(u32::MAX.into()) as u32));
+            if let Some(d) = slow {
+                std::thread::sleep(per_mib(d, len));
             }
             let mut st = self.state()?;
             Self::check_eio(&st, true, offset, len)?;
