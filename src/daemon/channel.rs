@@ -1110,9 +1110,8 @@ mod tests {
         );
     }
 
-    /// Writes given as a head and a payload (sent from the payload's own buffer: in the clear
-    /// by writev once large, sealed record by record) arrive as the same frames, in order
-    /// with whole frames, on a clear and on a sealed channel.
+    /// A peer that stops sending in the middle of a frame, or stops reading, is named in the
+    /// error with how long it was waited for, on a clear and on a sealed channel.
     #[test]
     fn a_stalled_peer_is_named_with_the_timeout_on_both_halves() {
         for sealed in [false, true] {
@@ -1162,6 +1161,9 @@ mod tests {
         }
     }
 
+    /// Writes given as a head and a payload (sent from the payload's own buffer: in the clear
+    /// by writev once large, sealed record by record) arrive as the same frames, in order
+    /// with whole frames, on a clear and on a sealed channel.
     #[test]
     fn frames_in_two_parts_arrive_whole_and_in_order() {
         for sealed in [false, true] {

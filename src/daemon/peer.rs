@@ -65,8 +65,8 @@ struct Progress {
     waiting: Vec<(Outcome, Callback)>,
 }
 
-/// Whether `now` settles a callback waiting for `want`: Some(success) or None (not yet).
-/// A socket timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO` ran out): EAGAIN on Linux and FreeBSD.
+/// A socket timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO` ran out): EAGAIN on Linux and FreeBSD, or
+/// the channel's own wording of it.
 fn timed_out(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
@@ -74,6 +74,7 @@ fn timed_out(e: &std::io::Error) -> bool {
     )
 }
 
+/// Whether `now` settles a callback waiting for `want`: Some(success) or None (not yet).
 fn settles(now: Outcome, want: Outcome) -> Option<bool> {
     match (now, want) {
         (Outcome::Failed, _) => Some(false),
