@@ -310,16 +310,9 @@ fn a_large_discard_on_a_secondary_slow_to_zero_keeps_the_link() {
     );
 }
 
-/// `tandem verify` with 16 MiB extents while the secondary's disk reads at 250 ms per MiB: b
-/// takes 4 s to hash each extent, longer than `daemon.timeout` (3 s). A secondary busy
-/// hashing is not a dead one: the verify completes and finds the replicas identical, and the
-/// link stays up.
-#[test]
-fn a_verify_of_large_extents_on_a_secondary_slow_to_read_keeps_the_link() {
-    if !need("qemu-io", "qemu-utils") {
-        return;
-    }
-    let p = synced_pair_with("fullsync", |p| {
+/// A synced pair with 16 MiB extents (a verify then hashes 16 MiB at a time).
+fn synced_pair_16m_extents() -> Pair {
+    synced_pair_with("fullsync", |p| {
         for n in [&p.a, &p.b] {
             let text = std::fs::read_to_string(&n.conf).unwrap();
             assert!(text.contains("extent_size = \"1M\"\n"), "{text}");
@@ -332,7 +325,19 @@ fn a_verify_of_large_extents_on_a_secondary_slow_to_read_keeps_the_link() {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-    });
+    })
+}
+
+/// `tandem verify` with 16 MiB extents while the secondary's disk reads at 250 ms per MiB: b
+/// takes 4 s to hash each extent, longer than `daemon.timeout` (3 s). A secondary busy
+/// hashing is not a dead one: the verify completes and finds the replicas identical, and the
+/// link stays up.
+#[test]
+fn a_verify_of_large_extents_on_a_secondary_slow_to_read_keeps_the_link() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let p = synced_pair_16m_extents();
     p.a.qemu_io_ok(&["write -P 0x88 0 40M"]);
     p.b.ok(&["fault", "r0", "slow-read", "250"]);
     let t = Instant::now();
@@ -357,5 +362,54 @@ fn a_verify_of_large_extents_on_a_secondary_slow_to_read_keeps_the_link() {
     assert!(
         took >= Duration::from_secs(8),
         "the verify took {took:?}: b's slow reads did not slow it, so this test did not test them"
+    );
+}
+
+/// While b hashes for a verify (4 s an extent here, pinging meanwhile) it reads no frames, and
+/// a client writes 48 MiB on a: more than the sockets between them hold, so a's sends wait for
+/// b longer than `daemon.timeout` (3 s). b is busy, not dead (it pings): a must wait for it,
+/// not drop the link; the writes and the verify complete, the link stays up.
+#[test]
+fn writes_queued_behind_a_busy_secondary_wait_for_it_instead_of_dropping_the_link() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let p = synced_pair_16m_extents();
+    p.b.ok(&["fault", "r0", "slow-read", "250"]);
+    let conf = p.a.conf.clone();
+    let t = Instant::now();
+    let verify = thread::spawn(move || {
+        run_argv(&[
+            BIN,
+            "-c",
+            conf.to_str().unwrap(),
+            "verify",
+            "r0",
+            "--rate",
+            "0",
+        ])
+    });
+    thread::sleep(Duration::from_millis(1500));
+    p.a.qemu_io_ok(&["write -P 0x99 0 48M"]);
+    let wrote = t.elapsed();
+    let out = verify.join().unwrap();
+    p.b.ok(&["fault", "r0", "clear"]);
+    eprintln!("48 MiB written during the verify after {wrote:?}");
+    let st = p.a.status();
+    assert!(
+        !p.a.log_text().contains("lost the peer"),
+        "a dropped the link to a secondary busy hashing: {}",
+        p.a.log_text()
+    );
+    assert_eq!(st["connection"], "connected", "{st}");
+    assert!(
+        out.status.success(),
+        "verify failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        region_is(&p.b.img, 0, 48 << 20, 0x99),
+        "the writes are not on b"
     );
 }

@@ -145,6 +145,29 @@ fn lost_acks_on_a_half_open_link_do_not_hang_the_primary() {
     assert_healed(&p, &[(3 * MIB, 2 * MIB, 0x6b)]);
 }
 
+/// The other half-open link: b's frames (its pings) still reach a, a's never reach b. a must
+/// not take b's pings for a link that works: its writes pile up unsent. b notices the
+/// primary's silence after `timeout` and closes; the write completes degraded in about that
+/// time, not after `daemon.flush_timeout` (30 s here), the patience a's sends have for a
+/// secondary that talks but is busy with its disk.
+#[test]
+fn lost_frames_to_the_secondary_degrade_the_primary_within_the_timeout() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let (p, proxy) = proxied_pair("fullsync");
+    proxy.set(Fault::OneWay(Dir::BToA));
+    let (_, took) = qemu_io_within(
+        &Export::of(&p.a),
+        &["write -P 0x6c 3M 8M", "flush"],
+        TIMEOUT + MARGIN,
+    );
+    eprintln!("write with a's frames lost completed after {took:?}");
+    assert_degraded(&p);
+    proxy.set(Fault::Pass);
+    assert_healed(&p, &[(3 * MIB, 8 * MIB, 0x6c)]);
+}
+
 #[test]
 fn a_link_cut_mid_frame_is_rejected_by_the_secondary_and_resynced() {
     if !need("qemu-io", "qemu-utils") {

@@ -271,15 +271,25 @@ pub struct Link {
 
 impl Link {
     /// Start the sender and receiver threads on an authenticated channel: a peer silent for
-    /// `timeout` is dead; an idle link is pinged every `ping_every`.
-    pub fn start(chan: Channel, timeout: Duration, ping_every: Duration) -> Result<Arc<Link>> {
+    /// `timeout` is dead; an idle link is pinged every `ping_every`. A peer that still talks
+    /// but takes nothing sent to it is busy with its disk (it pings while it writes its
+    /// header or hashes an extent, and reads no frames meanwhile): sends wait for it up to
+    /// `send_timeout` (`daemon.flush_timeout`), not `timeout`. A dead peer is still found
+    /// after `timeout`, by the receiver, which then shuts the socket under a blocked send.
+    pub fn start(
+        chan: Channel,
+        timeout: Duration,
+        send_timeout: Duration,
+        ping_every: Duration,
+    ) -> Result<Arc<Link>> {
         let peer = chan.peer();
         let stream = chan.stream();
+        let send_timeout = send_timeout.max(timeout);
         stream
             .set_read_timeout(Some(timeout))
             .context("socket timeout")?;
         stream
-            .set_write_timeout(Some(timeout))
+            .set_write_timeout(Some(send_timeout))
             .context("socket timeout")?;
         let _ = stream.set_nodelay(true);
         let (tx, rx) = mpsc::channel::<Frame>();
@@ -335,8 +345,8 @@ impl Link {
                 match result {
                     Ok(()) => l.kill("closed"),
                     Err(e) if timed_out(&e) => l.kill(&format!(
-                        "the peer took nothing sent to it for {} ms (daemon.timeout)",
-                        timeout.as_millis()
+                        "the peer took nothing sent to it for {} ms (daemon.flush_timeout)",
+                        send_timeout.as_millis()
                     )),
                     Err(e) => l.kill(&format!("send: {e}")),
                 }
@@ -943,6 +953,7 @@ mod tests {
         Link::start(
             crate::daemon::channel::Channel::clear(client).unwrap(),
             Duration::from_secs(10),
+            Duration::from_secs(10),
             Duration::from_secs(2),
         )
         .unwrap()
@@ -987,6 +998,7 @@ mod tests {
         });
         let link = Link::start(
             crate::daemon::channel::Channel::clear(client).unwrap(),
+            Duration::from_secs(10),
             Duration::from_secs(10),
             Duration::from_secs(2),
         )

@@ -755,7 +755,7 @@ fn connect_once(
         Decision::FullSync { .. } | Decision::DirtySync => {}
     }
     s.set_conn(|c| c.stale = false);
-    let link = Link::start(chan, s.timeout, s.ping_interval)?;
+    let link = Link::start(chan, s.timeout, s.flush_timeout, s.ping_interval)?;
     *s.link.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&link));
     s.set_conn(|c| {
         c.connection = Connection::Connected;

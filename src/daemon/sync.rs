@@ -346,6 +346,7 @@ pub(crate) mod tests {
         let link = Link::start(
             crate::daemon::channel::Channel::clear(client).unwrap(),
             Duration::from_secs(10),
+            Duration::from_secs(10),
             Duration::from_secs(2),
         )
         .unwrap();
