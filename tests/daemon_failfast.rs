@@ -43,9 +43,7 @@ fn net_up() -> Option<NetnsPair> {
 /// The harness sets `daemon.timeout = "3s"`; these tests run on the defaults.
 fn use_default_timeouts(p: &Pair) {
     for n in [&p.a, &p.b] {
-        let text = std::fs::read_to_string(&n.conf).unwrap();
-        assert!(text.contains("timeout = \"3s\"\n"), "{text}");
-        std::fs::write(&n.conf, text.replace("timeout = \"3s\"\n", "")).unwrap();
+        n.edit_conf("timeout = \"3s\"\n", "");
     }
 }
 

@@ -111,13 +111,10 @@ fn a_secondary_whose_flush_never_returns_is_given_up_within_the_flush_timeout() 
     }
     let p = synced_pair_with("fullsync", |p| {
         for n in [&p.a, &p.b] {
-            let text = std::fs::read_to_string(&n.conf).unwrap();
-            assert!(text.contains("timeout = \"3s\"\n"), "{text}");
-            let text = text.replace(
+            n.edit_conf(
                 "timeout = \"3s\"\n",
                 "timeout = \"3s\"\nflush_timeout = \"3s\"\n",
             );
-            std::fs::write(&n.conf, text).unwrap();
         }
     });
     p.a.qemu_io_ok(&["write -P 0x22 0 1M"]);
@@ -165,10 +162,7 @@ fn proxied_pair(extra: &str) -> (Pair, FaultProxy) {
     let mut proxy = None;
     let p = synced_pair_with("fullsync", |p| {
         for n in [&p.a, &p.b] {
-            let text = std::fs::read_to_string(&n.conf).unwrap();
-            assert!(text.contains("timeout = \"3s\"\n"), "{text}");
-            let text = text.replace("timeout = \"3s\"\n", &format!("timeout = \"3s\"\n{extra}"));
-            std::fs::write(&n.conf, text).unwrap();
+            n.edit_conf("timeout = \"3s\"\n", &format!("timeout = \"3s\"\n{extra}"));
         }
         let fp = FaultProxy::start(format!("{}:{}", p.b.ip, p.b.port).parse().unwrap());
         p.route_via("a", fp.addr);
@@ -314,10 +308,7 @@ fn a_large_discard_on_a_secondary_slow_to_zero_keeps_the_link() {
 fn synced_pair_16m_extents() -> Pair {
     synced_pair_with("fullsync", |p| {
         for n in [&p.a, &p.b] {
-            let text = std::fs::read_to_string(&n.conf).unwrap();
-            assert!(text.contains("extent_size = \"1M\"\n"), "{text}");
-            let text = text.replace("extent_size = \"1M\"\n", "extent_size = \"16M\"\n");
-            std::fs::write(&n.conf, text).unwrap();
+            n.edit_conf("extent_size = \"1M\"\n", "extent_size = \"16M\"\n");
             let out = tandem(n, &["create", "r0", "--force"]);
             assert!(
                 out.status.success(),

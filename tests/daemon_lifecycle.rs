@@ -59,13 +59,7 @@ fn notify_reload_and_clean_stop() {
     hup();
     wait_status(&p.a, "r1", "\"role\":\"init\"");
     // A changed link timing is not applied by a reload: the log says so.
-    let text = std::fs::read_to_string(&p.a.conf).unwrap();
-    assert!(text.contains("timeout = \"3s\"\n"), "{text}");
-    std::fs::write(
-        &p.a.conf,
-        text.replace("timeout = \"3s\"\n", "timeout = \"4s\"\n"),
-    )
-    .unwrap();
+    p.a.edit_conf("timeout = \"3s\"\n", "timeout = \"4s\"\n");
     hup();
     assert!(
         p.a.log_contains("flush_timeout changed; restart the daemon to apply it", 10),

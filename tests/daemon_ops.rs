@@ -421,12 +421,10 @@ fn systemd_notify_status_watchdog_and_stopping() {
     let mut p = Pair::new("fullsync");
     // A wedge is told from a demote waiting for a slow flush on the peer by
     // `flush_timeout`: a short one here, so that the wedge below is found soon.
-    let text = std::fs::read_to_string(&p.a.conf).unwrap();
-    let text = text.replace(
+    p.a.edit_conf(
         "timeout = \"3s\"\n",
         "timeout = \"3s\"\nflush_timeout = \"3s\"\n",
     );
-    std::fs::write(&p.a.conf, text).unwrap();
     let (mut sd, path) = FakeSystemd::new(p.dir.path());
     p.a.start_with_env(&[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "400000")]);
     sd.until("READY=1", 10);

@@ -124,6 +124,7 @@ mod faults {
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+    use std::time::Duration;
 
     use serde::{Deserialize, Serialize};
 
@@ -214,15 +215,15 @@ mod faults {
         /// (offset, len, sectors)
         torn: Option<(u64, u64, u64)>,
         /// Added to every fdatasync.
-        slow_sync: Option<std::time::Duration>,
+        slow_sync: Option<Duration>,
         /// Added to every fallocate, per MiB of its range.
-        slow_zero: Option<std::time::Duration>,
+        slow_zero: Option<Duration>,
         /// Added to every read, per MiB read.
-        slow_read: Option<std::time::Duration>,
+        slow_read: Option<Duration>,
     }
 
     /// `per_mib` for every whole MiB of `len`.
-    fn per_mib(per_mib: std::time::Duration, len: u64) -> std::time::Duration {
+    fn per_mib(per_mib: Duration, len: u64) -> Duration {
         per_mib.saturating_mul((len >> 20).min(u32::MAX.into()) as u32)
     }
 
@@ -366,67 +367,47 @@ mod faults {
                         p.cut(None);
                     }
                 }
-                Action::Eio { op, offset, len } => {
-                    log::warn!(
-                        "fault injection: {}: EIO on {op:?} of [{offset}, +{len})",
-                        self.path.display()
-                    );
-                    let mut st = lock(&self.state);
-                    st.eio.push((op, offset, len));
-                    self.rearm(&st);
-                }
+                Action::Eio { op, offset, len } => self
+                    .arm(format!("EIO on {op:?} of [{offset}, +{len})"), |st| {
+                        st.eio.push((op, offset, len))
+                    }),
                 Action::Torn {
                     offset,
                     len,
                     sectors,
-                } => {
-                    log::warn!(
-                        "fault injection: {}: the next write to [{offset}, +{len}) tears after {sectors} sectors",
-                        self.path.display()
-                    );
-                    let mut st = lock(&self.state);
-                    st.torn = Some((offset, len, sectors));
-                    self.rearm(&st);
-                }
-                Action::SlowSync { seconds } => {
-                    log::warn!(
-                        "fault injection: {}: every fdatasync takes {seconds}s longer",
-                        self.path.display()
-                    );
-                    let mut st = lock(&self.state);
-                    st.slow_sync = Some(std::time::Duration::from_secs(seconds));
-                    self.rearm(&st);
-                }
-                Action::SlowZero { ms } => {
-                    log::warn!(
-                        "fault injection: {}: every fallocate takes {ms} ms longer per MiB",
-                        self.path.display()
-                    );
-                    let mut st = lock(&self.state);
-                    st.slow_zero = Some(std::time::Duration::from_millis(ms));
-                    self.rearm(&st);
-                }
-                Action::SlowRead { ms } => {
-                    log::warn!(
-                        "fault injection: {}: every read takes {ms} ms longer per MiB",
-                        self.path.display()
-                    );
-                    let mut st = lock(&self.state);
-                    st.slow_read = Some(std::time::Duration::from_millis(ms));
-                    self.rearm(&st);
-                }
-                Action::Clear => {
-                    log::warn!("fault injection: {}: faults cleared", self.path.display());
-                    let mut st = lock(&self.state);
+                } => self.arm(
+                    format!("the next write to [{offset}, +{len}) tears after {sectors} sectors"),
+                    |st| st.torn = Some((offset, len, sectors)),
+                ),
+                Action::SlowSync { seconds } => self
+                    .arm(format!("every fdatasync takes {seconds}s longer"), |st| {
+                        st.slow_sync = Some(Duration::from_secs(seconds))
+                    }),
+                Action::SlowZero { ms } => self.arm(
+                    format!("every fallocate takes {ms} ms longer per MiB"),
+                    |st| st.slow_zero = Some(Duration::from_millis(ms)),
+                ),
+                Action::SlowRead { ms } => self
+                    .arm(format!("every read takes {ms} ms longer per MiB"), |st| {
+                        st.slow_read = Some(Duration::from_millis(ms))
+                    }),
+                Action::Clear => self.arm("faults cleared".into(), |st| {
                     st.eio.clear();
                     st.torn = None;
                     st.slow_sync = None;
                     st.slow_zero = None;
                     st.slow_read = None;
-                    self.rearm(&st);
-                }
+                }),
                 Action::WedgeOwner { .. } => {}
             }
+        }
+
+        /// Log the fault `what` and set it in the state.
+        fn arm(&self, what: String, set: impl FnOnce(&mut State)) {
+            log::warn!("fault injection: {}: {what}", self.path.display());
+            let mut st = lock(&self.state);
+            set(&mut st);
+            self.rearm(&st);
         }
 
         fn armed(&self) -> bool {

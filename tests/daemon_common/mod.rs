@@ -185,6 +185,18 @@ impl Pair {
 }
 
 impl Node {
+    /// Replace `from`, which must be there, with `to` in this node's configuration file (before
+    /// its daemon starts, or before a SIGHUP).
+    pub fn edit_conf(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.conf).unwrap();
+        assert!(
+            text.contains(from),
+            "{} has no {from:?}:\n{text}",
+            self.conf.display()
+        );
+        std::fs::write(&self.conf, text.replace(from, to)).unwrap();
+    }
+
     pub fn sock(&self) -> PathBuf {
         self.conf.with_file_name(format!("{}.sock", self.name))
     }
