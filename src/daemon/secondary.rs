@@ -858,12 +858,7 @@ impl Flusher {
             return Ok(());
         };
         if ran >= s.flush_timeout {
-            bail!(
-                "fdatasync of {} has not returned for {} ms (daemon.flush_timeout {} ms): the disk hangs",
-                s.disk.path().display(),
-                ran.as_millis(),
-                s.flush_timeout.as_millis()
-            );
+            bail!("{}", disk_hangs(s, "fdatasync of", ran));
         }
         Ok(())
     }
@@ -884,6 +879,17 @@ impl Flusher {
             );
         }
     }
+}
+
+/// What a secondary says of a disk call (`doing` the disk's path) that has run for `ran`, past
+/// `daemon.flush_timeout`: the same words from the flush thread and from `while_pinging`.
+fn disk_hangs(s: &Shared, doing: &str, ran: Duration) -> String {
+    format!(
+        "{doing} {} has not returned for {} ms (daemon.flush_timeout {} ms): the disk hangs",
+        s.disk.path().display(),
+        ran.as_millis(),
+        s.flush_timeout.as_millis()
+    )
 }
 
 /// Run `step`, a durable write the session must finish before it applies the next frame (the
@@ -911,12 +917,7 @@ fn while_pinging<T>(
                 {
                     let ran = began.elapsed();
                     if ran >= s.flush_timeout {
-                        let why = format!(
-                            "{what} on {} has not returned for {} ms (daemon.flush_timeout {} ms): the disk hangs",
-                            s.disk.path().display(),
-                            ran.as_millis(),
-                            s.flush_timeout.as_millis()
-                        );
+                        let why = disk_hangs(s, &format!("{what} on"), ran);
                         log::error!("{}: {why}; closing the connection", s.name);
                         say_goodbye(w, &why);
                         let _ = stream.shutdown(Shutdown::Both);
