@@ -5,7 +5,8 @@
 //! returns must not hold the primary's FLUSH for longer than `daemon.flush_timeout`. The same
 //! holds for the durable header writes the secondary makes at the start and the end of a
 //! resync, and a disk slow to write zeroes (`slow-zero MS`: MS per MiB) or to read
-//! (`slow-read MS`) must not make a large discard or a verify look like a dead peer either.
+//! (`slow-read MS`) must not make a large discard or a verify look like a dead peer either, nor
+//! one slow to write (`slow-write MS`) a large write or a resync.
 
 mod daemon_common;
 mod fault_proxy;
@@ -403,4 +404,122 @@ fn writes_queued_behind_a_busy_secondary_wait_for_it_instead_of_dropping_the_lin
         region_is(&p.b.img, 0, 48 << 20, 0x99),
         "the writes are not on b"
     );
+}
+
+/// One 32 MiB write (the largest request the export takes) on a secondary whose disk writes at
+/// 250 ms per MiB: b is inside one pwrite for 8 s, longer than `daemon.timeout` (3 s). The
+/// primary waits for it (fullsync), but a secondary busy writing is not a dead one: the link
+/// stays up and the data is on b.
+#[test]
+fn a_large_write_on_a_secondary_slow_to_write_keeps_the_link() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let p = synced_pair("fullsync");
+    p.b.ok(&["fault", "r0", "slow-write", "250"]);
+    let t = Instant::now();
+    p.a.qemu_io_ok(&["write -P 0x5e 0 32M"]);
+    let took = t.elapsed();
+    eprintln!("a 32 MiB write with b's disk at 250 ms/MiB took {took:?}");
+    p.b.ok(&["fault", "r0", "clear"]);
+    let st = p.a.status();
+    assert!(
+        !p.a.log_text().contains("lost the peer"),
+        "a dropped the link to a secondary busy writing: {}",
+        p.a.log_text()
+    );
+    assert_eq!(st["connection"], "connected", "{st}");
+    assert!(
+        took >= Duration::from_secs(6),
+        "the write took {took:?}: b's slow writes did not slow it, so this test did not test them"
+    );
+    assert!(
+        region_is(&p.b.img, 0, 32 << 20, 0x5e),
+        "the write is not on b"
+    );
+}
+
+/// A resync onto a secondary whose disk takes 4 s for every MiB written: each 1 MiB sync
+/// chunk keeps b inside one pwrite for longer than `daemon.timeout` (3 s). The resync must
+/// complete on its first attempt, not be restarted by every chunk.
+#[test]
+fn a_resync_completes_on_a_secondary_slow_to_write() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let (p, proxy) = proxied_pair("");
+    cut_and_write_alone(&p, &proxy, 0x3c);
+    p.b.ok(&["fault", "r0", "slow-write", "4000"]);
+    let before = syncs_started(&p);
+    let t = Instant::now();
+    proxy.set(Fault::Pass);
+    let out = p.a.run(&["wait-sync", "r0", "--timeout", "60s"]);
+    let took = t.elapsed();
+    p.b.ok(&["fault", "r0", "clear"]);
+    let log = p.a.log_text();
+    assert!(
+        out.status.success(),
+        "the resync did not complete while b's disk was slow to write: {}\na's log:\n{log}",
+        String::from_utf8_lossy(&out.stderr),
+    );
+    eprintln!("the resync of 2 MiB with b's writes at 4 s/MiB took {took:?}");
+    assert!(
+        took >= Duration::from_secs(6),
+        "the resync took {took:?}: b's slow writes did not slow it, so this test did not test them"
+    );
+    let attempts = syncs_started(&p) - before;
+    assert_eq!(
+        attempts, 1,
+        "the resync took {attempts} attempts: a gave up on b while b wrote a chunk\n{log}"
+    );
+    assert!(
+        region_is(&p.b.img, 4 << 20, 2 << 20, 0x3c),
+        "the resync did not reach b"
+    );
+}
+
+/// b's disk hangs in a write (10 s per MiB, `daemon.flush_timeout` 3 s): b keeps the link no
+/// longer than `flush_timeout` while it is stuck, then gives it up saying why, so a's client
+/// is not held by a hung peer; the write completes on a alone, and once the disk recovers the
+/// pair resyncs.
+#[test]
+fn a_secondary_whose_write_hangs_gives_the_link_up_within_the_flush_timeout() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let p = synced_pair_with("fullsync", |p| {
+        for n in [&p.a, &p.b] {
+            n.edit_conf(
+                "timeout = \"3s\"\n",
+                "timeout = \"3s\"\nflush_timeout = \"3s\"\n",
+            );
+        }
+    });
+    p.b.ok(&["fault", "r0", "slow-write", "10000"]);
+    let (text, took) = qemu_io_within(
+        &p.a.nbd_uri(),
+        &p.a.log,
+        &["write -P 0x4e 1M 1M"],
+        Duration::from_secs(20),
+    );
+    eprintln!("a 1 MiB write while b's write hangs took {took:?}");
+    assert!(text.contains("wrote"), "{text}");
+    assert!(
+        took < Duration::from_secs(8),
+        "the write took {took:?} with daemon.flush_timeout = 3s: it waited for a hung secondary"
+    );
+    assert!(
+        p.a.log_contains("lost the peer", 10),
+        "a kept the link to a secondary whose disk hangs: {}",
+        p.a.log_text()
+    );
+    assert!(
+        p.a.log_contains("the disk hangs", 5),
+        "a's log does not say why b gave the link up: {}",
+        p.a.log_text()
+    );
+    eprintln!("{}", why_b_left(&p));
+    p.b.ok(&["fault", "r0", "clear"]);
+    p.a.ok(&["wait-sync", "r0", "--timeout", "60s"]);
+    assert!(region_is(&p.b.img, 1 << 20, 1 << 20, 0x4e));
 }

@@ -174,8 +174,11 @@ mod faults {
         SlowZero { ms: u64 },
         /// Every read takes MS milliseconds longer per MiB read (a busy disk), until `clear`.
         SlowRead { ms: u64 },
-        /// Remove the EIO ranges, the pending torn write and a slow sync (power-loss mode
-        /// stays).
+        /// Every write takes MS milliseconds longer per MiB written (a busy disk, or writes
+        /// throttled by the page cache), until `clear`.
+        SlowWrite { ms: u64 },
+        /// Remove the EIO ranges, the pending torn write and the slow syncs, zeroings, reads
+        /// and writes (power-loss mode stays).
         Clear,
         /// Not a disk fault: the resource's owner thread stops answering for SECONDS (for
         /// the watchdog tests); the daemon handles it, the disk ignores it.
@@ -220,6 +223,8 @@ mod faults {
         slow_zero: Option<Duration>,
         /// Added to every read, per MiB read.
         slow_read: Option<Duration>,
+        /// Added to every write, per MiB written.
+        slow_write: Option<Duration>,
     }
 
     /// `per_mib` for every whole MiB of `len`.
@@ -354,7 +359,8 @@ mod faults {
                 || st.torn.is_some()
                 || st.slow_sync.is_some()
                 || st.slow_zero.is_some()
-                || st.slow_read.is_some();
+                || st.slow_read.is_some()
+                || st.slow_write.is_some();
             self.armed.store(armed, Ordering::Release);
         }
 
@@ -391,12 +397,17 @@ mod faults {
                     .arm(format!("every read takes {ms} ms longer per MiB"), |st| {
                         st.slow_read = Some(Duration::from_millis(ms))
                     }),
+                Action::SlowWrite { ms } => self
+                    .arm(format!("every write takes {ms} ms longer per MiB"), |st| {
+                        st.slow_write = Some(Duration::from_millis(ms))
+                    }),
                 Action::Clear => self.arm("faults cleared".into(), |st| {
                     st.eio.clear();
                     st.torn = None;
                     st.slow_sync = None;
                     st.slow_zero = None;
                     st.slow_read = None;
+                    st.slow_write = None;
                 }),
                 Action::WedgeOwner { .. } => {}
             }
@@ -439,8 +450,11 @@ mod faults {
         }
 
         fn write(&self, file: &File, data: &[u8], offset: u64) -> io::Result<usize> {
-            let mut st = self.state()?;
             let len = data.len() as u64;
+            if let Some(d) = self.state()?.slow_write {
+                std::thread::sleep(per_mib(d, len));
+            }
+            let mut st = self.state()?;
             Self::check_eio(&st, true, offset, len)?;
             if let Some((start, rlen, sectors)) = st.torn
                 && intersects(offset, len, start, rlen)

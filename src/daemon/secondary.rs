@@ -645,69 +645,141 @@ fn holds_frame(buf: &[u8]) -> bool {
 /// applied; smaller ones go out with the batch.
 const EARLY_RECEIVED_ACK: usize = 64 << 10;
 
-/// A larger Trim, WriteZeroes or SyncZero is applied in pieces of this size, with a ping
-/// between them once `ping_interval` has passed (`in_pieces`). mkfs discards a whole device,
-/// up to 4 GiB a request, and a disk without fast zeroing (most spinning disks, many RAID
-/// controllers; on FreeBSD the zeroes are always written) takes seconds for that: in one
-/// piece the session would be silent for longer than `daemon.timeout`, and the primary would
-/// take it for dead. 8 MiB of zeroes take 0.15 s at 60 MB/s.
+/// A larger Trim, WriteZeroes or SyncZero is applied in pieces of this size (`in_pieces`), so
+/// that the watch sees progress and keeps the link while the whole request takes long. mkfs
+/// discards a whole device, up to 4 GiB a request, and a disk without fast zeroing (most
+/// spinning disks, many RAID controllers; on FreeBSD the zeroes are always written) takes
+/// seconds for that; a single call that long would be a hung disk to the watch. 8 MiB of
+/// zeroes take 0.15 s at 60 MB/s.
 const ZERO_PIECE: u64 = 8 << 20;
 
-/// Pings the primary between the steps of long work in the session, once `ping_interval`
-/// has passed since the work began or since the last ping.
-struct Keepalive<'a> {
-    s: &'a Shared,
-    last: Instant,
+/// What the session is doing on its disk, as the watch (`Watch`) sees it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+enum Doing {
+    /// Not in a disk call: reading frames, sending acks (bounded by the socket's timeouts).
+    Nothing = 0,
+    Writing,
+    Zeroing,
+    Reading,
+    WritingHeader,
+    CompletingSync,
 }
 
-impl<'a> Keepalive<'a> {
-    fn new(s: &'a Shared) -> Keepalive<'a> {
-        Keepalive {
-            s,
-            last: Instant::now(),
-        }
-    }
+impl Doing {
+    const ALL: [Doing; 6] = [
+        Doing::Nothing,
+        Doing::Writing,
+        Doing::Zeroing,
+        Doing::Reading,
+        Doing::WritingHeader,
+        Doing::CompletingSync,
+    ];
 
-    fn tick(&mut self, w: &mut Writer) -> io::Result<()> {
-        if self.last.elapsed() >= self.s.ping_interval {
-            w.write_all(&Message::Ping.encode())?;
-            w.flush()?;
-            self.last = Instant::now();
+    /// The call, as `disk_hangs` names it ("... PATH has not returned").
+    fn call(self) -> &'static str {
+        match self {
+            Doing::Nothing => "nothing on",
+            Doing::Writing => "a write to",
+            Doing::Zeroing => "zeroing a range of",
+            Doing::Reading => "a read of",
+            Doing::WritingHeader => "writing the header on",
+            Doing::CompletingSync => "completing the sync on",
         }
-        Ok(())
     }
 }
 
-/// `op` over [offset, offset + len) in pieces of at most `ZERO_PIECE`, with keepalive pings
-/// between them. The outer error is the connection's, the inner one the disk's (the request's
-/// outcome). A range beyond the disk is refused whole, before any piece is applied.
+/// The session's disk calls, watched by a thread of their own (`Watch::run`). Every call the
+/// session makes on its disk (a write, a read, a piece of a zeroing, a chunk of a hash, the
+/// header writes of a sync) may take longer than `daemon.timeout` on a busy disk: a large write
+/// throttled by the page cache, a resync chunk on a slow array. Meanwhile the session is
+/// silent, and the primary would take a busy secondary for a dead one, drop the link and begin
+/// a resync that the same slow disk interrupts again. So while the session is inside a disk
+/// call, the watch pings the primary every `ping_interval`; and once one call has not returned
+/// for `daemon.flush_timeout`, the disk hangs: the watch says so to the primary and shuts the
+/// connection, so the primary goes on alone rather than waiting for it.
+///
+/// The session alone writes `state`: `(calls begun << 8) | Doing`, with a plain store per call
+/// (no read-modify-write, no clock read: nothing a 4 KiB write would notice).
+#[derive(Default)]
+struct Watch {
+    state: AtomicU64,
+}
+
+impl Watch {
+    /// The session begins a disk call (another one: progress, even if `doing` is the same).
+    fn enter(&self, doing: Doing) {
+        let begun = (self.state.load(Ordering::Relaxed) >> 8) + 1;
+        self.state
+            .store((begun << 8) | doing as u64, Ordering::Release);
+    }
+
+    /// The session's disk call returned.
+    fn leave(&self) {
+        let v = self.state.load(Ordering::Relaxed);
+        self.state.store(v & !0xff, Ordering::Release);
+    }
+
+    /// `call` as a disk call of the kind `doing`.
+    fn on_disk<T>(&self, doing: Doing, call: impl FnOnce() -> T) -> T {
+        self.enter(doing);
+        let r = call();
+        self.leave();
+        r
+    }
+
+    /// The watching thread, until `ended` is dropped: pings while the session is in a disk
+    /// call, and gives the connection up once one call has run for `daemon.flush_timeout`.
+    fn run(&self, s: &Shared, w: &Writer, stream: &TcpStream, ended: mpsc::Receiver<()>) {
+        // The state last seen inside a call, and when it was first seen.
+        let mut seen = (0u64, Instant::now());
+        while let Err(mpsc::RecvTimeoutError::Timeout) = ended.recv_timeout(s.ping_interval) {
+            let now = self.state.load(Ordering::Acquire);
+            let doing = Doing::ALL
+                .get((now & 0xff) as usize)
+                .copied()
+                .unwrap_or(Doing::Nothing);
+            if doing == Doing::Nothing {
+                continue;
+            }
+            if now != seen.0 {
+                seen = (now, Instant::now());
+            }
+            let ran = seen.1.elapsed();
+            if ran >= s.flush_timeout {
+                let why = disk_hangs(s, doing.call(), ran);
+                log::error!("{}: {why}; closing the connection", s.name);
+                say_goodbye(w, &why);
+                let _ = stream.shutdown(Shutdown::Both);
+                return;
+            }
+            // Not if acks are being sent meanwhile (the flush thread's): they count as well.
+            let _ = w.try_send(&Message::Ping);
+        }
+    }
+}
+
+/// `op` over [offset, offset + len) in pieces of at most `ZERO_PIECE`, each a disk call of its
+/// own to the watch. A range beyond the disk is refused whole, before any piece is applied.
 fn in_pieces(
     s: &Shared,
-    w: &mut Writer,
+    watch: &Watch,
     offset: u64,
     len: u64,
     mut op: impl FnMut(u64, u64) -> io::Result<()>,
-) -> io::Result<io::Result<()>> {
+) -> io::Result<()> {
     if len <= ZERO_PIECE {
-        return Ok(op(offset, len));
+        return watch.on_disk(Doing::Zeroing, || op(offset, len));
     }
-    if let Err(e) = s.disk.check_range(offset, len) {
-        return Ok(Err(e));
-    }
-    let mut keepalive = Keepalive::new(s);
+    s.disk.check_range(offset, len)?;
     let end = offset + len;
     let mut pos = offset;
     while pos < end {
         let n = ZERO_PIECE.min(end - pos);
-        if let Err(e) = op(pos, n) {
-            return Ok(Err(e));
-        }
+        watch.on_disk(Doing::Zeroing, || op(pos, n))?;
         pos += n;
-        if pos < end {
-            keepalive.tick(w)?;
-        }
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// Between frames: until the primary's next frame arrives, ping it every `ping_interval`
@@ -748,7 +820,21 @@ fn session(s: &Shared, chan: Channel, memsync: bool) -> Result<()> {
     // fdatasyncs run on a third.
     let reader = reader.open_ahead(format!("open-{}", s.name))?;
     let flusher = Flusher::start(s, writer.clone())?;
-    let r = apply(s, reader, writer, memsync, &flusher, &stream);
+    // The disk calls are watched on a fourth (`Watch`), until `apply` returns.
+    let watch = Watch::default();
+    let (watching, ended) = mpsc::channel::<()>();
+    let r = thread::scope(|scope| {
+        let (watch, w, stream) = (&watch, &w, &stream);
+        let watcher = thread::Builder::new()
+            .name(format!("watch-{}", s.name))
+            .spawn_scoped(scope, move || watch.run(s, w, stream, ended));
+        if let Err(e) = &watcher {
+            log::warn!("{}: the session's disk calls are not watched: {e}", s.name);
+        }
+        let r = apply(s, reader, writer, memsync, &flusher, watch);
+        drop(watching);
+        r
+    });
     // The acks of what was applied before an error still go out.
     let _ = w.flush();
     // At a clean end, those of pending fdatasyncs too (unless the disk hangs: no longer than
@@ -882,7 +968,7 @@ impl Flusher {
 }
 
 /// What a secondary says of a disk call (`doing` the disk's path) that has run for `ran`, past
-/// `daemon.flush_timeout`: the same words from the flush thread and from `while_pinging`.
+/// `daemon.flush_timeout`: the same words from the flush thread and from the watch.
 fn disk_hangs(s: &Shared, doing: &str, ran: Duration) -> String {
     format!(
         "{doing} {} has not returned for {} ms (daemon.flush_timeout {} ms): the disk hangs",
@@ -892,57 +978,13 @@ fn disk_hangs(s: &Shared, doing: &str, ran: Duration) -> String {
     )
 }
 
-/// Run `step`, a durable write the session must finish before it applies the next frame (the
-/// header and dirty map at the start and the end of a sync), while another thread pings the
-/// primary every `ping_interval`. Otherwise the session is silent meanwhile, and a disk slower
-/// to flush than `daemon.timeout` looks like a dead peer: the primary drops the link, and the
-/// next connection begins the same sync again, never to complete while the disk is slow. A
-/// step still running after `daemon.flush_timeout` is a hung disk: the pings stop and the
-/// connection is shut, so the primary goes on alone rather than waiting for it.
-fn while_pinging<T>(
-    s: &Shared,
-    w: &Writer,
-    stream: &TcpStream,
-    what: &str,
-    step: impl FnOnce() -> T,
-) -> T {
-    let (done, finished) = mpsc::channel::<()>();
-    thread::scope(|scope| {
-        let pinger = thread::Builder::new()
-            .name(format!("keepalive-{}", s.name))
-            .spawn_scoped(scope, move || {
-                let began = Instant::now();
-                while let Err(mpsc::RecvTimeoutError::Timeout) =
-                    finished.recv_timeout(s.ping_interval)
-                {
-                    let ran = began.elapsed();
-                    if ran >= s.flush_timeout {
-                        let why = disk_hangs(s, &format!("{what} on"), ran);
-                        log::error!("{}: {why}; closing the connection", s.name);
-                        say_goodbye(w, &why);
-                        let _ = stream.shutdown(Shutdown::Both);
-                        return;
-                    }
-                    // Not if the session's own acks are being sent: they count as well.
-                    let _ = w.try_send(&Message::Ping);
-                }
-            });
-        if let Err(e) = &pinger {
-            log::warn!("{}: {what} without keepalive pings: {e}", s.name);
-        }
-        let r = step();
-        drop(done);
-        r
-    })
-}
-
 fn apply(
     s: &Shared,
     mut r: Reader,
     mut w: Writer,
     memsync: bool,
     f: &Flusher,
-    stream: &TcpStream,
+    watch: &Watch,
 ) -> Result<()> {
     let disk = &s.disk;
     let ack = |w: &mut Writer, seq: u64, kind: AckKind, res: io::Result<()>| {
@@ -982,7 +1024,7 @@ fn apply(
             },
             Some(Err(e)) => bail!("{e}"),
             Some(Ok(DataFrame::SyncChunk { seq, offset, data })) => {
-                let res = disk.write_at(data, offset);
+                let res = watch.on_disk(Doing::Writing, || disk.write_at(data, offset));
                 s.sync.done.fetch_add(data.len() as u64, Ordering::Relaxed);
                 s.counters
                     .bytes_resynced
@@ -1002,7 +1044,8 @@ fn apply(
                         w.flush()?;
                     }
                 }
-                durable(&mut w, seq, fua, disk.write_at(data, offset))?;
+                let res = watch.on_disk(Doing::Writing, || disk.write_at(data, offset));
+                durable(&mut w, seq, fua, res)?;
                 continue;
             }
         };
@@ -1026,17 +1069,17 @@ fn apply(
                 if memsync {
                     ack(&mut w, seq, AckKind::Received, Ok(()))?;
                 }
-                let res = in_pieces(s, &mut w, offset, len, |o, l| match zeroes {
+                let res = in_pieces(s, watch, offset, len, |o, l| match zeroes {
                     true => disk.write_zeroes(o, l),
                     false => disk.punch(o, l),
-                })?;
+                });
                 durable(&mut w, seq, fua, res)?;
             }
             Message::Flush { seq } => f.queue(seq)?,
             Message::SyncStart { total, full } => {
                 if total > 0 || full {
                     w.flush()?;
-                    while_pinging(s, &w, stream, "writing the header", || {
+                    watch.on_disk(Doing::WritingHeader, || {
                         disk.update_header(|h| h.inconsistent = true)
                     })?;
                     s.sync.start(total);
@@ -1052,16 +1095,20 @@ fn apply(
                 let es = disk.extent_size();
                 let whole_extent =
                     offset % es == 0 && (len == es || offset + len == disk.data_size());
-                let res = match whole_extent && disk.is_zero_extent(offset / es).unwrap_or(false) {
+                let zero = whole_extent
+                    && watch
+                        .on_disk(Doing::Reading, || disk.is_zero_extent(offset / es))
+                        .unwrap_or(false);
+                let res = match zero {
                     true => Ok(()),
-                    false => in_pieces(s, &mut w, offset, len, |o, l| disk.write_zeroes(o, l))?,
+                    false => in_pieces(s, watch, offset, len, |o, l| disk.write_zeroes(o, l)),
                 };
                 s.sync.done.fetch_add(len, Ordering::Relaxed);
                 ack(&mut w, seq, AckKind::Written, res)?;
             }
             Message::SyncDone { seq, local_gen } => {
                 w.flush()?;
-                let res = while_pinging(s, &w, stream, "completing the sync", || {
+                let res = watch.on_disk(Doing::CompletingSync, || {
                     disk.sync_data()?;
                     let am = disk.activemap();
                     for e in am.dirty_extents() {
@@ -1102,8 +1149,14 @@ fn apply(
                         disk.extent_count()
                     );
                 }
-                let mut keepalive = Keepalive::new(s);
-                match verify::hash_extent(disk, extent, || keepalive.tick(&mut w)) {
+                // Each chunk read is a disk call of its own to the watch.
+                let hashed = watch.on_disk(Doing::Reading, || {
+                    verify::hash_extent(disk, extent, || {
+                        watch.enter(Doing::Reading);
+                        Ok(())
+                    })
+                });
+                match hashed {
                     Ok(digest) => w.write_all(
                         &Message::VerifyReply {
                             seq,
@@ -1122,7 +1175,7 @@ fn apply(
                     bail!("protocol error: ReadRequest of {len} bytes, more than {MAX_DATA}");
                 }
                 let mut data = vec![0u8; len as usize];
-                match disk.read_at(&mut data, offset) {
+                match watch.on_disk(Doing::Reading, || disk.read_at(&mut data, offset)) {
                     Ok(()) => w.write_all(&Message::ReadReply { seq, data }.encode())?,
                     Err(e) => ack(&mut w, seq, AckKind::Written, Err(e))?,
                 }
