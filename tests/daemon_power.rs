@@ -340,3 +340,163 @@ fn a_torn_header_write_leaves_a_disk_that_opens() {
     assert_eq!(st["role"], "init", "{st}");
     assert!(st["error"].is_null(), "{st}");
 }
+
+/// The primary's disk fails (the data region only: its header still takes writes) and it goes
+/// on diskless: a flushed write lands on the peer alone. The machine then restarts and the
+/// disk reads again. Its data is stale: the node must not become primary over it, neither
+/// with the peer down (its own header says so) nor with the peer up (the peer says so);
+/// before, it was promoted and resynced its stale copy over the peer's, and the flushed write
+/// was gone from both. Promoted, the peer has the write, and the old primary gets it back.
+#[test]
+fn a_primary_whose_disk_failed_is_not_promoted_over_the_peer_after_a_restart() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let mut p = synced_pair_env(&[], &[]);
+    let size = u(&p.a.status(), &["data_size"]);
+    p.a.qemu_io_ok(&["write -P 0x5a 1M 64k", "flush"]);
+    p.a.ok(&["fault", "r0", "eio", "rw", "0", &size.to_string()]);
+    p.a.qemu_io_ok(&["write -P 0x77 2M 64k", "flush"]);
+    assert!(region_is(&p.b.img, 2 << 20, 65536, 0x77));
+    p.a.kill9();
+    p.b.stop();
+    p.a.start();
+    let out = p.a.run(&["role", "primary", "r0"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a node whose disk failed became primary with the peer down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("peer down: {}", String::from_utf8_lossy(&out.stderr));
+    p.b.start();
+    p.b.ok(&["role", "secondary", "r0"]);
+    let out = p.a.run(&["role", "primary", "r0"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a node whose disk failed became primary over the peer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("peer up: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        region_is(&p.b.img, 2 << 20, 65536, 0x77),
+        "the peer lost the write made while the primary was diskless"
+    );
+    hand_back(&p);
+}
+
+/// As above, but the whole disk fails, header included: nothing can be recorded on it, and
+/// only the peer knows that it holds the only copy. The restarted node must still not be
+/// promoted over it.
+#[test]
+fn a_primary_whose_whole_disk_failed_is_not_promoted_over_the_peer_after_a_restart() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let mut p = synced_pair_env(&[], &[]);
+    p.a.qemu_io_ok(&["write -P 0x5a 1M 64k", "flush"]);
+    p.a.ok(&["fault", "r0", "eio", "rw", "0", &IMG_SIZE.to_string()]);
+    p.a.qemu_io_ok(&["write -P 0x77 2M 64k", "flush"]);
+    assert!(region_is(&p.b.img, 2 << 20, 65536, 0x77));
+    p.a.kill9();
+    p.a.start();
+    let out = p.a.run(&["role", "primary", "r0"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a node whose disk failed became primary over the peer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        region_is(&p.b.img, 2 << 20, 65536, 0x77),
+        "the peer lost the write made while the primary was diskless"
+    );
+    hand_back(&p);
+}
+
+/// The peer (b) is promoted and the restarted old primary (a) becomes its secondary: a gets
+/// the writes it missed, and b serves them.
+fn hand_back(p: &Pair) {
+    p.a.ok(&["role", "secondary", "r0"]);
+    p.b.ok(&["role", "primary", "r0"]);
+    p.b.ok(&["wait-sync", "r0", "--timeout", "60s"]);
+    p.b.qemu_io_ok(&["read -P 0x5a 1M 64k", "read -P 0x77 2M 64k"]);
+    assert!(
+        region_is(&p.a.img, 2 << 20, 65536, 0x77),
+        "the old primary did not get back the write it missed"
+    );
+}
+
+/// A diskless primary whose peer restarts: it reconnects and goes on serving from the peer
+/// (reads and writes), and the peer still holds every write.
+#[test]
+fn a_diskless_primary_reconnects_to_its_restarted_peer_and_serves_on() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let mut p = synced_pair_env(&[], &[]);
+    let size = u(&p.a.status(), &["data_size"]);
+    p.a.qemu_io_ok(&["write -P 0x5a 1M 64k", "flush"]);
+    p.a.ok(&["fault", "r0", "eio", "rw", "0", &size.to_string()]);
+    p.a.qemu_io_ok(&["write -P 0x77 2M 64k", "flush"]);
+    p.b.kill9();
+    p.a.wait_for(20, "a without its peer", |s| s["connection"] != "connected");
+    p.b.start();
+    p.b.ok(&["role", "secondary", "r0"]);
+    p.a.wait_for(30, "a reconnected and serving", |s| {
+        s["connection"] == "connected" && s["state"] == "diskless"
+    });
+    p.a.qemu_io_ok(&[
+        "read -P 0x5a 1M 64k",
+        "read -P 0x77 2M 64k",
+        "write -P 0x78 3M 64k",
+        "flush",
+    ]);
+    assert!(region_is(&p.b.img, 3 << 20, 65536, 0x78));
+    assert!(region_is(&p.b.img, 2 << 20, 65536, 0x77));
+}
+
+/// The secondary's disk fails a write. It detaches the disk (as DRBD's `on-io-error detach`)
+/// and takes no replication until the disk is replaced, instead of failing the same resync
+/// over and over: before, the primary reconnected and resynced about 75 times a second, each
+/// time running the connect, syncstart, syncintr and disconnect hooks. The primary goes on
+/// alone with the write in its dirty map, and its log says why; the secondary is not promoted
+/// over it.
+#[test]
+fn a_secondary_whose_disk_fails_a_write_detaches_it_instead_of_resyncing_in_a_loop() {
+    if !need("qemu-io", "qemu-utils") {
+        return;
+    }
+    let p = synced_pair_env(&[], &[]);
+    p.b.ok(&["fault", "r0", "eio", "write", "4M", "1M"]);
+    let connects = |p: &Pair| hook_log(p).lines().filter(|l| *l == "connect r0").count();
+    let before = connects(&p);
+    p.a.qemu_io_ok(&["write -P 0x5a 4M 64k", "flush"]);
+    p.b.wait_for(20, "b detached its disk", |s| s["state"] == "diskless");
+    std::thread::sleep(Duration::from_secs(6));
+    let again = connects(&p) - before;
+    assert!(
+        again <= 4,
+        "{again} connections after b's disk failed: the pair reconnects in a loop\n{}",
+        hook_log(&p)
+    );
+    let st = p.a.status();
+    assert_ne!(st["connection"], "connected", "{st}");
+    assert!(u(&st, &["dirty_bytes"]) >= 1 << 20, "{st}");
+    assert!(
+        p.a.log_contains("failed", 5) && p.a.log_text().contains(&p.b.img.display().to_string()),
+        "a's log does not say that b's disk failed: {}",
+        p.a.log_text()
+    );
+    p.a.qemu_io_ok(&["read -P 0x5a 4M 64k"]);
+    p.a.ok(&["role", "secondary", "r0"]);
+    let out = p.b.run(&["role", "primary", "r0"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "b became primary on a disk that failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

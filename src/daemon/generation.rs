@@ -19,10 +19,16 @@ pub enum Decision {
     Stale,
     /// Both were written while apart; nothing is synced until an operator resolves it.
     SplitBrain,
+    /// `p`'s local disk failed: it serves from `s`, whose copy is the only one. Nothing is
+    /// synced either way, and `s` records that it holds the only copy (newer than `p`'s disk).
+    Diskless,
 }
 
 /// The decision table (docs/protocol.md, "Generation exchange"), first matching row wins.
 pub fn decide(p: &NodeState, s: &NodeState) -> Decision {
+    if p.diskless {
+        return Decision::Diskless;
+    }
     if s.discard_local {
         return Decision::FullSync { skip_zero: false };
     }
@@ -205,6 +211,20 @@ mod tests {
             ..node(3, 3)
         };
         assert_eq!(decide(&p, &node(3, 3)), Decision::SplitBrain);
+    }
+
+    /// A diskless primary neither syncs nor is stale, whatever the generations say: the
+    /// secondary's copy is the only one, and it is newer than the primary's failed disk.
+    #[test]
+    fn a_diskless_primary_serves_from_the_secondary() {
+        for p in [node(3, 3), node(3, 4), node(4, 3)] {
+            let p = NodeState {
+                diskless: true,
+                inconsistent: true,
+                ..p
+            };
+            assert_eq!(decide(&p, &node(4, 3)), Decision::Diskless);
+        }
     }
 
     #[test]

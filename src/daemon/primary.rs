@@ -273,7 +273,8 @@ impl Replicated {
     /// The request is good once the peer wrote it: the local disk failed.
     fn peer_wrote(&self, c: Option<Arc<Completion>>, len: u64) -> io::Result<()> {
         match c {
-            Some(c) if c.wait(Outcome::Written) => {
+            // And only once the peer knows that its copy is the only one.
+            Some(c) if c.wait(Outcome::Written) && self.s.peer_knows_diskless() => {
                 self.s
                     .counters
                     .bytes_replicated
@@ -434,7 +435,7 @@ impl BlockDevice for Replicated {
         if s.diskless() {
             // The peer holds the only copy: the flush is good only if it confirmed it.
             return match remote.map(|f| f.wait(s)) {
-                Some(true) => Ok(()),
+                Some(true) if s.peer_knows_diskless() => Ok(()),
                 _ => Err(self.no_copy()),
             };
         }
@@ -752,7 +753,7 @@ fn connect_once(
             }
             return Err(ConnectError::Refused(REFUSED_RETRY));
         }
-        Decision::FullSync { .. } | Decision::DirtySync => {}
+        Decision::FullSync { .. } | Decision::DirtySync | Decision::Diskless => {}
     }
     s.set_conn(|c| c.stale = false);
     let link = Link::start(chan, s.timeout, s.flush_timeout, s.ping_interval)?;
@@ -766,9 +767,16 @@ fn connect_once(
     s.hooks.fire(Event::Connect, &s.name, &[]);
     if s.diskless() {
         // Nothing here to sync from: every write since the disk failed went to the peer only
-        // and was answered only once it was written there. A peer that is itself incomplete
-        // (an interrupted sync) holds no good copy either: reads fail.
-        if theirs.inconsistent || !theirs.ever_synced {
+        // and was answered only once it was written there. The peer recorded that its copy is
+        // the only one as it accepted a diskless primary's handshake; if the disk failed after
+        // the handshake, it is told now, before any write is answered (`peer_knows_diskless`).
+        *s.diskless_notice.lock().unwrap_or_else(|p| p.into_inner()) = match me.diskless {
+            true => None,
+            false => Some(link.submit(|seq| Message::DiskFailed { seq })),
+        };
+        // A peer that is itself incomplete (an interrupted sync, a discarded copy) holds no
+        // good copy either: reads fail.
+        if theirs.inconsistent || !theirs.ever_synced || theirs.discard_local {
             log::error!(
                 "{}: the local disk failed and the peer's data is incomplete: no good copy to serve",
                 s.name

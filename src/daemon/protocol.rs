@@ -13,8 +13,10 @@ use std::io::{self, Read, Write};
 
 /// Version of this protocol, sent in `Hello`. Version 2 added `VerifyRequest`/`VerifyReply`
 /// and `ReadRequest`/`ReadReply`; version 3 the key exchange (`Key`) and the sealed channel
-/// after it (see `channel.rs`).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// after it (see `channel.rs`); version 4 `DiskFailed` and the `diskless` state flag, sent
+/// only by a version-4 primary (a secondary upgraded first never receives them from an
+/// older one).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Oldest version an accepting node still speaks: a version-1 or 2 primary never sends a
 /// message that version 3 lacks or changed, so a secondary upgraded first keeps replicating
 /// for it, but only with `daemon.encrypt = false` (older versions cannot seal the link, and
@@ -85,6 +87,9 @@ pub struct NodeState {
     pub split_brain: bool,
     /// Created and never written or synced: an initial sync may skip all-zero extents.
     pub fresh: bool,
+    /// (A primary's, version 4.) Its local disk failed: it serves from the secondary, whose
+    /// copy is the only one.
+    pub diskless: bool,
     pub data_size: u64,
     pub extent_size: u64,
     /// Dirty-extent bitmap, bit i of byte i/8 (LSB first) for extent i.
@@ -140,6 +145,13 @@ pub enum Message {
     },
     /// Acknowledged (Written) after everything before it is durable on the secondary.
     Flush {
+        seq: u64,
+    },
+    /// (Version 4.) The primary's local disk failed: from here on the secondary's copy is the
+    /// only one. Acknowledged (Written) once the secondary has recorded that durably (its
+    /// generation is newer than the primary's, every extent dirty), before the primary
+    /// answers any write that reached the secondary alone.
+    DiskFailed {
         seq: u64,
     },
     /// `status` is 0 on success, else an errno value.
@@ -266,6 +278,7 @@ mod ty {
     pub const WRITE_ZEROES: u8 = 18;
     pub const FLUSH: u8 = 19;
     pub const ACK: u8 = 20;
+    pub const DISK_FAILED: u8 = 21;
     pub const SYNC_START: u8 = 32;
     pub const SYNC_CHUNK: u8 = 33;
     pub const SYNC_ZERO: u8 = 34;
@@ -372,6 +385,7 @@ impl Message {
             Message::Trim { .. } => "Trim",
             Message::WriteZeroes { .. } => "WriteZeroes",
             Message::Flush { .. } => "Flush",
+            Message::DiskFailed { .. } => "DiskFailed",
             Message::Ack { .. } => "Ack",
             Message::SyncStart { .. } => "SyncStart",
             Message::SyncChunk { .. } => "SyncChunk",
@@ -425,7 +439,8 @@ impl Message {
                     | (s.inconsistent as u8) << 1
                     | (s.discard_local as u8) << 2
                     | (s.split_brain as u8) << 3
-                    | (s.fresh as u8) << 4;
+                    | (s.fresh as u8) << 4
+                    | (s.diskless as u8) << 5;
                 e.u8(flags);
                 e.u64(s.data_size);
                 e.u64(s.extent_size);
@@ -470,6 +485,10 @@ impl Message {
             }
             Message::Flush { seq } => {
                 e.u8(ty::FLUSH);
+                e.u64(*seq);
+            }
+            Message::DiskFailed { seq } => {
+                e.u8(ty::DISK_FAILED);
                 e.u64(*seq);
             }
             Message::Ack { seq, kind, status } => {
@@ -572,7 +591,7 @@ impl Message {
                 let local_gen = d.u64()?;
                 let peer_gen = d.u64()?;
                 let flags = d.u8()?;
-                if flags & !0x1f != 0 {
+                if flags & !0x3f != 0 {
                     return Err(ProtocolError::BadValue("state flags"));
                 }
                 Message::State(NodeState {
@@ -584,6 +603,7 @@ impl Message {
                     discard_local: flags & 4 != 0,
                     split_brain: flags & 8 != 0,
                     fresh: flags & 16 != 0,
+                    diskless: flags & 32 != 0,
                     data_size: d.u64()?,
                     extent_size: d.u64()?,
                     dirty: d.bytes()?,
@@ -608,6 +628,7 @@ impl Message {
                 fua: d.bool()?,
             },
             ty::FLUSH => Message::Flush { seq: d.u64()? },
+            ty::DISK_FAILED => Message::DiskFailed { seq: d.u64()? },
             ty::ACK => Message::Ack {
                 seq: d.u64()?,
                 kind: match d.u8()? {
@@ -911,9 +932,22 @@ mod tests {
                 discard_local: false,
                 split_brain: true,
                 fresh: false,
+                diskless: false,
                 data_size: 1 << 30,
                 extent_size: 2 << 20,
                 dirty: vec![0x01, 0x80],
+            }),
+            Message::State(NodeState {
+                role: 1,
+                local_gen: 7,
+                peer_gen: 6,
+                ever_synced: true,
+                inconsistent: true,
+                diskless: true,
+                data_size: 1 << 30,
+                extent_size: 2 << 20,
+                dirty: vec![0xff, 0xff],
+                ..NodeState::default()
             }),
             Message::Write {
                 seq: 1,
@@ -934,6 +968,7 @@ mod tests {
                 fua: true,
             },
             Message::Flush { seq: 4 },
+            Message::DiskFailed { seq: 4 },
             Message::Ack {
                 seq: 4,
                 kind: AckKind::Received,

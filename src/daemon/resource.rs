@@ -281,7 +281,7 @@ impl Owner {
             return Err(RoleError::new(
                 ErrorKind::Stale,
                 format!(
-                    "{name}: local data is incomplete (an interrupted sync or resolve --discard-local); use --force to promote anyway"
+                    "{name}: local data is incomplete (an interrupted sync, resolve --discard-local, or a disk that failed while primary); use --force to promote anyway"
                 ),
             ));
         }

@@ -457,8 +457,14 @@ fn accept(
         Err(e) => bail!("{resource}: {e}"),
     };
     let role = s.role();
+    // This node's state as the primary's version reads it (the `diskless` flag is version 4).
+    let state = || {
+        let mut st = s.node_state();
+        st.diskless &= version >= 4;
+        st
+    };
     if purpose == Purpose::Probe {
-        chan.send(&Message::State(s.node_state()))?;
+        chan.send(&Message::State(state()))?;
         log::debug!("{resource}: probed by {node} at {from}");
         return Ok(());
     }
@@ -474,7 +480,7 @@ fn accept(
             // Two primaries: the peer was promoted while the link was down. If both were
             // written meanwhile, that is the split-brain a demote would find: report it now,
             // on both nodes (each accepts the other's connection).
-            let me = s.node_state();
+            let me = state();
             if generation::decide(&their_state, &me) == Decision::SplitBrain {
                 record_split_brain(&s, &me, &their_state)?;
             }
@@ -487,7 +493,15 @@ fn accept(
             return Ok(());
         }
     }
-    let me = s.node_state();
+    if s.diskless() {
+        let why = format!(
+            "the local disk of {} failed; it takes no replication until the disk is replaced and its metadata recreated",
+            s.node
+        );
+        say(&mut chan, GoodbyeCode::Error, &why);
+        bail!("{resource}: {node} at {from} wants to replicate, refused: {why}");
+    }
+    let me = state();
     if their_state.data_size != me.data_size || their_state.extent_size != me.extent_size {
         say(
             &mut chan,
@@ -514,7 +528,7 @@ fn accept(
             OWNER_WAIT.as_secs()
         )
     })?;
-    let me = s.node_state();
+    let me = state();
     chan.send(&Message::State(me.clone()))?;
     match generation::decide(&their_state, &me) {
         Decision::SplitBrain => {
@@ -524,6 +538,13 @@ fn accept(
         Decision::Stale => {
             log::warn!("{resource}: primary {node} at {from} has stale data; not replicating");
             return Ok(());
+        }
+        Decision::Diskless => {
+            // Recorded before the session applies (and acknowledges) any write of it.
+            if let Err(e) = hold_only_copy(&s, their_state.peer_gen) {
+                say(&mut chan, GoodbyeCode::Error, &format!("{e}"));
+                bail!("{resource}: the diskless primary {node} at {from}: {e}");
+            }
         }
         Decision::FullSync { .. } | Decision::DirtySync => {}
     }
@@ -535,6 +556,7 @@ fn accept(
         memsync: mode == 1,
         node,
         from,
+        primary_peer_gen: their_state.peer_gen,
     };
     s.owner
         .send(Msg::Session(Box::new(accepted)))
@@ -549,6 +571,7 @@ pub fn start_session(s: &Arc<Shared>, a: Accepted) -> Result<Session> {
         memsync,
         node,
         from,
+        primary_peer_gen,
     } = a;
     let keep = chan.stream().try_clone()?;
     let writer = chan.writer.clone();
@@ -565,7 +588,7 @@ pub fn start_session(s: &Arc<Shared>, a: Accepted) -> Result<Session> {
         .spawn(move || {
             let closer = chan.stream().try_clone();
             let goodbye = chan.writer.clone();
-            let r = session(&s2, chan, memsync);
+            let r = session(&s2, chan, memsync, primary_peer_gen);
             if let Err(e) = &r {
                 say_goodbye(&goodbye, &format!("{e:#}"));
             }
@@ -612,6 +635,46 @@ fn say_goodbye(w: &Writer, why: &str) {
         code: GoodbyeCode::Error,
         reason,
     });
+}
+
+/// A write to this node's disk failed (`res`): the disk is detached (`fail_disk`: every
+/// extent dirty, the data inconsistent, no replication taken until the daemon restarts on a
+/// replaced disk) and the session ends, saying why, rather than answering the error: the
+/// primary would drop the link, reconnect and resync onto the same failing disk over and over.
+/// A request beyond the disk (`InvalidInput`) is the primary's error, answered as before.
+fn detach_on_failure(s: &Shared, what: &str, offset: u64, res: &io::Result<()>) -> Result<()> {
+    match res {
+        Err(e) if e.kind() != io::ErrorKind::InvalidInput => {
+            s.fail_disk(&format!("{what} at {offset}"), e);
+            bail!(
+                "the local disk {} failed ({what} at {offset}: {e}); detached: replace the disk and recreate its metadata",
+                s.disk.path().display()
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The primary's local disk failed: from now on this node's copy is the only one. Recorded
+/// durably before the primary answers any write that reached only this copy: every extent
+/// dirty (all of it goes back to the primary's disk once that is replaced or repaired), and
+/// `local_gen` past `primary_peer_gen` (what the primary last recorded of it), so that the
+/// primary, restarted on its old disk, finds its data stale here and is neither promoted
+/// over this copy nor a sync source for it. Once per failure: a later notice or handshake
+/// finds the generation already past.
+fn hold_only_copy(s: &Shared, primary_peer_gen: u64) -> io::Result<()> {
+    s.disk.activemap().mark_all_dirty()?;
+    if s.disk.header().local_gen > primary_peer_gen {
+        return Ok(());
+    }
+    s.disk
+        .update_header(|h| h.local_gen = primary_peer_gen + 1)?;
+    log::warn!(
+        "{}: the primary's disk failed: this node holds the only copy (local generation now {}); the primary's disk gets all of it back once replaced",
+        s.name,
+        primary_peer_gen + 1
+    );
+    Ok(())
 }
 
 /// Persist, log and hook a split-brain with the peer (once: not again while it is recorded).
@@ -812,7 +875,7 @@ fn idle_until_readable(s: &Shared, r: &mut Reader, w: &mut Writer, f: &Flusher) 
 /// already received in full (so the next read may block), and before every fdatasync. One
 /// send per batch instead of one per request: with 32 writes in flight this was one
 /// `sendto` (and one TCP segment) per 4 KiB write.
-fn session(s: &Shared, chan: Channel, memsync: bool) -> Result<()> {
+fn session(s: &Shared, chan: Channel, memsync: bool, primary_peer_gen: u64) -> Result<()> {
     let stream = chan.stream().try_clone()?;
     let Channel { reader, writer, .. } = chan;
     let mut w = writer.clone();
@@ -831,7 +894,15 @@ fn session(s: &Shared, chan: Channel, memsync: bool) -> Result<()> {
         if let Err(e) = &watcher {
             log::warn!("{}: the session's disk calls are not watched: {e}", s.name);
         }
-        let r = apply(s, reader, writer, memsync, &flusher, watch);
+        let r = apply(
+            s,
+            reader,
+            writer,
+            memsync,
+            primary_peer_gen,
+            &flusher,
+            watch,
+        );
         drop(watching);
         r
     });
@@ -983,6 +1054,7 @@ fn apply(
     mut r: Reader,
     mut w: Writer,
     memsync: bool,
+    primary_peer_gen: u64,
     f: &Flusher,
     watch: &Watch,
 ) -> Result<()> {
@@ -1025,6 +1097,7 @@ fn apply(
             Some(Err(e)) => bail!("{e}"),
             Some(Ok(DataFrame::SyncChunk { seq, offset, data })) => {
                 let res = watch.on_disk(Doing::Writing, || disk.write_at(data, offset));
+                detach_on_failure(s, "write", offset, &res)?;
                 s.sync.done.fetch_add(data.len() as u64, Ordering::Relaxed);
                 s.counters
                     .bytes_resynced
@@ -1045,6 +1118,7 @@ fn apply(
                     }
                 }
                 let res = watch.on_disk(Doing::Writing, || disk.write_at(data, offset));
+                detach_on_failure(s, "write", offset, &res)?;
                 durable(&mut w, seq, fua, res)?;
                 continue;
             }
@@ -1073,9 +1147,16 @@ fn apply(
                     true => disk.write_zeroes(o, l),
                     false => disk.punch(o, l),
                 });
+                detach_on_failure(s, "zeroing", offset, &res)?;
                 durable(&mut w, seq, fua, res)?;
             }
             Message::Flush { seq } => f.queue(seq)?,
+            Message::DiskFailed { seq } => {
+                // In frame order: before every write the primary answers on this copy alone.
+                let res =
+                    watch.on_disk(Doing::WritingHeader, || hold_only_copy(s, primary_peer_gen));
+                ack(&mut w, seq, AckKind::Written, res)?;
+            }
             Message::SyncStart { total, full } => {
                 if total > 0 || full {
                     w.flush()?;
@@ -1103,6 +1184,7 @@ fn apply(
                     true => Ok(()),
                     false => in_pieces(s, watch, offset, len, |o, l| disk.write_zeroes(o, l)),
                 };
+                detach_on_failure(s, "zeroing", offset, &res)?;
                 s.sync.done.fetch_add(len, Ordering::Relaxed);
                 ack(&mut w, seq, AckKind::Written, res)?;
             }

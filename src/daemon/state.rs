@@ -73,6 +73,9 @@ pub struct Accepted {
     /// The primary's node name and address, for the log.
     pub node: String,
     pub from: SocketAddr,
+    /// The primary's `peer_gen` (what it last recorded of this node's generation): this
+    /// node's generation goes past it if the primary's disk fails (`DiskFailed`).
+    pub primary_peer_gen: u64,
 }
 
 /// A control-socket error with the kind the CLI maps to an exit status.
@@ -314,6 +317,10 @@ pub struct Shared {
     /// to the peer only, as hastd and DRBD (`on-io-error detach`) do. Until the daemon
     /// restarts; the disk must be replaced and recreated.
     pub disk_failed: AtomicBool,
+    /// The `DiskFailed` sent to the peer when the disk failed (`None`: no link then, or the
+    /// peer was told by the handshake since). Held while `disk_failed` is set, so a write that
+    /// sees the flag finds the notice here, and is not answered before the peer confirmed it.
+    pub diskless_notice: Mutex<Option<Arc<peer::Completion>>>,
 }
 
 impl Shared {
@@ -367,6 +374,7 @@ impl Shared {
             writes_flushed: AtomicU64::new(0),
             owner,
             disk_failed: AtomicBool::new(false),
+            diskless_notice: Mutex::new(None),
         }
     }
 
@@ -458,6 +466,7 @@ impl Shared {
             discard_local: h.discard_local,
             split_brain: h.split_brain,
             fresh: !h.ever_synced && h.local_gen == 0,
+            diskless: self.diskless(),
             data_size: self.disk.data_size(),
             extent_size: self.disk.extent_size(),
             dirty: self.disk.activemap().bitmap_bytes(),
@@ -506,14 +515,24 @@ impl Shared {
     }
 
     /// The local disk failed doing `what`: from now on the peer holds the only copy. Every
-    /// extent is marked dirty (on disk too, if it still takes writes), so a disk that comes
-    /// back is fully resynced, never trusted.
+    /// extent is marked dirty and the data inconsistent (on disk too, if it still takes
+    /// writes), so a disk that comes back is fully resynced, never trusted, nor promoted
+    /// after a restart. The peer is told (`DiskFailed`) so that it records the same on its
+    /// side: a disk that takes no write at all cannot say it itself.
     pub fn fail_disk(&self, what: &str, e: &std::io::Error) {
+        let mut notice = self
+            .diskless_notice
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if self.disk_failed.swap(true, Ordering::AcqRel) {
             return;
         }
+        let then = match self.role() {
+            Role::Primary => "serving reads and writes from the peer (diskless)",
+            _ => "it takes no replication (detached)",
+        };
         log::error!(
-            "{}: the local disk {} failed ({what}: {e}); serving reads and writes from the peer (diskless): replace the disk and recreate the metadata",
+            "{}: the local disk {} failed ({what}: {e}); {then}: replace the disk and recreate the metadata",
             self.name,
             self.disk.path().display()
         );
@@ -523,7 +542,28 @@ impl Shared {
                 self.name
             );
         }
+        if let Err(e) = self.disk.update_header(|h| h.inconsistent = true) {
+            log::warn!(
+                "{}: marking the failed disk's data inconsistent: {e}",
+                self.name
+            );
+        }
+        *notice = self
+            .link()
+            .map(|l| l.submit(|seq| Message::DiskFailed { seq }));
+        drop(notice);
         self.hooks.fire(Event::DiskFailed, &self.name, &[]);
+    }
+
+    /// Whether the peer has recorded that it holds the only copy (see `fail_disk`): a write
+    /// that reached the peer alone is answered only then. Waits for its answer.
+    pub fn peer_knows_diskless(&self) -> bool {
+        let notice = self
+            .diskless_notice
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        notice.is_none_or(|c| c.wait(Outcome::Written))
     }
 
     /// A write completed without reaching the peer: the first one since the last completed
