@@ -110,14 +110,7 @@ fn a_secondary_whose_flush_never_returns_is_given_up_within_the_flush_timeout() 
     if !need("qemu-io", "qemu-utils") {
         return;
     }
-    let p = synced_pair_with("fullsync", |p| {
-        for n in [&p.a, &p.b] {
-            n.edit_conf(
-                "timeout = \"3s\"\n",
-                "timeout = \"3s\"\nflush_timeout = \"3s\"\n",
-            );
-        }
-    });
+    let p = pair_with_flush_timeout_3s();
     p.a.qemu_io_ok(&["write -P 0x22 0 1M"]);
     // 10 s stands for "never" here: long enough to tell a FLUSH given up after 3 s from one
     // that waited it out; short enough that a reconnection racing the `clear` below (its
@@ -131,23 +124,39 @@ fn a_secondary_whose_flush_never_returns_is_given_up_within_the_flush_timeout() 
         flush_took < Duration::from_secs(7),
         "the FLUSH took {flush_took:?} with daemon.flush_timeout = 3s: it waited for a hung secondary"
     );
-    assert!(
-        p.a.log_contains("lost the peer", 10),
-        "a kept the link to a secondary whose disk hangs: {}",
-        p.a.log_text()
-    );
-    // And a's log says why, in b's words.
-    assert!(
-        p.a.log_contains("the disk hangs", 5),
-        "a's log does not say why b gave the link up: {}",
-        p.a.log_text()
-    );
-    eprintln!("{}", why_b_left(&p));
+    a_gave_b_up(&p);
     p.b.ok(&["fault", "r0", "clear"]);
     p.a.ok(&["wait-sync", "r0", "--timeout", "30s"]);
     let st = p.a.status();
     assert_eq!(st["connection"], "connected", "{st}");
     assert!(region_is(&p.b.img, 0, 1 << 20, 0x22));
+}
+
+/// A synced pair whose nodes have `daemon.flush_timeout` = 3 s (and `timeout` 3 s).
+fn pair_with_flush_timeout_3s() -> Pair {
+    synced_pair_with("fullsync", |p| {
+        for n in [&p.a, &p.b] {
+            n.edit_conf(
+                "timeout = \"3s\"\n",
+                "timeout = \"3s\"\nflush_timeout = \"3s\"\n",
+            );
+        }
+    })
+}
+
+/// a dropped the link to b, whose disk hangs, and its log says why in b's words.
+fn a_gave_b_up(p: &Pair) {
+    assert!(
+        p.a.log_contains("lost the peer", 10),
+        "a kept the link to a secondary whose disk hangs: {}",
+        p.a.log_text()
+    );
+    assert!(
+        p.a.log_contains("the disk hangs", 5),
+        "a's log does not say why b gave the link up: {}",
+        p.a.log_text()
+    );
+    eprintln!("{}", why_b_left(p));
 }
 
 /// a's log line that says why b gave the link up.
@@ -487,14 +496,7 @@ fn a_secondary_whose_write_hangs_gives_the_link_up_within_the_flush_timeout() {
     if !need("qemu-io", "qemu-utils") {
         return;
     }
-    let p = synced_pair_with("fullsync", |p| {
-        for n in [&p.a, &p.b] {
-            n.edit_conf(
-                "timeout = \"3s\"\n",
-                "timeout = \"3s\"\nflush_timeout = \"3s\"\n",
-            );
-        }
-    });
+    let p = pair_with_flush_timeout_3s();
     p.b.ok(&["fault", "r0", "slow-write", "10000"]);
     let (text, took) = qemu_io_within(
         &p.a.nbd_uri(),
@@ -508,17 +510,7 @@ fn a_secondary_whose_write_hangs_gives_the_link_up_within_the_flush_timeout() {
         took < Duration::from_secs(8),
         "the write took {took:?} with daemon.flush_timeout = 3s: it waited for a hung secondary"
     );
-    assert!(
-        p.a.log_contains("lost the peer", 10),
-        "a kept the link to a secondary whose disk hangs: {}",
-        p.a.log_text()
-    );
-    assert!(
-        p.a.log_contains("the disk hangs", 5),
-        "a's log does not say why b gave the link up: {}",
-        p.a.log_text()
-    );
-    eprintln!("{}", why_b_left(&p));
+    a_gave_b_up(&p);
     p.b.ok(&["fault", "r0", "clear"]);
     p.a.ok(&["wait-sync", "r0", "--timeout", "60s"]);
     assert!(region_is(&p.b.img, 1 << 20, 1 << 20, 0x4e));

@@ -354,35 +354,14 @@ fn a_primary_whose_disk_failed_is_not_promoted_over_the_peer_after_a_restart() {
     }
     let mut p = synced_pair_env(&[], &[]);
     let size = u(&p.a.status(), &["data_size"]);
-    p.a.qemu_io_ok(&["write -P 0x5a 1M 64k", "flush"]);
-    p.a.ok(&["fault", "r0", "eio", "rw", "0", &size.to_string()]);
-    p.a.qemu_io_ok(&["write -P 0x77 2M 64k", "flush"]);
-    assert!(region_is(&p.b.img, 2 << 20, 65536, 0x77));
+    diskless_with_a_flushed_write(&p, size);
     p.a.kill9();
     p.b.stop();
     p.a.start();
-    let out = p.a.run(&["role", "primary", "r0"]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "a node whose disk failed became primary with the peer down: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("peer down: {}", String::from_utf8_lossy(&out.stderr));
+    refused_as_primary(&p.a, "with the peer down");
     p.b.start();
     p.b.ok(&["role", "secondary", "r0"]);
-    let out = p.a.run(&["role", "primary", "r0"]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "a node whose disk failed became primary over the peer: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("peer up: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        region_is(&p.b.img, 2 << 20, 65536, 0x77),
-        "the peer lost the write made while the primary was diskless"
-    );
+    refused_as_primary(&p.a, "over the peer");
     hand_back(&p);
 }
 
@@ -395,30 +374,41 @@ fn a_primary_whose_whole_disk_failed_is_not_promoted_over_the_peer_after_a_resta
         return;
     }
     let mut p = synced_pair_env(&[], &[]);
-    p.a.qemu_io_ok(&["write -P 0x5a 1M 64k", "flush"]);
-    p.a.ok(&["fault", "r0", "eio", "rw", "0", &IMG_SIZE.to_string()]);
-    p.a.qemu_io_ok(&["write -P 0x77 2M 64k", "flush"]);
-    assert!(region_is(&p.b.img, 2 << 20, 65536, 0x77));
+    diskless_with_a_flushed_write(&p, IMG_SIZE);
     p.a.kill9();
     p.a.start();
-    let out = p.a.run(&["role", "primary", "r0"]);
+    refused_as_primary(&p.a, "over the peer");
+    hand_back(&p);
+}
+
+/// a's disk fails from offset 0 for `len` bytes after a write of 0x5a at 1 MiB; a flushed
+/// write of 0x77 at 2 MiB then lands on b alone.
+fn diskless_with_a_flushed_write(p: &Pair, len: u64) {
+    p.a.qemu_io_ok(&["write -P 0x5a 1M 64k", "flush"]);
+    p.a.ok(&["fault", "r0", "eio", "rw", "0", &len.to_string()]);
+    p.a.qemu_io_ok(&["write -P 0x77 2M 64k", "flush"]);
+    assert!(region_is(&p.b.img, 2 << 20, 65536, 0x77));
+}
+
+/// `role primary` on `n` (restarted on its failed disk) is refused as stale (exit 3).
+fn refused_as_primary(n: &Node, when: &str) {
+    let out = n.run(&["role", "primary", "r0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
         Some(3),
-        "a node whose disk failed became primary over the peer: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "a node whose disk failed became primary {when}: {err}"
     );
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("{when}: {err}");
+}
+
+/// b still has the write made while a was diskless; promoted, with the restarted old primary
+/// (a) as its secondary, it serves the writes and a gets back those it missed.
+fn hand_back(p: &Pair) {
     assert!(
         region_is(&p.b.img, 2 << 20, 65536, 0x77),
         "the peer lost the write made while the primary was diskless"
     );
-    hand_back(&p);
-}
-
-/// The peer (b) is promoted and the restarted old primary (a) becomes its secondary: a gets
-/// the writes it missed, and b serves them.
-fn hand_back(p: &Pair) {
     p.a.ok(&["role", "secondary", "r0"]);
     p.b.ok(&["role", "primary", "r0"]);
     p.b.ok(&["wait-sync", "r0", "--timeout", "60s"]);
