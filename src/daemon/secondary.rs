@@ -1420,6 +1420,79 @@ mod tests {
         handle.stop();
     }
 
+    /// The clear handshake of a primary speaking protocol `version` with `purpose`, by hand:
+    /// the secondary's answer to its `State`.
+    fn handshake_as(
+        handle: &resource::Handle,
+        version: u32,
+        purpose: Purpose,
+    ) -> std::io::Result<Message> {
+        let registry = Arc::new(Mutex::new(HashMap::from([(
+            "r0".to_string(),
+            Arc::clone(&handle.shared),
+        )])));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, from) = listener.accept().unwrap();
+        let acceptor = std::thread::spawn(move || {
+            super::accept(server, from, &registry, &Progress::default())
+        });
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let ours = [1u8; 32];
+        let hello = Message::Hello {
+            version,
+            purpose,
+            mode: 0,
+            resource: "r0".into(),
+            node: "a".into(),
+            nonce: ours,
+        };
+        protocol::write_message(&mut c, &hello).unwrap();
+        let theirs = match protocol::read_message(&mut c, MAX_FRAME).unwrap() {
+            Message::Hello { nonce, .. } => nonce,
+            other => panic!("{other:?}"),
+        };
+        let proof = Secret::from_bytes(b"k").proof(Side::Connect, "r0", &ours, &theirs);
+        protocol::write_message(&mut c, &Message::Auth { proof }).unwrap();
+        protocol::read_message(&mut c, MAX_FRAME).unwrap();
+        let me = NodeState {
+            role: 1,
+            data_size: handle.shared.disk.data_size(),
+            extent_size: 1 << 20,
+            ..Default::default()
+        };
+        protocol::write_message(&mut c, &Message::State(me)).unwrap();
+        let answer = protocol::read_message(&mut c, MAX_FRAME)
+            .map_err(|e| std::io::Error::other(e.to_string()));
+        let _ = acceptor.join().unwrap();
+        answer
+    }
+
+    /// A node whose disk failed says so (`diskless`) to a version-4 peer only: a version-3
+    /// primary, which refuses unknown state flags, still reads its state (an upgrade starts
+    /// with the secondary). As a secondary it takes no replication, and says why.
+    #[test]
+    fn a_diskless_node_tells_only_version_4_and_takes_no_replication() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = secondary(dir.path());
+        handle.shared.secret.set_encrypt(false);
+        handle.shared.disk_failed.store(true, Ordering::Release);
+        for (version, diskless) in [(3, false), (4, true)] {
+            match handshake_as(&handle, version, Purpose::Probe) {
+                Ok(Message::State(st)) => assert_eq!(st.diskless, diskless, "version {version}"),
+                other => panic!("version {version}: {other:?}"),
+            }
+        }
+        match handshake_as(&handle, 4, Purpose::Replicate) {
+            Ok(Message::Goodbye {
+                code: GoodbyeCode::Error,
+                reason,
+            }) => assert!(reason.contains("disk"), "{reason}"),
+            other => panic!("a diskless secondary took replication: {other:?}"),
+        }
+        handle.stop();
+    }
+
     /// Run the connecting side of the handshake against `accept` on `handle`'s resource.
     fn connect(
         handle: &resource::Handle,
