@@ -1316,53 +1316,9 @@ mod tests {
         let handle = secondary(dir.path());
         // Version 1 cannot seal the link: accepted only where encryption is off.
         handle.shared.secret.set_encrypt(false);
-        let registry = Arc::new(Mutex::new(HashMap::from([(
-            "r0".to_string(),
-            Arc::clone(&handle.shared),
-        )])));
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, from) = listener.accept().unwrap();
-        let acceptor = std::thread::spawn(move || {
-            super::accept(server, from, &registry, &Progress::default())
-        });
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let ours = [1u8; 32];
-        let hello = Message::Hello {
-            version: 1,
-            purpose: Purpose::Replicate,
-            mode: 0,
-            resource: "r0".into(),
-            node: "a".into(),
-            nonce: ours,
-        };
-        protocol::write_message(&mut c, &hello).unwrap();
-        let theirs = match protocol::read_message(&mut c, MAX_FRAME).unwrap() {
-            Message::Hello { version, nonce, .. } => {
-                assert_eq!(version, 1, "a version-1 peer is answered in version 1");
-                nonce
-            }
-            other => panic!("{other:?}"),
-        };
-        let secret = Secret::from_bytes(b"k");
-        let proof = secret.proof(Side::Connect, "r0", &ours, &theirs);
-        protocol::write_message(&mut c, &Message::Auth { proof }).unwrap();
-        assert!(matches!(
-            protocol::read_message(&mut c, MAX_FRAME).unwrap(),
-            Message::Auth { .. }
-        ));
-        let me = NodeState {
-            role: 1,
-            data_size: handle.shared.disk.data_size(),
-            extent_size: 1 << 20,
-            ..Default::default()
-        };
-        protocol::write_message(&mut c, &Message::State(me)).unwrap();
-        assert!(matches!(
-            protocol::read_message(&mut c, MAX_FRAME).unwrap(),
-            Message::State(_)
-        ));
-        acceptor.join().unwrap().unwrap();
+        let (mut c, answer, accepted) = handshake_as(&handle, 1, Purpose::Replicate);
+        assert!(matches!(answer, Ok(Message::State(_))), "{answer:?}");
+        accepted.unwrap();
         let data = vec![0x5au8; 8192];
         let mut stream = protocol::encode_write(1, (3 << 20) + 4096, false, &data);
         stream.extend(Message::VerifyRequest { seq: 2, extent: 3 }.encode());
@@ -1420,13 +1376,14 @@ mod tests {
         handle.stop();
     }
 
-    /// The clear handshake of a primary speaking protocol `version` with `purpose`, by hand:
-    /// the secondary's answer to its `State`.
+    /// The clear handshake of a primary speaking protocol `version` with `purpose`, by hand
+    /// (it is answered in its own version): the connection, the secondary's answer to its
+    /// `State`, and how `accept` ended.
     fn handshake_as(
         handle: &resource::Handle,
         version: u32,
         purpose: Purpose,
-    ) -> std::io::Result<Message> {
+    ) -> (TcpStream, std::io::Result<Message>, Result<()>) {
         let registry = Arc::new(Mutex::new(HashMap::from([(
             "r0".to_string(),
             Arc::clone(&handle.shared),
@@ -1449,12 +1406,25 @@ mod tests {
         };
         protocol::write_message(&mut c, &hello).unwrap();
         let theirs = match protocol::read_message(&mut c, MAX_FRAME).unwrap() {
-            Message::Hello { nonce, .. } => nonce,
+            Message::Hello {
+                version: answered,
+                nonce,
+                ..
+            } => {
+                assert_eq!(
+                    answered, version,
+                    "a version-{version} peer is answered in kind"
+                );
+                nonce
+            }
             other => panic!("{other:?}"),
         };
         let proof = Secret::from_bytes(b"k").proof(Side::Connect, "r0", &ours, &theirs);
         protocol::write_message(&mut c, &Message::Auth { proof }).unwrap();
-        protocol::read_message(&mut c, MAX_FRAME).unwrap();
+        assert!(matches!(
+            protocol::read_message(&mut c, MAX_FRAME).unwrap(),
+            Message::Auth { .. }
+        ));
         let me = NodeState {
             role: 1,
             data_size: handle.shared.disk.data_size(),
@@ -1464,8 +1434,8 @@ mod tests {
         protocol::write_message(&mut c, &Message::State(me)).unwrap();
         let answer = protocol::read_message(&mut c, MAX_FRAME)
             .map_err(|e| std::io::Error::other(e.to_string()));
-        let _ = acceptor.join().unwrap();
-        answer
+        let accepted = acceptor.join().unwrap();
+        (c, answer, accepted)
     }
 
     /// A node whose disk failed says so (`diskless`) to a version-4 peer only: a version-3
@@ -1478,12 +1448,12 @@ mod tests {
         handle.shared.secret.set_encrypt(false);
         handle.shared.disk_failed.store(true, Ordering::Release);
         for (version, diskless) in [(3, false), (4, true)] {
-            match handshake_as(&handle, version, Purpose::Probe) {
+            match handshake_as(&handle, version, Purpose::Probe).1 {
                 Ok(Message::State(st)) => assert_eq!(st.diskless, diskless, "version {version}"),
                 other => panic!("version {version}: {other:?}"),
             }
         }
-        match handshake_as(&handle, 4, Purpose::Replicate) {
+        match handshake_as(&handle, 4, Purpose::Replicate).1 {
             Ok(Message::Goodbye {
                 code: GoodbyeCode::Error,
                 reason,
