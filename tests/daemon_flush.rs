@@ -87,13 +87,7 @@ fn a_slow_flush_on_the_secondary_holds_up_the_flush_and_not_other_writes() {
         flush_took >= Duration::from_millis(3500),
         "the FLUSH returned after {flush_took:?}, before the secondary's fdatasync (4 s) could end"
     );
-    let st = p.a.status();
-    assert_eq!(st["connection"], "connected", "{st}");
-    assert!(
-        !p.a.log_text().contains("lost the peer"),
-        "a dropped the link to a secondary that was flushing: {}",
-        p.a.log_text()
-    );
+    a_kept_the_link(&p, "that was flushing");
     assert!(
         region_is(&p.b.img, 2 << 20, 4 * 4096, 0x5c),
         "the writes are not on b"
@@ -142,6 +136,18 @@ fn pair_with_flush_timeout_3s() -> Pair {
             );
         }
     })
+}
+
+/// a kept the link to b, busy with its disk (`busy` says how, for the message) but not
+/// dead: still connected, and never lost meanwhile.
+fn a_kept_the_link(p: &Pair, busy: &str) {
+    let st = p.a.status();
+    assert_eq!(st["connection"], "connected", "{st}");
+    assert!(
+        !p.a.log_text().contains("lost the peer"),
+        "a dropped the link to a secondary {busy}: {}",
+        p.a.log_text()
+    );
 }
 
 /// a dropped the link to b, whose disk hangs, and its log says why in b's words.
@@ -297,13 +303,7 @@ fn a_large_discard_on_a_secondary_slow_to_zero_keeps_the_link() {
     let took = t.elapsed();
     eprintln!("a 48 MiB zeroing with b's disk at 150 ms/MiB took {took:?}");
     p.b.ok(&["fault", "r0", "clear"]);
-    let st = p.a.status();
-    assert_eq!(st["connection"], "connected", "{st}");
-    assert!(
-        !p.a.log_text().contains("lost the peer"),
-        "a dropped the link to a secondary busy zeroing: {}",
-        p.a.log_text()
-    );
+    a_kept_the_link(&p, "busy zeroing");
     assert!(
         took >= Duration::from_secs(5),
         "the zeroing took {took:?}: b's slow zeroing did not slow it, so this test did not test it"
@@ -353,13 +353,7 @@ fn a_verify_of_large_extents_on_a_secondary_slow_to_read_keeps_the_link() {
         String::from_utf8_lossy(&out.stderr),
         p.a.log_text()
     );
-    let st = p.a.status();
-    assert_eq!(st["connection"], "connected", "{st}");
-    assert!(
-        !p.a.log_text().contains("lost the peer"),
-        "a dropped the link to a secondary busy hashing: {}",
-        p.a.log_text()
-    );
+    a_kept_the_link(&p, "busy hashing");
     assert!(
         took >= Duration::from_secs(8),
         "the verify took {took:?}: b's slow reads did not slow it, so this test did not test them"
@@ -396,13 +390,7 @@ fn writes_queued_behind_a_busy_secondary_wait_for_it_instead_of_dropping_the_lin
     let out = verify.join().unwrap();
     p.b.ok(&["fault", "r0", "clear"]);
     eprintln!("48 MiB written during the verify after {wrote:?}");
-    let st = p.a.status();
-    assert!(
-        !p.a.log_text().contains("lost the peer"),
-        "a dropped the link to a secondary busy hashing: {}",
-        p.a.log_text()
-    );
-    assert_eq!(st["connection"], "connected", "{st}");
+    a_kept_the_link(&p, "busy hashing");
     assert!(
         out.status.success(),
         "verify failed: {}{}",
@@ -431,13 +419,7 @@ fn a_large_write_on_a_secondary_slow_to_write_keeps_the_link() {
     let took = t.elapsed();
     eprintln!("a 32 MiB write with b's disk at 250 ms/MiB took {took:?}");
     p.b.ok(&["fault", "r0", "clear"]);
-    let st = p.a.status();
-    assert!(
-        !p.a.log_text().contains("lost the peer"),
-        "a dropped the link to a secondary busy writing: {}",
-        p.a.log_text()
-    );
-    assert_eq!(st["connection"], "connected", "{st}");
+    a_kept_the_link(&p, "busy writing");
     assert!(
         took >= Duration::from_secs(6),
         "the write took {took:?}: b's slow writes did not slow it, so this test did not test them"
