@@ -807,6 +807,11 @@ pub fn read_frame<'a>(
     Ok(&buf[..len])
 }
 
+/// True if `buf` starts with a whole frame (length prefix and body).
+pub fn holds_frame(buf: &[u8]) -> bool {
+    buf.len() >= 4 && buf.len() - 4 >= u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
+}
+
 /// Read one frame of at most `max` bytes (type + body) and decode it.
 pub fn read_message(r: &mut impl Read, max: usize) -> Result<Message, ProtocolError> {
     let len = read_len(r, max)?;

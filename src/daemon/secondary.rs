@@ -699,11 +699,6 @@ fn errno(e: &io::Error) -> u32 {
     e.raw_os_error().unwrap_or(libc::EIO) as u32
 }
 
-/// True if `buf` starts with a whole frame (length prefix and body).
-fn holds_frame(buf: &[u8]) -> bool {
-    buf.len() >= 4 && buf.len() - 4 >= u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
-}
-
 /// memsync: a `Received` ack of a write at least this large is sent before the write is
 /// applied; smaller ones go out with the batch.
 const EARLY_RECEIVED_ACK: usize = 64 << 10;
@@ -881,7 +876,7 @@ fn session(s: &Shared, chan: Channel, memsync: bool, primary_peer_gen: u64) -> R
     let mut w = writer.clone();
     // This thread applies the writes; records are opened (decrypted) on another, and the
     // fdatasyncs run on a third.
-    let reader = reader.open_ahead(format!("open-{}", s.name))?;
+    let reader = reader.open_ahead(format!("open-{}", s.name), MAX_FRAME)?;
     let flusher = Flusher::start(s, writer.clone())?;
     // The disk calls are watched on a fourth (`Watch`), until `apply` returns.
     let watch = Watch::default();
@@ -1073,13 +1068,13 @@ fn apply(
     let mut frame = Vec::new();
     loop {
         f.check(s)?;
-        if !holds_frame(r.buffer()) {
+        if !r.frame_at_hand() {
             w.flush()?;
             if r.buffer().is_empty() {
                 idle_until_readable(s, &mut r, &mut w, f)?;
             }
         }
-        let body = match protocol::read_frame(&mut r, MAX_FRAME, &mut frame) {
+        let body = match r.read_frame(MAX_FRAME, &mut frame) {
             Ok(b) => {
                 s.heard_peer();
                 b
@@ -1282,9 +1277,9 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use super::holds_frame;
     use crate::daemon::Role;
     use crate::daemon::auth::{Secret, Side};
+    use crate::daemon::protocol::holds_frame;
     use crate::daemon::protocol::{
         self, AckKind, GoodbyeCode, MAX_FRAME, Message, NodeState, Purpose,
     };
