@@ -353,6 +353,7 @@ impl Reader {
                 wanted: false,
                 closed: false,
                 spare: Vec::new(),
+                spare_bytes: 0,
                 reader_waits: false,
                 opener_waits: false,
                 opened_ahead: 0,
@@ -394,12 +395,14 @@ impl Read for Reader {
 type Opened = Result<Option<Vec<u8>>, ProtocolError>;
 
 /// How many opened frames may wait for the reader, and how many bytes of them: the opener
-/// goes on while both are below.
-const AHEAD: usize = 16;
+/// goes on while both are below. (A burst of 4 KiB writes is hundreds of frames: a bound of
+/// a few frames would stop the opener, and wake it again, at every frame the reader takes.)
+const AHEAD: usize = 256;
 const AHEAD_BYTES: usize = 1 << 20;
-/// Buffers kept to open the next frames into, and the largest kept (a frame larger than
-/// this gets a buffer of its own, freed when read).
-const SPARE: usize = 4;
+/// Buffers kept to open the next frames into, how many bytes of them, and the largest kept
+/// (a frame larger than this gets a buffer of its own, freed when read).
+const SPARE: usize = AHEAD;
+const SPARE_BYTES: usize = 4 << 20;
 const SPARE_MAX: usize = 2 << 20;
 
 /// The length of the frame in `f` (prefix included), from its prefix.
@@ -444,6 +447,7 @@ struct AheadState {
     closed: bool,
     /// Buffers read to the end, to open into again: no allocation per frame.
     spare: Vec<Vec<u8>>,
+    spare_bytes: usize,
     /// A thread waits on its condvar (so that a wakeup is a system call only when needed).
     reader_waits: bool,
     opener_waits: bool,
@@ -460,13 +464,32 @@ impl AheadShared {
 impl AheadState {
     /// Keep `buf` to open a later frame into, if it is worth keeping.
     fn recycle(&mut self, buf: Vec<u8>) {
-        if buf.capacity() > 0 && buf.capacity() <= SPARE_MAX && self.spare.len() < SPARE {
+        let n = buf.capacity();
+        if n > 0
+            && n <= SPARE_MAX
+            && self.spare.len() < SPARE
+            && self.spare_bytes + n <= SPARE_BYTES
+        {
+            self.spare_bytes += n;
             self.spare.push(buf);
         }
     }
 
+    /// A buffer to open the next frame into.
+    fn spare(&mut self) -> Option<Vec<u8>> {
+        let buf = self.spare.pop()?;
+        self.spare_bytes -= buf.capacity();
+        Some(buf)
+    }
+
     fn room_ahead(&self) -> bool {
         self.queue.len() < AHEAD && self.queued_bytes < AHEAD_BYTES
+    }
+
+    /// Room enough to wake a waiting opener for: half the bounds, so that a full queue does
+    /// not wake it for every frame taken.
+    fn room_to_wake(&self) -> bool {
+        self.queue.len() <= AHEAD / 2 && self.queued_bytes <= AHEAD_BYTES / 2
     }
 }
 
@@ -517,7 +540,7 @@ fn opener(shared: &AheadShared, fd: &TcpStream) {
             st.wanted = false;
             continue;
         }
-        let (spare, max) = (st.spare.pop(), st.max);
+        let (spare, max) = (st.spare(), st.max);
         drop(st);
         let item = open_one(&mut d, max, spare);
         let end = !matches!(item, Ok(Some(_)));
@@ -551,7 +574,7 @@ impl Ahead {
             if let Some(item) = st.queue.pop_front() {
                 st.queued_bytes -= opened_bytes(&item);
                 // The opener may go on now that there is room.
-                if st.wanted && st.opener_waits {
+                if st.wanted && st.opener_waits && st.room_to_wake() {
                     self.shared.to_opener.notify_one();
                 }
                 return Some(item);
@@ -571,7 +594,7 @@ impl Ahead {
                         Err(e) => Some(Err(ProtocolError::Io(e))),
                     };
                 }
-                let (spare, max) = (st.spare.pop(), st.max);
+                let (spare, max) = (st.spare(), st.max);
                 drop(st);
                 let item = open_one(&mut d, max, spare);
                 // Only what is already buffered counts here (no system call): a lone write
