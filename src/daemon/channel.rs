@@ -324,7 +324,7 @@ impl Reader {
     }
 
     /// From now on, frames of at most `max` bytes may be read and opened ahead on a thread
-    /// of its own (named `name`), up to 16 frames or 1 MiB, so that the caller's thread (the
+    /// of its own (named `name`), up to 256 frames or 1 MiB, so that the caller's thread (the
     /// secondary's session, which also applies the writes) does not spend its time on AES-GCM
     /// while more is waiting in the socket. When nothing more is waiting, the caller reads and
     /// opens the next frame itself: a lone write then wakes one thread on arrival, not the
