@@ -368,7 +368,12 @@ cmd_detach() {
 	if [ -L "$dev" ]; then
 		loop=$(readlink "$dev")
 		rm -f "$dev"
-		[ -b "$loop" ] && losetup -d "$loop" 2>/dev/null
+		# Freed here: off the list, so that teardown never frees that name again (by then
+		# another test may have it).
+		if [ -b "$loop" ] && losetup -d "$loop" 2>/dev/null && [ -f "$d/loops" ]; then
+			grep -vx -- "$loop" "$d/loops" >"$d/loops.new"
+			mv -f "$d/loops.new" "$d/loops"
+		fi
 	fi
 	pid=$(cat "$d/fuse.pid" 2>/dev/null)
 	fusermount3 -u "$d/fuse" 2>/dev/null || umount -l "$d/fuse" 2>/dev/null
@@ -380,15 +385,20 @@ cmd_detach() {
 	return 0
 }
 
-# Loop devices a dead node left behind (their nbdfuse died with it).
+# Loop devices a dead node left behind (their nbdfuse died with it). The list holds only loop
+# devices the node attached and never freed, so they are still ours. Their backing file was
+# in the node's FUSE mount, which went with the node's mount namespace: the kernel now names
+# it by its path inside that mount, "/nbd" (which is why a match on the full path missed
+# them, and every run that killed a node left two loop devices behind).
 free_loops() {
-	local n=$1 loop
+	local n=$1 loop back
 	[ -f "$LAB/$n/loops" ] || return 0
 	while read -r loop; do
 		[ -b "$loop" ] || continue
-		if losetup -l -n -O BACK-FILE "$loop" 2>/dev/null | grep -q "$LAB/here/fuse/nbd"; then
-			losetup -d "$loop" 2>/dev/null
-		fi
+		back=$(losetup -l -n -O BACK-FILE "$loop" 2>/dev/null)
+		case "$back" in
+		"$LAB/here/fuse/nbd" | /nbd) losetup -d "$loop" 2>/dev/null ;;
+		esac
 	done <"$LAB/$n/loops"
 	rm -f "$LAB/$n/loops"
 }
