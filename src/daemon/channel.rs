@@ -1373,6 +1373,53 @@ mod tests {
         );
     }
 
+    /// The handshake is read on the caller's thread before the session reads ahead: the
+    /// plaintext left over from the record that ended the handshake (here: the rest of a
+    /// record holding four frames, the third cut across into the next record) is where the
+    /// frames read ahead begin, none lost, none twice.
+    #[test]
+    fn frames_after_the_handshake_continue_in_the_same_record() {
+        let (ki, kr) = keys_pair(&secret(1), &secret(1)).unwrap();
+        let (c, s) = sockets();
+        let mut tx = Channel::sealed(c, ki).unwrap();
+        let big = MAX_PLAIN + 100;
+        let msgs = [
+            Message::Flush { seq: 1 },
+            Message::Flush { seq: 2 },
+            Message::Write {
+                seq: 3,
+                offset: 0,
+                fua: false,
+                data: vec![5u8; big],
+            },
+            Message::Flush { seq: 4 },
+        ];
+        for m in &msgs {
+            tx.writer.write_all(&m.encode()).unwrap();
+        }
+        tx.writer.flush().unwrap();
+        let mut rx = Channel::sealed(s, kr).unwrap();
+        // "The handshake": the first frame, read directly.
+        assert_eq!(rx.recv(MAX_FRAME).unwrap(), msgs[0]);
+        assert!(
+            !rx.reader.buffer().is_empty(),
+            "the rest of the record is left over"
+        );
+        let Channel { reader, .. } = rx;
+        let mut r = reader.open_ahead("test-open".into(), MAX_FRAME).unwrap();
+        let mut buf = Vec::new();
+        for want in &msgs[1..] {
+            assert!(r.wait_readable(Duration::from_secs(5)).unwrap());
+            let got = Message::decode(r.read_frame(MAX_FRAME, &mut buf).unwrap()).unwrap();
+            assert_eq!(&got, want);
+        }
+        drop(tx);
+        match r.read_frame(MAX_FRAME, &mut buf) {
+            Err(ProtocolError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+            other => panic!("after the last frame: {other:?}"),
+        }
+    }
+
     /// A peer that stops sending in the middle of a frame, or stops reading, is named in the
     /// error with how long it was waited for, on a clear and on a sealed channel.
     #[test]

@@ -850,6 +850,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn holds_frame_needs_the_whole_body() {
+        let f = Message::Ack {
+            seq: 7,
+            kind: AckKind::Written,
+            status: 0,
+        }
+        .encode();
+        assert!(holds_frame(&f));
+        assert!(!holds_frame(&f[..f.len() - 1]));
+        assert!(!holds_frame(&f[..3]));
+        assert!(!holds_frame(&[]));
+        let mut two = f.clone();
+        two.extend_from_slice(&f[..5]);
+        assert!(holds_frame(&two));
+    }
+
+    #[test]
     fn data_frames_decode_in_place_like_decode() {
         let w = Message::Write {
             seq: 9,

@@ -1279,7 +1279,6 @@ mod tests {
 
     use crate::daemon::Role;
     use crate::daemon::auth::{Secret, Side};
-    use crate::daemon::protocol::holds_frame;
     use crate::daemon::protocol::{
         self, AckKind, GoodbyeCode, MAX_FRAME, Message, NodeState, Purpose,
     };
@@ -1611,22 +1610,5 @@ mod tests {
         assert!(!second.load(Ordering::SeqCst));
         close_session(slot.take().unwrap(), "test");
         assert!(second.load(Ordering::SeqCst));
-    }
-
-    #[test]
-    fn holds_frame_needs_the_whole_body() {
-        let f = Message::Ack {
-            seq: 7,
-            kind: crate::daemon::protocol::AckKind::Written,
-            status: 0,
-        }
-        .encode();
-        assert!(holds_frame(&f));
-        assert!(!holds_frame(&f[..f.len() - 1]));
-        assert!(!holds_frame(&f[..3]));
-        assert!(!holds_frame(&[]));
-        let mut two = f.clone();
-        two.extend_from_slice(&f[..5]);
-        assert!(holds_frame(&two));
     }
 }
