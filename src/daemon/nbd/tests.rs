@@ -645,6 +645,138 @@ fn writes_answered_later_are_replied_then_and_flush_waits_for_them() {
     assert!(closed_by_server(&mut s));
 }
 
+/// Answers writes when the test says so: `write_then` keeps each write's callback.
+struct Collected {
+    inner: FileDevice,
+    dones: Arc<Mutex<Vec<(u64, Done)>>>,
+}
+
+impl BlockDevice for Collected {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.inner.write(offset, data, fua)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.inner.trim(offset, len, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len, fua, no_hole)
+    }
+    fn writes_then(&self) -> bool {
+        true
+    }
+    fn write_then(&self, offset: u64, data: Payload, done: Done) {
+        if let Err(e) = self.inner.write(offset, &data, false) {
+            return done(Err(e));
+        }
+        lock(&self.dones).push((offset, done));
+    }
+}
+
+/// The callbacks of `n` writes, once all of them have been started.
+fn collected(dones: &Mutex<Vec<(u64, Done)>>, n: usize) -> Vec<(u64, Done)> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        {
+            let mut d = lock(dones);
+            if d.len() >= n {
+                return std::mem::take(&mut *d);
+            }
+        }
+        assert!(Instant::now() < until, "{n} writes were not started");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Nothing arrives from the server for a while.
+fn silent(s: &mut UnixStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let quiet = matches!(s.read(&mut b), Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut));
+    s.set_read_timeout(None).unwrap();
+    quiet
+}
+
+/// Replies given under a `ReplyBatch` (as the thread that reads the peer's acks gives them)
+/// wait for `send`, then arrive together in the order they were given; a reply given on
+/// another thread comes after the held ones; at DISC the held replies are sent before the
+/// connection closes, even if the batch is never sent.
+#[test]
+fn replies_held_by_a_batch_go_out_together_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let dones = Arc::new(Mutex::new(Vec::new()));
+    let dev = Arc::new(Collected {
+        inner: FileDevice::open(&img, Some(SIZE)).unwrap(),
+        dones: Arc::clone(&dones),
+    });
+    let f = Fixture::with_device(dir, img, dev);
+    let mut s = raw_session(&f.sock);
+    for i in 0..4u64 {
+        send(
+            &mut s,
+            wire::CMD_WRITE,
+            0,
+            i,
+            i * 4096,
+            4096,
+            &[i as u8 + 1; 4096],
+        );
+    }
+    let mut four = collected(&dones, 4);
+    // Answered last first: the replies follow the answers, not the requests.
+    four.sort_by_key(|(offset, _)| std::cmp::Reverse(*offset));
+    let batch = ReplyBatch::start();
+    for (_, done) in four {
+        done(Ok(()));
+    }
+    assert!(silent(&mut s), "a held reply was sent before the batch");
+    batch.send();
+    let got: Vec<u64> = (0..4)
+        .map(|_| reply(&mut s))
+        .map(|(e, c)| {
+            assert_eq!(e, 0);
+            c
+        })
+        .collect();
+    assert_eq!(got, vec![3, 2, 1, 0]);
+
+    // A held reply, then a READ answered by the connection's own thread: in that order.
+    send(&mut s, wire::CMD_WRITE, 0, 5, 5 * 4096, 4096, &[5; 4096]);
+    let (_, done) = collected(&dones, 1).pop().unwrap();
+    done(Ok(()));
+    send(&mut s, wire::CMD_READ, 0, 6, 0, 4096, &[]);
+    assert_eq!(reply(&mut s), (0, 5));
+    assert_eq!(reply(&mut s), (0, 6));
+    let mut data = vec![0u8; 4096];
+    s.read_exact(&mut data).unwrap();
+    assert!(data.iter().all(|&b| b == 1), "read of block 0");
+
+    // Held at DISC: the connection sends them before it closes.
+    send(&mut s, wire::CMD_WRITE, 0, 7, 7 * 4096, 4096, &[7; 4096]);
+    send(&mut s, wire::CMD_WRITE, 0, 8, 8 * 4096, 4096, &[8; 4096]);
+    for (_, done) in collected(&dones, 2) {
+        done(Ok(()));
+    }
+    send(&mut s, wire::CMD_DISC, 0, 9, 0, 0, &[]);
+    let mut last: Vec<u64> = (0..2).map(|_| reply(&mut s).1).collect();
+    last.sort();
+    assert_eq!(last, vec![7, 8]);
+    assert!(closed_by_server(&mut s));
+    // Nothing is left to send, and sending to the closed connection is no error.
+    drop(batch);
+    still_serving(&f);
+}
+
 #[test]
 fn shutdown_closes_clients_and_removes_the_socket() {
     let mut f = Fixture::new();
