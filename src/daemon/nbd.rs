@@ -15,11 +15,9 @@
 // use; the daemon itself serves a `Replicated` device and keeps its own counters.
 #![allow(dead_code)]
 
-use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::marker::PhantomData;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
@@ -769,83 +767,8 @@ struct Replies {
     /// Reply bytes the socket did not take at once; `flushing` while a thread sends them.
     backlog: Vec<u8>,
     flushing: bool,
-    /// Replies held by a `ReplyBatch` on the thread that answered them, sent before any
-    /// later reply of the connection.
-    held: Vec<u8>,
     /// A reply could not be sent: the connection is ending, later replies fail the same way.
     failed: Option<(io::ErrorKind, String)>,
-}
-
-thread_local! {
-    /// The connections whose replies this thread holds; None unless a `ReplyBatch` is alive.
-    static HELD: RefCell<Option<Vec<Arc<Conn>>>> = const { RefCell::new(None) };
-}
-
-/// Kept by a thread that answers the writes of every connection (the one that reads the
-/// peer's acks). While it lives, the replies without data that this thread gives wait, per
-/// connection, until `send`: a burst of acks read at once then costs one `sendmsg` per
-/// connection, not one per write, and wakes the client once. The thread calls `send` when it
-/// has nothing more at hand; dropping the batch sends what it still holds. A reply given on
-/// another thread, or at the connection's end, first sends what is held for that connection,
-/// so replies keep their order on the stream.
-pub struct ReplyBatch {
-    /// Bound to the thread whose replies it holds.
-    _thread: PhantomData<*const ()>,
-}
-
-impl ReplyBatch {
-    pub fn start() -> ReplyBatch {
-        HELD.with(|h| {
-            let mut h = h.borrow_mut();
-            if h.is_none() {
-                *h = Some(Vec::new());
-            }
-        });
-        ReplyBatch {
-            _thread: PhantomData,
-        }
-    }
-
-    /// Send every reply held so far, without waiting for any client: what a socket does not
-    /// take goes to its connection's backlog.
-    pub fn send(&self) {
-        let mut conns = HELD.with(|h| {
-            h.borrow_mut()
-                .as_mut()
-                .map(std::mem::take)
-                .unwrap_or_default()
-        });
-        for conn in conns.drain(..) {
-            conn.send_held(false);
-        }
-        // The list's room is kept for the next burst.
-        HELD.with(|h| {
-            if let Some(list) = h.borrow_mut().as_mut().filter(|l| l.is_empty()) {
-                *list = conns;
-            }
-        });
-    }
-}
-
-impl Drop for ReplyBatch {
-    fn drop(&mut self) {
-        self.send();
-        HELD.with(|h| *h.borrow_mut() = None);
-    }
-}
-
-/// Whether this thread holds its replies (a `ReplyBatch` is alive).
-fn batching() -> bool {
-    HELD.with(|h| h.borrow().is_some())
-}
-
-/// `conn` has replies held by this thread.
-fn hold(conn: &Arc<Conn>) {
-    HELD.with(|h| {
-        if let Some(list) = h.borrow_mut().as_mut() {
-            list.push(Arc::clone(conn));
-        }
-    });
 }
 
 /// `sendmsg` of `head` and `body` without blocking: the bytes the socket took (0 when full).
@@ -907,68 +830,12 @@ impl Conn {
                 .store(w.backlog.len() as u64, Ordering::Release);
             return Ok(());
         }
-        if !may_wait && data.is_empty() && batching() {
-            // Sent with the others this thread answers, by `ReplyBatch::send`.
-            let first = w.held.is_empty();
-            w.held.extend_from_slice(&head);
-            drop(w);
-            if first {
-                hold(self);
-            }
-            return Ok(());
-        }
-        // After the replies held before it: the stream keeps the order replies were given.
-        let held = std::mem::take(&mut w.held);
-        if held.is_empty() {
-            self.send_reply(w, &head, data, may_wait)
-        } else {
-            let both = [&held[..], &head].concat();
-            self.send_reply(w, &both, data, may_wait)
-        }
-    }
-
-    /// Send the replies held for this connection (see `ReplyBatch`): without waiting for the
-    /// client when `may_wait` is false.
-    fn send_held(self: &Arc<Self>, may_wait: bool) {
-        let mut w = lock(&self.writer);
-        if w.held.is_empty() {
-            return;
-        }
-        if may_wait {
-            while w.flushing && w.failed.is_none() {
-                w = self.drained.wait(w).unwrap_or_else(|e| e.into_inner());
-            }
-        }
-        let held = std::mem::take(&mut w.held);
-        if w.failed.is_some() {
-            return;
-        }
-        if w.flushing {
-            w.backlog.extend_from_slice(&held);
-            self.backlog
-                .store(w.backlog.len() as u64, Ordering::Release);
-            return;
-        }
-        if let Err(e) = self.send_reply(w, &held, &[], may_wait) {
-            debug!("nbd: cannot send replies: {e}");
-        }
-    }
-
-    /// `head` and `data` to the client, now (`may_wait`) or, what the socket does not take
-    /// at once, by the backlog's thread.
-    fn send_reply(
-        self: &Arc<Self>,
-        mut w: MutexGuard<'_, Replies>,
-        head: &[u8],
-        data: &[u8],
-        may_wait: bool,
-    ) -> io::Result<()> {
         let res = match may_wait {
-            true => write_two(&mut w.stream, head, data),
-            false => match send_nowait(&w.stream, head, data) {
+            true => write_two(&mut w.stream, &head, data),
+            false => match send_nowait(&w.stream, &head, data) {
                 Ok(n) if n == head.len() + data.len() => Ok(()),
                 Ok(n) => {
-                    let rest = [head, data].concat();
+                    let rest = [&head[..], data].concat();
                     w.backlog.extend_from_slice(&rest[n..]);
                     self.backlog
                         .store(w.backlog.len() as u64, Ordering::Release);
@@ -1271,16 +1138,13 @@ impl Conn {
     }
 
     /// Stops the workers once every queued and running request has been answered.
-    fn close_and_drain(self: &Arc<Self>) {
+    fn close_and_drain(&self) {
         let mut st = lock(&self.state);
         st.closed = true;
         self.work.notify_all();
         while st.unanswered > 0 {
             st = self.room.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        drop(st);
-        // Answered, and perhaps still held by the thread that answered them.
-        self.send_held(true);
     }
 }
 
@@ -1451,7 +1315,6 @@ fn serve_inner(
             stream: w,
             backlog: Vec::new(),
             flushing: false,
-            held: Vec::new(),
             failed: None,
         }),
         drained: Condvar::new(),

@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail};
 
 use super::auth::{self, Secret, Side};
 use super::channel::{self, Channel, KeyExchange};
-use super::nbd::{Payload, ReplyBatch};
+use super::nbd::Payload;
 use super::protocol::{
     self, AckKind, DIGEST_LEN, GoodbyeCode, MAX_FRAME, MAX_FRAME_UNAUTHENTICATED, Message,
     NodeState, PROTOCOL_VERSION, Purpose,
@@ -357,13 +357,7 @@ impl Link {
         thread::Builder::new()
             .name("peer-recv".into())
             .spawn(move || {
-                // The NBD replies of the writes these acks complete go out together, when no
-                // more acks are at hand (and when this thread ends).
-                let replies = ReplyBatch::start();
                 loop {
-                    if !rstream.frame_at_hand() {
-                        replies.send();
-                    }
                     let msg = protocol::read_message(&mut rstream, MAX_FRAME);
                     if msg.is_ok() {
                         let ms = l.started.elapsed().as_millis() as u64;
