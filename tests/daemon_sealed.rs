@@ -61,6 +61,9 @@ fn canary_on_the_wire(encrypt: bool) -> bool {
     c.flush().unwrap();
     // Replicated (fullsync: acknowledged only once b has it).
     assert_eq!(region(&p.b.img, 3 * MIB, data.len()), data);
+    // a's own copy is the data too: sealed, a payload this large is sealed where it lies,
+    // once a's write has read it.
+    assert_eq!(region(&p.a.img, 3 * MIB, data.len()), data);
     assert_eq!(p.a.status()["connection"], "connected");
     let wire = proxy.recorded(Dir::AToB);
     assert!(wire.len() > data.len(), "the proxy recorded too little");

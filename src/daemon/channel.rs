@@ -23,7 +23,7 @@
 //! and hand a `Channel` to the link and the session.
 
 use std::collections::VecDeque;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -178,15 +178,22 @@ fn nonce(n: u64) -> Option<Nonce> {
 impl Keys {
     /// Seal record `n` in place: `rec` is its plaintext and then `TAG_LEN` bytes for the tag.
     fn seal(&self, n: u64, rec: &mut [u8]) -> io::Result<()> {
-        let failed = || io::Error::other(format!("sealing record {n} failed"));
         let (plain, tag_room) = rec.split_at_mut(rec.len() - TAG_LEN);
+        tag_room.copy_from_slice(&self.seal_apart(n, plain)?);
+        Ok(())
+    }
+
+    /// Seal record `n`'s plaintext in place; its tag, which follows it on the wire.
+    fn seal_apart(&self, n: u64, plain: &mut [u8]) -> io::Result<[u8; TAG_LEN]> {
+        let failed = || io::Error::other(format!("sealing record {n} failed"));
         let tag = self
             .0
             .send
             .seal_in_place_separate_tag(nonce(n).ok_or_else(failed)?, Aad::empty(), plain)
             .map_err(|_| failed())?;
-        tag_room.copy_from_slice(tag.as_ref());
-        Ok(())
+        let mut out = [0u8; TAG_LEN];
+        out.copy_from_slice(tag.as_ref());
+        Ok(out)
     }
 
     /// Open record `n` (ciphertext and tag) in place; the length of its plaintext, which is
@@ -229,15 +236,19 @@ impl Channel {
             end: 0,
             failed: None,
         }));
-        let writer = Writer(Arc::new(Mutex::new(WriterInner {
-            stream: clone()?,
-            keys,
-            nonce: 0,
-            plain: Vec::new(),
-            out: Vec::new(),
-            out_len: 0,
-            rec: None,
-        })));
+        let sealed = keys.is_some();
+        let writer = Writer(
+            Arc::new(Mutex::new(WriterInner {
+                stream: clone()?,
+                keys,
+                nonce: 0,
+                plain: Vec::new(),
+                out: Vec::new(),
+                out_len: 0,
+                rec: None,
+            })),
+            sealed,
+        );
         Ok(Channel {
             stream,
             peer,
@@ -1012,7 +1023,7 @@ impl Read for Direct {
 /// thread goes out between whole frames, in record order. Bytes are buffered until `flush`
 /// (or until a quarter MiB is pending).
 #[derive(Clone)]
-pub struct Writer(Arc<Mutex<WriterInner>>);
+pub struct Writer(Arc<Mutex<WriterInner>>, bool);
 
 struct WriterInner {
     stream: TcpStream,
@@ -1030,8 +1041,30 @@ struct WriterInner {
 
 /// Pending bytes that make a write go out without waiting for `flush`.
 const SEND_AT: usize = 256 << 10;
-/// A frame's payload this large goes out in the clear from its own buffer, not copied.
-const SEND_DIRECT: usize = 64 << 10;
+/// A frame's payload this large goes out from its own buffer, not copied: in the clear as
+/// it is, sealed where it lies when the caller gives it up (`Body::Given`).
+pub const SEND_DIRECT: usize = 64 << 10;
+/// Buffers per `writev` (IOV_MAX is 1024 on Linux and FreeBSD).
+const IOV_BATCH: usize = 512;
+
+/// A frame's payload as the writer gets it.
+pub enum Body<'a> {
+    /// Read only: shared with others (the local write reads it too). Sealed, it is copied
+    /// into the records.
+    Shared(&'a [u8]),
+    /// Nobody else reads it: a sealed link may seal it where it lies and send it from there;
+    /// it then holds ciphertext.
+    Given(&'a mut [u8]),
+}
+
+impl Body<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Body::Shared(b) => b,
+            Body::Given(b) => b,
+        }
+    }
+}
 
 impl WriterInner {
     fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
@@ -1086,16 +1119,63 @@ impl WriterInner {
         Ok(())
     }
 
-    /// `write_all` of `head` and then `body`, except that in the clear a large `body` is
-    /// not copied: it goes out from its own buffer, in one writev with what is buffered.
-    fn write_frame(&mut self, head: &[u8], body: &[u8]) -> io::Result<()> {
-        if self.keys.is_some() || body.len() < SEND_DIRECT {
+    /// `write_all` of `head` and then `body`, except that a large `body` is not copied: in
+    /// the clear it goes out from its own buffer, in one writev with what is buffered; sealed,
+    /// when given up (`Body::Given`), it is sealed where it lies and sent from there.
+    fn write_frame(&mut self, head: &[u8], body: Body<'_>) -> io::Result<()> {
+        if body.bytes().len() < SEND_DIRECT {
             self.write_all(head)?;
-            return self.write_all(body);
+            return self.write_all(body.bytes());
         }
-        self.plain.extend_from_slice(head);
-        let r = super::nbd::write_two(&mut self.stream, &self.plain, body);
-        self.plain.clear();
+        match (self.keys.clone(), body) {
+            (None, body) => {
+                self.plain.extend_from_slice(head);
+                let r = super::nbd::write_two(&mut self.stream, &self.plain, body.bytes());
+                self.plain.clear();
+                r.map_err(|e| name_timeout(e, &self.stream, false))
+            }
+            (Some(_), Body::Shared(body)) => {
+                self.write_all(head)?;
+                self.write_all(body)
+            }
+            (Some(keys), Body::Given(body)) => self.send_sealed_in_place(&keys, head, body),
+        }
+    }
+
+    /// Sealed, a large payload nobody else reads: `head` ends the open record, then each
+    /// record of the payload is sealed in `body` itself and the whole goes out by writev
+    /// from there, with the record's length before it and its tag after (the same records
+    /// on the wire as `write_all` makes, cut at other places).
+    fn send_sealed_in_place(
+        &mut self,
+        keys: &Keys,
+        head: &[u8],
+        body: &mut [u8],
+    ) -> io::Result<()> {
+        self.write_all(head)?;
+        self.seal(keys)?;
+        let records = body.len().div_ceil(MAX_PLAIN);
+        // Between two records: the tag of the one before and the length of the next.
+        let mut glue = Vec::with_capacity(records * (TAG_LEN + 2) + 2);
+        for chunk in body.chunks_mut(MAX_PLAIN) {
+            glue.extend_from_slice(&((chunk.len() + TAG_LEN) as u16).to_le_bytes());
+            let tag = keys.seal_apart(self.nonce, chunk)?;
+            self.nonce += 1;
+            glue.extend_from_slice(&tag);
+        }
+        let mut iov = Vec::with_capacity(2 * records + 2);
+        if self.out_len > 0 {
+            iov.push(IoSlice::new(&self.out[..self.out_len]));
+        }
+        let mut g = &glue[..];
+        for chunk in body.chunks(MAX_PLAIN) {
+            iov.push(IoSlice::new(&g[..2]));
+            iov.push(IoSlice::new(chunk));
+            iov.push(IoSlice::new(&g[2..2 + TAG_LEN]));
+            g = &g[2 + TAG_LEN..];
+        }
+        let r = write_all_vectored(&mut self.stream, &mut iov);
+        self.out_len = 0;
         r.map_err(|e| name_timeout(e, &self.stream, false))
     }
 
@@ -1123,6 +1203,20 @@ impl WriterInner {
     }
 }
 
+/// Write every byte of `iov`, at most IOV_BATCH buffers per system call.
+fn write_all_vectored(w: &mut impl Write, mut iov: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !iov.is_empty() {
+        let batch = iov.len().min(IOV_BATCH);
+        match w.write_vectored(&iov[..batch]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut iov, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl Writer {
     fn lock(&self) -> std::sync::MutexGuard<'_, WriterInner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
@@ -1137,8 +1231,13 @@ impl Writer {
 
     /// Queue a frame given as its encoded head and its payload (see
     /// `WriterInner::write_frame`); like `write_all`, it goes out at `flush` at the latest.
-    pub fn write_frame(&self, head: &[u8], body: &[u8]) -> io::Result<()> {
+    pub fn write_frame(&self, head: &[u8], body: Body<'_>) -> io::Result<()> {
         self.lock().write_frame(head, body)
+    }
+
+    /// Whether the link is sealed (and a large payload given up is sealed where it lies).
+    pub fn sealed(&self) -> bool {
+        self.1
     }
 
     /// Write and flush a frame (as `write_frame` + `flush`) now, on the caller's thread, if no
@@ -1147,7 +1246,7 @@ impl Writer {
     pub fn send_frame_if(
         &self,
         head: &[u8],
-        body: &[u8],
+        body: Body<'_>,
         idle: impl FnOnce() -> bool,
     ) -> Option<io::Result<()>> {
         let mut w = self.0.try_lock().ok()?;
@@ -1520,7 +1619,7 @@ mod tests {
                             data,
                         } => {
                             let head = protocol::encode_write_head(*seq, *offset, *fua, data.len());
-                            tx.writer.write_frame(&head, data).unwrap();
+                            tx.writer.write_frame(&head, Body::Shared(data)).unwrap();
                         }
                         other => tx.writer.write_all(&other.encode()).unwrap(),
                     }
@@ -1629,6 +1728,74 @@ mod tests {
     /// The records are the ones `snow`'s Noise transport makes and opens (tandem before
     /// these keys were used directly, and any Noise implementation): the same bytes on the
     /// wire, in both directions, for records of every size.
+    /// A large payload given up to a sealed writer is sealed where it lies and sent from
+    /// there (its buffer then holds ciphertext); one shared stays as it was and is copied
+    /// into the records. Either way the reader gets every frame whole and in order, also one
+    /// of more records than a writev takes at once.
+    #[test]
+    fn a_payload_given_up_is_sealed_where_it_lies() {
+        let (ki, kr) = keys_pair(&secret(1), &secret(1)).unwrap();
+        let (c, s) = sockets();
+        let mut tx = Channel::sealed(c, ki).unwrap();
+        let mut rx = Channel::sealed(s, kr).unwrap();
+        let data = |len: usize, seed: usize| -> Vec<u8> {
+            (0..len).map(|b| (b * 31 + seed) as u8).collect()
+        };
+        let sizes = [
+            3 * MAX_PLAIN + 123,
+            SEND_DIRECT,
+            (IOV_BATCH / 3 + 3) * MAX_PLAIN + 7,
+        ];
+        let shared = data(70_000, 9);
+        let mut want = vec![Message::Flush { seq: 0 }];
+        for (i, &len) in sizes.iter().enumerate() {
+            want.push(Message::Write {
+                seq: 1 + i as u64,
+                offset: (i as u64) << 30,
+                fua: false,
+                data: data(len, i),
+            });
+            // seq 100 and up: shared with others.
+            want.push(Message::Write {
+                seq: 100 + i as u64,
+                offset: 0,
+                fua: false,
+                data: shared.clone(),
+            });
+            want.push(Message::Flush { seq: 10 + i as u64 });
+        }
+        let expected = want.clone();
+        let reader = thread::spawn(move || {
+            for w in &expected {
+                assert_eq!(&rx.recv(MAX_FRAME).unwrap(), w);
+            }
+        });
+        for m in &want {
+            match m {
+                Message::Write {
+                    seq, offset, data, ..
+                } if *seq < 100 => {
+                    let head = protocol::encode_write_head(*seq, *offset, false, data.len());
+                    let mut given = data.clone();
+                    tx.writer
+                        .write_frame(&head, Body::Given(&mut given))
+                        .unwrap();
+                    assert_ne!(&given, data, "sealed where it lay");
+                }
+                Message::Write {
+                    seq, offset, data, ..
+                } => {
+                    let head = protocol::encode_write_head(*seq, *offset, false, data.len());
+                    tx.writer.write_frame(&head, Body::Shared(data)).unwrap();
+                }
+                other => tx.writer.write_all(&other.encode()).unwrap(),
+            }
+        }
+        tx.writer.flush().unwrap();
+        assert_eq!(shared, data(70_000, 9), "a shared payload is left alone");
+        reader.join().unwrap();
+    }
+
     #[test]
     fn records_are_noise_transport_messages() {
         let (nc, na) = ([1u8; 32], [2u8; 32]);

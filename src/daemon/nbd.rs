@@ -103,6 +103,18 @@ impl Payload {
     }
 }
 
+impl Payload {
+    /// Whether this is the only handle on the buffer.
+    pub fn unique(&mut self) -> bool {
+        Arc::get_mut(&mut self.0).is_some()
+    }
+
+    /// The buffer to change, if this is the only handle on it.
+    pub fn get_mut(&mut self) -> Option<&mut [u8]> {
+        Arc::get_mut(&mut self.0).map(|b| &mut b.buf[..])
+    }
+}
+
 impl std::ops::Deref for Payload {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -239,6 +239,22 @@ impl Frame {
     fn len(&self) -> usize {
         self.head.len() + self.body.as_deref().map_or(0, <[u8]>::len)
     }
+
+    /// The encoded head and the payload: given up to the writer if nobody else holds it
+    /// (then it may be sealed where it lies: the frame is sent once, then dropped).
+    fn parts(&mut self) -> (&[u8], channel::Body<'_>) {
+        let body = match self.body.as_mut() {
+            None => channel::Body::Shared(&[]),
+            Some(p) => {
+                if p.unique() {
+                    channel::Body::Given(p.get_mut().unwrap_or_default())
+                } else {
+                    channel::Body::Shared(p)
+                }
+            }
+        };
+        (&self.head, body)
+    }
 }
 
 impl From<Vec<u8>> for Frame {
@@ -325,17 +341,19 @@ impl Link {
                 let w = &mut writer;
                 let result = (|| -> std::io::Result<()> {
                     loop {
-                        let (frame, mut queued) = match rx.recv_timeout(ping_every) {
+                        let (mut frame, mut queued) = match rx.recv_timeout(ping_every) {
                             Ok(f) => (f, 1),
                             Err(RecvTimeoutError::Timeout) => (Message::Ping.encode().into(), 0),
                             Err(RecvTimeoutError::Disconnected) => return w.flush(),
                         };
                         // (A write's payload goes back to its connection's pool as the
                         // frame is dropped, once sent.)
-                        w.write_frame(&frame.head, frame.body.as_deref().unwrap_or_default())?;
+                        let (head, body) = frame.parts();
+                        w.write_frame(head, body)?;
                         // Batch whatever is already queued into as few writes as possible.
-                        while let Ok(f) = rx.try_recv() {
-                            w.write_frame(&f.head, f.body.as_deref().unwrap_or_default())?;
+                        while let Ok(mut f) = rx.try_recv() {
+                            let (head, body) = f.parts();
+                            w.write_frame(head, body)?;
                             queued += 1;
                         }
                         w.flush()?;
@@ -467,6 +485,11 @@ impl Link {
         Ok(link)
     }
 
+    /// Whether the link is sealed (see `channel::Body`).
+    pub fn sealed(&self) -> bool {
+        self.writer.sealed()
+    }
+
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
@@ -590,7 +613,7 @@ impl Link {
     /// overtake one queued before it: while any is unsent, this one queues too.
     fn queue(&self, make: impl FnOnce(u64) -> Frame, answer: Answer) -> Arc<Completion> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let frame = make(seq);
+        let mut frame = make(seq);
         let c = Completion::new(frame.len(), answer);
         // None: the link is dead; Some(alone): no other request awaits the peer's answer.
         let open = match self.pending.lock() {
@@ -603,11 +626,11 @@ impl Link {
         };
         // (The ack may come before this returns: the request is pending already.)
         let inline = match open {
-            Some(true) => self.writer.send_frame_if(
-                &frame.head,
-                frame.body.as_deref().unwrap_or_default(),
-                || self.unsent.load(Ordering::Acquire) == 0,
-            ),
+            Some(true) => {
+                let (head, body) = frame.parts();
+                self.writer
+                    .send_frame_if(head, body, || self.unsent.load(Ordering::Acquire) == 0)
+            }
             _ => None,
         };
         let queued = match (open, inline) {

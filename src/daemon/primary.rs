@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::activemap::Pending;
-use super::channel::Channel;
+use super::channel::{self, Channel};
 use super::generation::{self, Decision};
 use super::hooks::Event;
 use super::metrics::Op;
@@ -105,7 +105,7 @@ impl Replicated {
         local: impl FnOnce() -> io::Result<()>,
         remote: impl FnOnce(u64) -> Frame,
     ) -> io::Result<()> {
-        let (c, pending, queued) = match self.issue(offset, len, fua, local, remote)? {
+        let (c, pending, queued) = match self.issue(offset, len, fua, false, local, remote)? {
             Issued::Done(r) => return r,
             Issued::Queued(c, pending, queued) => (c, pending, queued),
         };
@@ -144,11 +144,17 @@ impl Replicated {
     /// The part of `modify` that does not wait for the peer: dirty bits, local apply, queueing
     /// (and the local fdatasync of a FUA request). `Done` when the request is already
     /// answered (an error, no peer, or a failed disk whose peer copy was awaited).
+    ///
+    /// `gives_payload`: `remote`'s frame holds a payload that `local` reads and then drops. On
+    /// a sealed link a large one (`channel::SEND_DIRECT`) is then written locally first, so
+    /// that the frame is its only holder and the link seals it where it lies instead of
+    /// copying it into its records.
     fn issue(
         &self,
         offset: u64,
         len: u64,
         fua: bool,
+        gives_payload: bool,
         local: impl FnOnce() -> io::Result<()>,
         remote: impl FnOnce(u64) -> Frame,
     ) -> io::Result<Issued> {
@@ -172,16 +178,35 @@ impl Replicated {
             let _order = s.conflicts.claim(offset, len);
             let _locks = s.locks.shared(first, last);
             self.check_fence()?;
-            // To the peer first, so that its write runs while this one does (both under the
-            // range claim: overlapping requests reach both disks in the same order). Either
-            // copy alone is an unanswered write, which a crash may leave half done; the
-            // extent is already dirty here, so a resync makes the two agree.
+            // To the peer first, so that its write runs while this one does, except a large
+            // payload on a sealed link (see above). Both happen under the range claim:
+            // overlapping requests reach both disks in the same order. Either copy alone is
+            // an unanswered write, which a crash may leave half done; the extent is already
+            // dirty here, so a resync makes the two agree.
             let queued = Instant::now();
-            let c = s.link().map(|l| l.submit_frame(remote));
-            if c.is_some() {
-                s.writes_queued.fetch_add(1, Ordering::AcqRel);
-            }
-            let applied = match local() {
+            let link = s.link();
+            let local_first = gives_payload
+                && len >= channel::SEND_DIRECT as u64
+                && link.as_ref().is_some_and(|l| l.sealed());
+            let mut remote = Some(remote);
+            let mut submit = || {
+                let c = link
+                    .as_ref()
+                    .zip(remote.take())
+                    .map(|(l, make)| l.submit_frame(make));
+                if c.is_some() {
+                    s.writes_queued.fetch_add(1, Ordering::AcqRel);
+                }
+                c
+            };
+            let (c, applied) = if local_first {
+                let applied = local();
+                (submit(), applied)
+            } else {
+                let c = submit();
+                (c, local())
+            };
+            let applied = match applied {
                 Ok(()) => Ok(()),
                 Err(e) if is_disk_error(&e) => {
                     s.fail_disk("write", &e);
@@ -220,15 +245,17 @@ impl Replicated {
         &self,
         offset: u64,
         len: u64,
+        gives_payload: bool,
         local: impl FnOnce() -> io::Result<()>,
         remote: impl FnOnce(u64) -> Frame,
         done: Done,
     ) {
-        let (c, pending, queued) = match self.issue(offset, len, false, local, remote) {
-            Ok(Issued::Queued(c, pending, queued)) => (c, pending, queued),
-            Ok(Issued::Done(r)) => return done(r),
-            Err(e) => return done(Err(e)),
-        };
+        let (c, pending, queued) =
+            match self.issue(offset, len, false, gives_payload, local, remote) {
+                Ok(Issued::Queued(c, pending, queued)) => (c, pending, queued),
+                Ok(Issued::Done(r)) => return done(r),
+                Err(e) => return done(Err(e)),
+            };
         let mode = self.s.mode();
         if mode == Replication::Async && !self.backlog_full() {
             self.after_written(c, pending, len, queued);
@@ -406,12 +433,13 @@ impl BlockDevice for Replicated {
         let disk = &self.s.disk;
         let len = data.len() as u64;
         // The peer's frame shares the buffer (no copy): it may be sent while the local write
-        // reads it.
+        // reads it. The local write drops its handle when done (see `issue`).
         let frame_data = data.clone();
         self.modify_then(
             offset,
             len,
-            || disk.write_at(&data, offset),
+            true,
+            move || disk.write_at(&data, offset),
             |seq| Frame::write(seq, offset, false, frame_data),
             done,
         )
