@@ -412,15 +412,34 @@ pub fn start(target: Target, blocks: u32, conns: u32, depth: u32, seed: u64) -> 
                         let sent = log.tick();
                         cl.flush().map(|()| log.flushed(cl.epoch, sent))
                     } else {
-                        let stamp = Stamp {
-                            block: (rng.next() % u64::from(blocks)) as u32,
-                            writer,
-                            seq: seqs.fetch_add(1, Ordering::Relaxed),
+                        // One write in eight covers a run of 16 to 32 blocks (64-128 KiB: on a
+                        // sealed link tandem writes those locally first and seals them where
+                        // they lie), each block with a stamp of its own.
+                        let run = if rng.next() % 8 == 0 {
+                            (16 + rng.next() % 17).min(u64::from(blocks)) as u32
+                        } else {
+                            1
                         };
+                        let first = (rng.next() % u64::from(blocks - run + 1)) as u32;
+                        let seq = seqs.fetch_add(u64::from(run), Ordering::Relaxed);
+                        let stamps: Vec<Stamp> = (0..run)
+                            .map(|i| Stamp {
+                                block: first + i,
+                                writer,
+                                seq: seq + u64::from(i),
+                            })
+                            .collect();
                         let fua = n % 16 == 0;
-                        log.sent(stamp, cl.epoch);
-                        cl.write(u64::from(stamp.block) * BLOCK as u64, &stamp.fill(), fua)
-                            .map(|()| log.acked(stamp, fua))
+                        for &stamp in &stamps {
+                            log.sent(stamp, cl.epoch);
+                        }
+                        let data: Vec<u8> = stamps.iter().flat_map(|s| s.fill()).collect();
+                        cl.write(u64::from(first) * BLOCK as u64, &data, fua)
+                            .map(|()| {
+                                for &stamp in &stamps {
+                                    log.acked(stamp, fua);
+                                }
+                            })
                     };
                     if result.is_err() {
                         // The connection died (a failover) or the request failed: drop the
