@@ -101,9 +101,7 @@ impl Payload {
             pool: Some(pool),
         }))
     }
-}
 
-impl Payload {
     /// Whether this is the only handle on the buffer.
     pub fn unique(&mut self) -> bool {
         Arc::get_mut(&mut self.0).is_some()
