@@ -236,9 +236,9 @@ impl Channel {
             end: 0,
             failed: None,
         }));
-        let sealed = keys.is_some();
-        let writer = Writer(
-            Arc::new(Mutex::new(WriterInner {
+        let writer = Writer {
+            sealed: keys.is_some(),
+            inner: Arc::new(Mutex::new(WriterInner {
                 stream: clone()?,
                 keys,
                 nonce: 0,
@@ -247,8 +247,7 @@ impl Channel {
                 out_len: 0,
                 rec: None,
             })),
-            sealed,
-        );
+        };
         Ok(Channel {
             stream,
             peer,
@@ -1023,7 +1022,11 @@ impl Read for Direct {
 /// thread goes out between whole frames, in record order. Bytes are buffered until `flush`
 /// (or until a quarter MiB is pending).
 #[derive(Clone)]
-pub struct Writer(Arc<Mutex<WriterInner>>, bool);
+pub struct Writer {
+    inner: Arc<Mutex<WriterInner>>,
+    /// Whether `inner` seals (fixed for the connection; read without the lock).
+    sealed: bool,
+}
 
 struct WriterInner {
     stream: TcpStream,
@@ -1219,7 +1222,7 @@ fn write_all_vectored(w: &mut impl Write, mut iov: &mut [IoSlice<'_>]) -> io::Re
 
 impl Writer {
     fn lock(&self) -> std::sync::MutexGuard<'_, WriterInner> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Encode, queue and flush one message.
@@ -1237,7 +1240,7 @@ impl Writer {
 
     /// Whether the link is sealed (and a large payload given up is sealed where it lies).
     pub fn sealed(&self) -> bool {
-        self.1
+        self.sealed
     }
 
     /// Write and flush a frame (as `write_frame` + `flush`) now, on the caller's thread, if no
@@ -1249,7 +1252,7 @@ impl Writer {
         body: Body<'_>,
         idle: impl FnOnce() -> bool,
     ) -> Option<io::Result<()>> {
-        let mut w = self.0.try_lock().ok()?;
+        let mut w = self.inner.try_lock().ok()?;
         if !idle() {
             return None;
         }
@@ -1259,7 +1262,7 @@ impl Writer {
     /// Like `send`, unless another thread is writing right now (then nothing is sent): for a
     /// last word before the socket is shut, which must not wait for a stuck peer.
     pub fn try_send(&self, msg: &Message) -> io::Result<()> {
-        match self.0.try_lock() {
+        match self.inner.try_lock() {
             Ok(mut w) => {
                 w.write_all(&msg.encode())?;
                 w.flush()
