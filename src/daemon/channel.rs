@@ -1126,22 +1126,21 @@ impl WriterInner {
     /// the clear it goes out from its own buffer, in one writev with what is buffered; sealed,
     /// when given up (`Body::Given`), it is sealed where it lies and sent from there.
     fn write_frame(&mut self, head: &[u8], body: Body<'_>) -> io::Result<()> {
-        if body.bytes().len() < SEND_DIRECT {
-            self.write_all(head)?;
-            return self.write_all(body.bytes());
-        }
+        let large = body.bytes().len() >= SEND_DIRECT;
         match (self.keys.clone(), body) {
-            (None, body) => {
+            (None, body) if large => {
                 self.plain.extend_from_slice(head);
                 let r = super::nbd::write_two(&mut self.stream, &self.plain, body.bytes());
                 self.plain.clear();
                 r.map_err(|e| name_timeout(e, &self.stream, false))
             }
-            (Some(_), Body::Shared(body)) => {
-                self.write_all(head)?;
-                self.write_all(body)
+            (Some(keys), Body::Given(body)) if large => {
+                self.send_sealed_in_place(&keys, head, body)
             }
-            (Some(keys), Body::Given(body)) => self.send_sealed_in_place(&keys, head, body),
+            (_, body) => {
+                self.write_all(head)?;
+                self.write_all(body.bytes())
+            }
         }
     }
 
