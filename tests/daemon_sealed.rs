@@ -58,12 +58,39 @@ fn canary_on_the_wire(encrypt: bool) -> bool {
     let data = canary_block(256 << 10);
     c.write(3 * MIB, &data, false).unwrap();
     c.write(5 * MIB + 4096, &data[..4096], true).unwrap();
+    // Large writes while others are in flight: sealed, such a payload is written locally
+    // first and then sealed where it lies (alone in flight, it goes to the peer first and
+    // is copied into the records). Each write its own bytes, to tell them apart.
+    let many: Vec<Vec<u8>> = (0..8u8)
+        .map(|i| {
+            let mut d = canary_block(256 << 10);
+            d.iter_mut().step_by(4096).for_each(|b| *b = i);
+            d
+        })
+        .collect();
+    let at = |i: usize| 16 * MIB + i as u64 * (320 << 10);
+    std::thread::scope(|t| {
+        for (i, d) in many.iter().enumerate() {
+            let c = &c;
+            t.spawn(move || c.write(at(i), d, false).unwrap());
+        }
+    });
     c.flush().unwrap();
     // Replicated (fullsync: acknowledged only once b has it).
     assert_eq!(region(&p.b.img, 3 * MIB, data.len()), data);
-    // a's own copy is the data too: sealed, a payload this large is sealed where it lies,
-    // once a's write has read it.
+    // a's own copy is the data too: a payload sealed where it lies is sealed only once
+    // a's write has read it.
     assert_eq!(region(&p.a.img, 3 * MIB, data.len()), data);
+    for (i, d) in many.iter().enumerate() {
+        assert!(
+            region(&p.b.img, at(i), d.len()) == *d,
+            "b's copy of write {i}"
+        );
+        assert!(
+            region(&p.a.img, at(i), d.len()) == *d,
+            "a's copy of write {i}"
+        );
+    }
     assert_eq!(p.a.status()["connection"], "connected");
     let wire = proxy.recorded(Dir::AToB);
     assert!(wire.len() > data.len(), "the proxy recorded too little");
