@@ -227,7 +227,9 @@ impl Channel {
         let peer = stream.peer_addr().context("peer address")?;
         let clone = || stream.try_clone().context("cloning the peer socket");
         let reader = Reader(Source::Direct(Direct {
-            inner: BufReader::with_capacity(256 << 10, clone()?),
+            // Small: what a read takes beyond what it asked for is copied out later, and a
+            // large record is read straight into place (see `open_into`).
+            inner: BufReader::with_capacity(super::nbd::READ_DIRECT, clone()?),
             peer,
             keys: keys.clone(),
             nonce: 0,
@@ -235,6 +237,7 @@ impl Channel {
             pos: 0,
             end: 0,
             failed: None,
+            after_large: false,
         }));
         let writer = Writer {
             sealed: keys.is_some(),
@@ -805,6 +808,8 @@ struct Direct {
     end: usize,
     /// Once a record failed, every later read fails the same way.
     failed: Option<String>,
+    /// The last record was large (see `record_len`).
+    after_large: bool,
 }
 
 impl Direct {
@@ -830,8 +835,17 @@ impl Direct {
             return Err(io::Error::new(io::ErrorKind::InvalidData, why.clone()));
         }
         let mut len = [0u8; 2];
-        match self.inner.read(&mut len[..1]).map_err(|e| self.named(e))? {
+        // After a large record, with nothing buffered, the length is read alone: filling
+        // the buffer would fill it with the start of the next large record, copied out of it
+        // then (see `open_into`). After a small one, the buffer is filled: small records
+        // come one system call for several, or for a length and its record.
+        let r = match self.after_large && self.inner.buffer().is_empty() {
+            true => self.inner.get_mut().read(&mut len),
+            false => self.inner.read(&mut len),
+        };
+        match r.map_err(|e| self.named(e))? {
             0 => return Ok(None),
+            2 => {}
             _ => {
                 let r = self.inner.read_exact(&mut len[1..]);
                 r.map_err(|e| self.named(e))?
@@ -850,8 +864,8 @@ impl Direct {
     /// Read the record of `rec.len()` bytes announced by `record_len` into `rec` and open
     /// it there: the length of its plaintext, now at the start of `rec`.
     fn open_into(&mut self, keys: &Keys, rec: &mut [u8]) -> io::Result<usize> {
-        let r = self.inner.read_exact(rec);
-        r.map_err(|e| self.named(e))?;
+        let r = super::nbd::read_into_place(&mut self.inner, rec);
+        self.after_large = r.map_err(|e| self.named(e))?;
         match keys.open(self.nonce, rec) {
             Some(n) => {
                 self.nonce += 1;

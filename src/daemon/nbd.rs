@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
@@ -686,6 +686,28 @@ impl Write for Stream {
     }
 }
 
+/// What is left of a read this large goes from the socket straight into its place, not through
+/// the read buffer (see `read_into_place`).
+pub(crate) const READ_DIRECT: usize = 16 << 10;
+
+/// Fill `out` from `r`: the bytes `r` already buffers are copied; the rest, when it is at least
+/// READ_DIRECT, is read from the socket straight into `out`. (`BufReader` alone would refill
+/// its buffer for the last part and copy it out: a quarter of a 1 MiB write copied once
+/// more.) Whether `out` was large, i.e. whether the next small read (a header, a length)
+/// should come straight from the socket too while nothing is buffered, rather than fill the
+/// buffer with the next large payload.
+pub(crate) fn read_into_place<R: Read>(r: &mut BufReader<R>, out: &mut [u8]) -> io::Result<bool> {
+    let have = r.buffer().len().min(out.len());
+    if out.len() - have < READ_DIRECT {
+        r.read_exact(out)?;
+        return Ok(out.len() >= READ_DIRECT);
+    }
+    out[..have].copy_from_slice(&r.buffer()[..have]);
+    r.consume(have);
+    r.get_mut().read_exact(&mut out[have..])?;
+    Ok(true)
+}
+
 /// Writes a header and a payload with as few system calls as possible (one writev usually).
 pub(crate) fn write_two(w: &mut impl Write, head: &[u8], body: &[u8]) -> io::Result<()> {
     let total = head.len() + body.len();
@@ -1184,13 +1206,21 @@ fn discard(r: &mut impl Read, len: u32) -> io::Result<()> {
 
 /// The reader side of the transmission phase: decodes requests and hands them to workers
 /// until DISC, end of stream or a protocol violation.
-fn transmission(conn: &Arc<Conn>, r: &mut impl Read, size: u64) -> io::Result<()> {
+fn transmission<R: Read>(conn: &Arc<Conn>, r: &mut BufReader<R>, size: u64) -> io::Result<()> {
     let mut head = [0u8; REQUEST_LEN];
     let mut next_seq = 0u64;
+    // After a large payload, the next header is read alone while nothing is buffered, so
+    // that the buffer does not fill with (and copy out) the next large payload.
+    let mut after_large = false;
     loop {
-        if !read_header(r, &mut head)? {
+        let more = match after_large && r.buffer().is_empty() {
+            true => read_header(r.get_mut(), &mut head)?,
+            false => read_header(r, &mut head)?,
+        };
+        if !more {
             return Ok(());
         }
+        after_large = false;
         let req = Request::parse(&head).ok_or_else(|| invalid("bad request magic"))?;
         if req.kind == wire::CMD_WRITE && req.len > MAX_REQUEST {
             return Err(invalid("write larger than the maximum block size"));
@@ -1215,11 +1245,14 @@ fn transmission(conn: &Arc<Conn>, r: &mut impl Read, size: u64) -> io::Result<()
         if let Command::Write { .. } | Command::Read = cmd {
             payload = conn.take_buffer(req.len as usize);
         }
-        if let Command::Write { .. } = cmd
-            && let Err(e) = r.read_exact(&mut payload)
-        {
-            conn.unadmit(cost);
-            return Err(e);
+        if let Command::Write { .. } = cmd {
+            match read_into_place(r, &mut payload) {
+                Ok(large) => after_large = large,
+                Err(e) => {
+                    conn.unadmit(cost);
+                    return Err(e);
+                }
+            }
         }
         let seq = next_seq;
         if cmd.is_write() {
@@ -1847,6 +1880,61 @@ mod unit {
     use super::*;
 
     const SIZE: u64 = 1 << 20;
+
+    /// Hands out at most `step` bytes per read, as a socket may.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = out.len().min(self.step).min(self.data.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    /// A 1 MiB payload behind a header, then a small request: the large payload's bytes past
+    /// what the header's read buffered come straight from the socket, and the next header is
+    /// not pulled into the buffer with its tail (`BufReader::read_exact` refills the buffer
+    /// for the last part and copies it out); the bytes are the stream's either way, whatever
+    /// the socket hands out per read.
+    #[test]
+    fn a_large_payload_is_read_into_place_and_small_ones_through_the_buffer() {
+        let big = 1 << 20;
+        let stream: Vec<u8> = (0..REQUEST_LEN + big + REQUEST_LEN + 4096)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        for step in [usize::MAX, 100_000, 4096, 7] {
+            let mut r = BufReader::with_capacity(
+                READ_BUFFER,
+                Trickle {
+                    data: &stream,
+                    step,
+                },
+            );
+            let mut head = [0u8; REQUEST_LEN];
+            assert!(read_header(&mut r, &mut head).unwrap());
+            let mut payload = vec![0u8; big];
+            assert!(read_into_place(&mut r, &mut payload).unwrap(), "large");
+            assert!(
+                payload == stream[REQUEST_LEN..REQUEST_LEN + big],
+                "step {step}"
+            );
+            assert!(
+                r.buffer().is_empty(),
+                "the next request was buffered (step {step})"
+            );
+            assert!(read_header(r.get_mut(), &mut head).unwrap());
+            assert_eq!(head[..], stream[REQUEST_LEN + big..2 * REQUEST_LEN + big]);
+            let mut small = vec![0u8; 4096];
+            assert!(!read_into_place(&mut r, &mut small).unwrap(), "small");
+            assert!(small == stream[2 * REQUEST_LEN + big..], "step {step}");
+            assert!(!read_header(&mut r, &mut head).unwrap(), "end of stream");
+        }
+    }
 
     fn export() -> Export<'static> {
         Export {
