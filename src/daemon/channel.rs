@@ -227,9 +227,16 @@ impl Channel {
         let peer = stream.peer_addr().context("peer address")?;
         let clone = || stream.try_clone().context("cloning the peer socket");
         let reader = Reader(Source::Direct(Direct {
-            // Small: what a read takes beyond what it asked for is copied out later, and a
-            // large record is read straight into place (see `open_into`).
-            inner: BufReader::with_capacity(super::nbd::READ_DIRECT, clone()?),
+            // Sealed, small: what a read takes beyond what it asked for is copied out later,
+            // and a large record is read straight into place (see `open_into`). In the clear,
+            // frames are read through it (many small ones per system call).
+            inner: BufReader::with_capacity(
+                match keys {
+                    Some(_) => super::nbd::READ_DIRECT,
+                    None => 256 << 10,
+                },
+                clone()?,
+            ),
             peer,
             keys: keys.clone(),
             nonce: 0,
