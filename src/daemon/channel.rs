@@ -1748,9 +1748,6 @@ mod tests {
         assert!(err.unwrap_or_default().contains("inside a sealed record"));
     }
 
-    /// The records are the ones `snow`'s Noise transport makes and opens (tandem before
-    /// these keys were used directly, and any Noise implementation): the same bytes on the
-    /// wire, in both directions, for records of every size.
     /// A large payload given up to a sealed writer is sealed where it lies and sent from
     /// there (its buffer then holds ciphertext); one shared stays as it was and is copied
     /// into the records. Either way the reader gets every frame whole and in order, also one
@@ -1819,6 +1816,9 @@ mod tests {
         reader.join().unwrap();
     }
 
+    /// The records are the ones `snow`'s Noise transport makes and opens (tandem before
+    /// these keys were used directly, and any Noise implementation): the same bytes on the
+    /// wire, in both directions, for records of every size.
     #[test]
     fn records_are_noise_transport_messages() {
         let (nc, na) = ([1u8; 32], [2u8; 32]);

@@ -413,8 +413,8 @@ pub fn start(target: Target, blocks: u32, conns: u32, depth: u32, seed: u64) -> 
                         cl.flush().map(|()| log.flushed(cl.epoch, sent))
                     } else {
                         // One write in eight covers a run of 16 to 32 blocks (64-128 KiB: on a
-                        // sealed link tandem writes those locally first and seals them where
-                        // they lie), each block with a stamp of its own.
+                        // sealed link, behind other writes, tandem writes those locally first
+                        // and seals them where they lie), each block with a stamp of its own.
                         let run = if rng.next() % 8 == 0 {
                             (16 + rng.next() % 17).min(u64::from(blocks)) as u32
                         } else {
