@@ -66,10 +66,45 @@ fn step(n: u32, text: &str) {
     println!("\n\x1b[1m== {n}. {text}\x1b[0m");
 }
 
+/// A port free on `ip`, taken below the kernel's ephemeral range. A port that `bind(ip:0)`
+/// hands out and the demo releases again may be handed to an outgoing connection before the
+/// daemon listens on it: tandem binds its connections to the node's own address, so another
+/// pair on the same loopback addresses (a second demo, a test) can take exactly that port,
+/// and the daemon then exits at start with "address in use". Automatic binds never take a
+/// port below the ephemeral range.
 fn free_port(ip: &str) -> Result<u16> {
-    let l = TcpListener::bind((ip, 0))
-        .with_context(|| format!("cannot bind {ip}: is 127.0.0.0/8 routed to lo?"))?;
-    Ok(l.local_addr()?.port())
+    let (low, high) = below_ephemeral();
+    let span = u32::from(high - low);
+    let mut start = [0u8; 4];
+    getrandom::fill(&mut start).map_err(|e| anyhow::anyhow!("no random numbers: {e}"))?;
+    let start = u32::from_ne_bytes(start) % span;
+    let mut last = None;
+    for i in 0..span.min(200) {
+        // In range: low + (start + i) % span < high <= u16::MAX.
+        let port = low + ((start + i) % span) as u16;
+        match TcpListener::bind((ip, port)) {
+            Ok(_) => return Ok(port),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot bind {ip}: is 127.0.0.0/8 routed to lo?"));
+            }
+        }
+    }
+    let why = last.map_or_else(String::new, |e| format!(": {e}"));
+    bail!("no free port on {ip} between {low} and {high}{why}")
+}
+
+/// The ports below the ephemeral range that the demo picks from: up to 12,000 of them, none
+/// below 1024.
+fn below_ephemeral() -> (u16, u16) {
+    // Linux: ip_local_port_range; FreeBSD's net.inet.ip.portrange.first is 10000 by default.
+    let first = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(10_000);
+    let high = first.max(2048);
+    (high.saturating_sub(12_000).max(1024), high)
 }
 
 /// Deterministic, position-stamped data: every 4 KiB block names its offset and a round.
@@ -233,9 +268,10 @@ remote = "{ip}:{port}"
             if let Some(c) = self.nodes[node].daemon.as_mut() {
                 if let Some(st) = c.try_wait()? {
                     bail!(
-                        "daemon on {} exited at start ({st}); see {}",
+                        "daemon on {} exited at start ({st}); the end of {}:\n{}",
                         self.nodes[node].name,
-                        self.log_path(node)
+                        self.log_path(node),
+                        self.log_tail(node, 20)
                     );
                 }
             }
@@ -259,6 +295,18 @@ remote = "{ip}:{port}"
             .join("daemon.log")
             .display()
             .to_string()
+    }
+
+    /// The last `lines` lines of a daemon's log, for an error that would otherwise point at a
+    /// file the demo removes on its way out.
+    fn log_tail(&self, node: usize, lines: usize) -> String {
+        match fs::read_to_string(self.log_path(node)) {
+            Ok(text) => {
+                let all: Vec<&str> = text.lines().collect();
+                all[all.len().saturating_sub(lines)..].join("\n")
+            }
+            Err(e) => format!("(cannot read it: {e})"),
+        }
     }
 
     fn show_status(&self) -> Result<()> {

@@ -23,14 +23,6 @@ fn repo(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
 }
 
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Append TOML to a node's configuration (before its daemon starts).
 fn append_conf(n: &Node, text: &str) {
     let mut f = std::fs::OpenOptions::new()

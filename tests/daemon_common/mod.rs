@@ -6,6 +6,7 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
@@ -50,12 +51,27 @@ pub fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A free port on `ip` from 20000-31999, below Linux's ephemeral range (32768 up): the
+/// daemons bind their outgoing connections to 127.0.0.2/.3 with port 0, so a port that
+/// `bind(ip:0)` handed out and the test released could be taken by another pair's connection
+/// before this daemon listens on it ("daemon on b exited at start" in CI, `tests/demo.rs`).
+/// Ports are handed out in turn from a start that differs per process, so the tests of one
+/// binary, which run at the same time, never pick the same one.
+pub fn free_port(ip: &str) -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % 12_000,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..500 {
+        let port = 20_000 + (NEXT.fetch_add(1, Ordering::SeqCst) % 12_000) as u16;
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {ip} in 20000-31999 after 500 tries");
 }
 
 fn write_conf(dir: &Path, me: &Node, a: &Node, b: &Node, secret: &Path, mode: &str, hook: &Path) {
