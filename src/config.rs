@@ -37,6 +37,11 @@ const DEFAULT_RUN_DIR: &str = if cfg!(target_os = "freebsd") {
     "/run/tandem"
 };
 pub const DEFAULT_PORT: u16 = 8457;
+/// `daemon.busy_poll`: long enough for a peer on the same LAN to write a 4 KiB block and
+/// answer (one round trip and a page-cache write), short enough that a slow peer costs little
+/// CPU; see bench/README.md, "Change 20".
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
+const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 pub const DEFAULT_EXTENT_SIZE: u64 = 2 * 1024 * 1024;
 /// `daemon.timeout`: below what VRRP with sub-second adverts or CARP need to notice a dead
 /// master, so the link state is known when the switch asks for role primary.
@@ -128,6 +133,10 @@ pub struct DaemonConfig {
     /// long has a hung disk: it drops the link, and the primary goes on alone.
     #[serde(serialize_with = "ser_duration")]
     pub flush_timeout: Duration,
+    /// How long the primary's NBD reader stays awake (yielding its CPU, not sleeping) for the
+    /// answer of a write alone in flight; zero: it sleeps at once.
+    #[serde(serialize_with = "ser_duration")]
+    pub busy_poll: Duration,
     /// Seal every frame after authentication (both nodes must agree); false only on a
     /// dedicated cable.
     pub encrypt: bool,
@@ -363,10 +372,13 @@ fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(&format_duration(*d))
 }
 
-/// `1500ms`, `20s`, `2m`: the shortest exact form.
+/// `200us`, `1500ms`, `20s`, `2m`: the shortest exact form (to the microsecond).
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 60_000 == 0 && ms >= 60_000 {
+    let us = d.as_micros();
+    if us % 1000 != 0 {
+        format!("{us}us")
+    } else if ms % 60_000 == 0 && ms >= 60_000 {
         format!("{}m", ms / 60_000)
     } else if ms % 1000 == 0 {
         format!("{}s", ms / 1000)
@@ -375,7 +387,7 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
-/// Parse `"500ms"`, `"20s"`, `"2m"`, `"1h"`; a bare number is seconds.
+/// Parse `"200us"`, `"500ms"`, `"20s"`, `"2m"`, `"1h"`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t
@@ -386,13 +398,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("invalid duration {s:?}: expected a number and a unit such as \"500ms\", \"20s\", \"2m\""))?;
     let mult = match unit.trim() {
+        "us" | "µs" => 0.000_001,
         "ms" => 0.001,
         "" | "s" | "sec" => 1.0,
         "m" | "min" => 60.0,
         "h" => 3600.0,
         u => {
             return Err(format!(
-                "invalid duration {s:?}: unknown unit {u:?} (use ms, s, m or h)"
+                "invalid duration {s:?}: unknown unit {u:?} (use us, ms, s, m or h)"
             ));
         }
     };
@@ -499,6 +512,7 @@ struct RawDaemon {
     probe_timeout: Option<Spanned<String>>,
     ping_interval: Option<Spanned<String>>,
     flush_timeout: Option<Spanned<String>>,
+    busy_poll: Option<Spanned<String>>,
     encrypt: Option<bool>,
 }
 
@@ -709,6 +723,7 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
         probe_timeout: src.duration(&raw.daemon.probe_timeout, DEFAULT_PROBE_TIMEOUT)?,
         ping_interval: src.duration(&raw.daemon.ping_interval, DEFAULT_PING_INTERVAL)?,
         flush_timeout: src.duration(&raw.daemon.flush_timeout, DEFAULT_FLUSH_TIMEOUT)?,
+        busy_poll: src.duration(&raw.daemon.busy_poll, DEFAULT_BUSY_POLL)?,
         encrypt: raw.daemon.encrypt.unwrap_or(true),
     };
     let span_of = |v: &Option<Spanned<String>>| v.as_ref().map(|t| t.span()).unwrap_or(0..0);
@@ -736,6 +751,12 @@ pub fn parse(path: &Path, text: &str, node_override: Option<&str>) -> anyhow::Re
                 format_duration(daemon.flush_timeout),
                 format_duration(daemon.timeout)
             ),
+        ));
+    }
+    if daemon.busy_poll > MAX_BUSY_POLL {
+        return Err(src.error(
+            span_of(&raw.daemon.busy_poll),
+            "daemon.busy_poll must be at most 1ms (it keeps a CPU busy for that long per write)",
         ));
     }
     if daemon.ping_interval < Duration::from_millis(10) {
@@ -1391,6 +1412,10 @@ remote = "192.168.10.11"
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("1y").is_err());
+        assert_eq!(parse_duration("200us").unwrap(), Duration::from_micros(200));
+        assert_eq!(parse_duration("50µs").unwrap(), Duration::from_micros(50));
+        assert_eq!(format_duration(Duration::from_micros(200)), "200us");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
         assert_eq!(parse_size("2M").unwrap(), 2 << 20);
         assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
         assert!(parse_size("2X").is_err());
@@ -1490,6 +1515,14 @@ remote = "192.168.10.11"
         assert_eq!(c.daemon.probe_timeout, Duration::from_millis(300));
         assert_eq!(c.daemon.ping_interval, Duration::from_millis(200));
         assert_eq!(c.daemon.flush_timeout, Duration::from_secs(30));
+        assert_eq!(c.daemon.busy_poll, Duration::from_micros(200));
+        let c = p("node = \"s1\"\n[daemon]\nbusy_poll = \"0\"\n").unwrap();
+        assert_eq!(c.daemon.busy_poll, Duration::ZERO);
+        let c = p("node = \"s1\"\n[daemon]\nbusy_poll = \"0.5ms\"\n").unwrap();
+        assert_eq!(c.daemon.busy_poll, Duration::from_micros(500));
+        let e = err("node = \"s1\"\n[daemon]\nbusy_poll = \"5ms\"\n");
+        assert!(e.contains("/etc/tandem.toml:3:13:"), "{e}");
+        assert!(e.contains("daemon.busy_poll must be at most 1ms"), "{e}");
         // Unset, the flush timeout follows a longer link timeout; set, it may not be shorter.
         let c = p("node = \"s1\"\n[daemon]\ntimeout = \"45s\"\n").unwrap();
         assert_eq!(c.daemon.flush_timeout, Duration::from_secs(45));

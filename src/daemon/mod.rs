@@ -424,6 +424,7 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
             probe_timeout: cfg.daemon.probe_timeout,
             ping_interval: cfg.daemon.ping_interval,
             flush_timeout: cfg.daemon.flush_timeout,
+            busy_poll: cfg.daemon.busy_poll,
             hooks: Hooks::new(cfg.daemon.exec.clone()).with_env(vec![
                 (
                     "TANDEM_CONFIG".into(),
@@ -497,8 +498,15 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
         }
     }
     let mut listen = cfg.daemon.listen.clone();
-    let timing =
-        |d: &config::DaemonConfig| (d.timeout, d.probe_timeout, d.ping_interval, d.flush_timeout);
+    let timing = |d: &config::DaemonConfig| {
+        (
+            d.timeout,
+            d.probe_timeout,
+            d.ping_interval,
+            d.flush_timeout,
+            d.busy_poll,
+        )
+    };
     let mut timings = timing(&cfg.daemon);
     loop {
         let sig = signals.wait().context("waiting for signals")?;
@@ -525,7 +533,7 @@ pub fn run(cfg: Config, config_path: PathBuf) -> Result<()> {
                 }
                 if timing(&new.daemon) != timings {
                     log::warn!(
-                        "daemon.timeout, probe_timeout, ping_interval or flush_timeout changed; restart the daemon to apply it"
+                        "daemon.timeout, probe_timeout, ping_interval, flush_timeout or busy_poll changed; restart the daemon to apply it"
                     );
                     timings = timing(&new.daemon);
                 }

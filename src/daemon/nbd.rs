@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use log::{debug, info, warn};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::Serialize;
 
 use super::diskio;
@@ -55,6 +56,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// handing the write to a worker.
     fn writes_then(&self) -> bool {
         false
+    }
+
+    /// How long the connection's reader stays awake for the answer of a `write_then` it
+    /// started alone in flight (`daemon.busy_poll`); zero: it goes back to reading at once.
+    fn busy_poll(&self) -> Duration {
+        Duration::ZERO
     }
 
     /// A write without FUA, answered by calling `done` exactly once with what `write` would
@@ -659,6 +666,15 @@ impl Stream {
     }
 }
 
+impl std::os::fd::AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+        }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -782,6 +798,8 @@ struct Conn {
     reply_error: Mutex<Option<io::Error>>,
     /// MAX_INFLIGHT, or WRITES_THEN_WORKERS.
     max_workers: usize,
+    /// The device's `busy_poll`.
+    busy_poll: Duration,
 }
 
 /// Who answers a request.
@@ -1056,7 +1074,8 @@ impl Conn {
             }
             Command::Write { fua: false } if dev.writes_then() => {
                 // Answered by the device's callback; this worker goes on with the next job.
-                return self.write_then(req, cmd, payload, seq, cost);
+                self.write_then(req, cmd, payload, seq, cost);
+                return;
             }
             Command::Write { fua } => {
                 let r = dev.write(req.offset, &payload, fua);
@@ -1082,13 +1101,18 @@ impl Conn {
         payload: Vec<u8>,
         seq: u64,
         cost: usize,
-    ) {
+    ) -> Arc<AtomicBool> {
         let c = Arc::clone(self);
+        let answered = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&answered);
         // Possibly on the thread that reads the peer's acks: it must not wait for a client.
-        let done: Done =
-            Box::new(move |result| c.finish(req, cmd, result, Via::Callback, seq, cost));
+        let done: Done = Box::new(move |result| {
+            c.finish(req, cmd, result, Via::Callback, seq, cost);
+            flag.store(true, Ordering::Release);
+        });
         let payload = Payload::pooled(payload, Arc::clone(&self.buffers));
         self.dev.write_then(req.offset, payload, done);
+        answered
     }
 
     /// Answer a request (with `data` for a successful READ) and release what it held.
@@ -1206,7 +1230,11 @@ fn discard(r: &mut impl Read, len: u32) -> io::Result<()> {
 
 /// The reader side of the transmission phase: decodes requests and hands them to workers
 /// until DISC, end of stream or a protocol violation.
-fn transmission<R: Read>(conn: &Arc<Conn>, r: &mut BufReader<R>, size: u64) -> io::Result<()> {
+fn transmission<R: Read + AsFd>(
+    conn: &Arc<Conn>,
+    r: &mut BufReader<R>,
+    size: u64,
+) -> io::Result<()> {
     let mut head = [0u8; REQUEST_LEN];
     let mut next_seq = 0u64;
     // After a large payload, the next header is read alone while nothing is buffered, so
@@ -1270,7 +1298,8 @@ fn transmission<R: Read>(conn: &Arc<Conn>, r: &mut BufReader<R>, size: u64) -> i
         }
         if alone && cmd == (Command::Write { fua: false }) && conn.dev.writes_then() {
             lock(&conn.state).writes.insert(seq);
-            conn.write_then(req, cmd, payload, seq, cost);
+            let answered = conn.write_then(req, cmd, payload, seq, cost);
+            await_lone(&answered, r, conn.busy_poll);
             continue;
         }
         conn.dispatch(Job {
@@ -1280,6 +1309,30 @@ fn transmission<R: Read>(conn: &Arc<Conn>, r: &mut BufReader<R>, size: u64) -> i
             seq,
             cost,
         });
+    }
+}
+
+/// After starting a write alone in flight, stay awake until it is answered, for at most
+/// `limit` (`daemon.busy_poll`) and only while the client sends nothing else. The answer
+/// comes from the thread that reads the peer's acknowledgement; when this CPU has gone idle
+/// meanwhile, waking that thread costs what waking an idle CPU costs: on a virtual machine
+/// whose idle vCPUs halt at once (`guest_halt_poll_ns` 0) some 20 µs per write, which a
+/// client at queue depth 1 waits for. Yielding, not sleeping, keeps this CPU running and
+/// gives it to any other thread that is ready.
+fn await_lone<R: Read + AsFd>(answered: &AtomicBool, r: &BufReader<R>, limit: Duration) {
+    if limit.is_zero() {
+        return;
+    }
+    let start = Instant::now();
+    while !answered.load(Ordering::Acquire) {
+        if start.elapsed() >= limit || !r.buffer().is_empty() {
+            return;
+        }
+        let mut fds = [PollFd::new(r.get_ref().as_fd(), PollFlags::POLLIN)];
+        if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0)) {
+            return;
+        }
+        thread::yield_now();
     }
 }
 
@@ -1346,6 +1399,7 @@ fn serve_inner(
         }
     }
     stream.set_read_timeout(None)?;
+    let dev_busy_poll = dev.busy_poll();
     let max_workers = if dev.writes_then() {
         WRITES_THEN_WORKERS
     } else {
@@ -1369,6 +1423,7 @@ fn serve_inner(
         buffers: Arc::default(),
         reply_error: Mutex::new(None),
         max_workers,
+        busy_poll: dev_busy_poll,
     });
     let result = transmission(&conn, &mut r, size);
     conn.close_and_drain();

@@ -421,6 +421,10 @@ impl BlockDevice for Replicated {
         true
     }
 
+    fn busy_poll(&self) -> Duration {
+        self.s.busy_poll
+    }
+
     fn write_then(&self, offset: u64, data: Payload, done: Done) {
         // Timed until it is answered, on whichever thread that happens.
         let started = Instant::now();

@@ -704,6 +704,7 @@ pub(crate) fn start_for_test(dir: &std::path::Path, node: &str) -> Handle {
         probe_timeout: Duration::from_secs(2),
         ping_interval: Duration::from_millis(500),
         flush_timeout: Duration::from_secs(30),
+        busy_poll: crate::config::DEFAULT_BUSY_POLL,
         hooks: super::hooks::Hooks::new(None),
     };
     start(cfg.resource("r0").unwrap(), node, daemon).unwrap()

@@ -266,6 +266,8 @@ pub struct DaemonSettings {
     pub ping_interval: Duration,
     /// A secondary's fdatasync running this long means a hung disk.
     pub flush_timeout: Duration,
+    /// How long the primary's NBD reader stays awake for the answer of a lone write.
+    pub busy_poll: Duration,
     pub hooks: Hooks,
 }
 
@@ -284,6 +286,8 @@ pub struct Shared {
     pub ping_interval: Duration,
     /// A secondary's fdatasync running this long means a hung disk: the session ends.
     pub flush_timeout: Duration,
+    /// `daemon.busy_poll`.
+    pub busy_poll: Duration,
     pub hooks: Hooks,
     /// When this resource started: the peer's silence counts from here until it is heard.
     pub started: Instant,
@@ -338,6 +342,7 @@ impl Shared {
             probe_timeout,
             ping_interval,
             flush_timeout,
+            busy_poll,
             hooks,
         } = daemon;
         Shared {
@@ -351,6 +356,7 @@ impl Shared {
             probe_timeout,
             ping_interval,
             flush_timeout,
+            busy_poll,
             hooks,
             started: Instant::now(),
             heard_at: AtomicU64::new(0),

@@ -645,6 +645,103 @@ fn writes_answered_later_are_replied_then_and_flush_waits_for_them() {
     assert!(closed_by_server(&mut s));
 }
 
+/// A device that answers a plain write only when the test says so, and asks the reader to
+/// stay awake for a lone write's answer far longer than any test waits (`busy_poll`).
+struct Held {
+    inner: FileDevice,
+    held: Arc<Mutex<Vec<Done>>>,
+}
+
+impl BlockDevice for Held {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.inner.write(offset, data, fua)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.inner.trim(offset, len, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len, fua, no_hole)
+    }
+    fn writes_then(&self) -> bool {
+        true
+    }
+    fn busy_poll(&self) -> Duration {
+        Duration::from_secs(600)
+    }
+    fn write_then(&self, offset: u64, data: Payload, done: Done) {
+        match self.inner.write(offset, &data, false) {
+            Ok(()) => lock(&self.held).push(done),
+            Err(e) => done(Err(e)),
+        }
+    }
+    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        Some(self.inner.read(offset, buf))
+    }
+}
+
+/// The reader that stays awake for a lone write's answer (`daemon.busy_poll`) goes back to
+/// the client as soon as it sends another request, and stops waiting once the write is
+/// answered: a client at queue depth 2 is never held up by the first write's wait.
+#[test]
+fn a_reader_waiting_for_a_lone_write_serves_the_next_request_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let dev = Arc::new(Held {
+        inner: FileDevice::open(&img, Some(SIZE)).unwrap(),
+        held: Arc::clone(&held),
+    });
+    let f = Fixture::with_device(dir, img, dev);
+    let mut s = raw_session(&f.sock);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // Alone in flight, and held: the reader now waits for its answer (up to 600 s).
+    send(&mut s, wire::CMD_WRITE, 0, 1, 0, 4096, &[5; 4096]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lock(&held).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the write never reached the device"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    // A read sent meanwhile is answered while the write still is not.
+    send(&mut s, wire::CMD_READ, 0, 2, 0, 4096, &[]);
+    assert_eq!(reply(&mut s), (0, 2), "the read waited for the held write");
+    let mut data = vec![0u8; 4096];
+    s.read_exact(&mut data).unwrap();
+    assert!(data.iter().all(|&b| b == 5));
+    assert_eq!(lock(&held).len(), 1);
+    // Answered from another thread: the reply goes out, the reader serves the next request.
+    let done = lock(&held).pop().unwrap();
+    thread::spawn(move || done(Ok(())));
+    assert_eq!(reply(&mut s), (0, 1));
+    send(&mut s, wire::CMD_WRITE, 0, 3, 4096, 4096, &[6; 4096]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(done) = lock(&held).pop() {
+            done(Ok(()));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second write never reached the device"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(reply(&mut s), (0, 3));
+    send(&mut s, wire::CMD_DISC, 0, 4, 0, 0, &[]);
+    assert!(closed_by_server(&mut s));
+}
+
 #[test]
 fn shutdown_closes_clients_and_removes_the_socket() {
     let mut f = Fixture::new();
