@@ -520,9 +520,12 @@ fn flush_waits_for_earlier_writes_and_disc_drains() {
 
 /// A device that answers plain writes later, from another thread (as the replication does
 /// from its ack receiver), and serves reads of even blocks at once on the reader's thread.
+/// With `held`, a plain write is answered only when the test calls its `Done`.
 struct Deferred {
     inner: FileDevice,
     log: Arc<Mutex<Vec<String>>>,
+    held: Option<Arc<Mutex<Vec<Done>>>>,
+    busy_poll: Duration,
 }
 
 impl BlockDevice for Deferred {
@@ -550,9 +553,15 @@ impl BlockDevice for Deferred {
     fn writes_then(&self) -> bool {
         true
     }
+    fn busy_poll(&self) -> Duration {
+        self.busy_poll
+    }
     fn write_then(&self, offset: u64, data: Payload, done: Done) {
         if let Err(e) = self.inner.write(offset, &data, false) {
             return done(Err(e));
+        }
+        if let Some(held) = &self.held {
+            return lock(held).push(done);
         }
         let log = Arc::clone(&self.log);
         thread::spawn(move || {
@@ -583,6 +592,8 @@ fn writes_answered_later_are_replied_then_and_flush_waits_for_them() {
     let dev = Arc::new(Deferred {
         inner: FileDevice::open(&img, Some(SIZE)).unwrap(),
         log: Arc::clone(&log),
+        held: None,
+        busy_poll: Duration::ZERO,
     });
     let f = Fixture::with_device(dir, img, dev);
     let mut s = raw_session(&f.sock);
@@ -645,49 +656,6 @@ fn writes_answered_later_are_replied_then_and_flush_waits_for_them() {
     assert!(closed_by_server(&mut s));
 }
 
-/// A device that answers a plain write only when the test says so, and asks the reader to
-/// stay awake for a lone write's answer far longer than any test waits (`busy_poll`).
-struct Held {
-    inner: FileDevice,
-    held: Arc<Mutex<Vec<Done>>>,
-}
-
-impl BlockDevice for Held {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.inner.read(offset, buf)
-    }
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.inner.write(offset, data, fua)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.inner.trim(offset, len, fua)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> io::Result<()> {
-        self.inner.write_zeroes(offset, len, fua, no_hole)
-    }
-    fn writes_then(&self) -> bool {
-        true
-    }
-    fn busy_poll(&self) -> Duration {
-        Duration::from_secs(600)
-    }
-    fn write_then(&self, offset: u64, data: Payload, done: Done) {
-        match self.inner.write(offset, &data, false) {
-            Ok(()) => lock(&self.held).push(done),
-            Err(e) => done(Err(e)),
-        }
-    }
-    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
-        Some(self.inner.read(offset, buf))
-    }
-}
-
 /// The reader that stays awake for a lone write's answer (`daemon.busy_poll`) goes back to
 /// the client as soon as it sends another request, and stops waiting once the write is
 /// answered: a client at queue depth 2 is never held up by the first write's wait.
@@ -696,14 +664,18 @@ fn a_reader_waiting_for_a_lone_write_serves_the_next_request_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     let held = Arc::new(Mutex::new(Vec::new()));
-    let dev = Arc::new(Held {
+    // Held, and a wait far longer than any test takes.
+    let dev = Arc::new(Deferred {
         inner: FileDevice::open(&img, Some(SIZE)).unwrap(),
-        held: Arc::clone(&held),
+        log: Arc::default(),
+        held: Some(Arc::clone(&held)),
+        busy_poll: Duration::from_secs(600),
     });
     let f = Fixture::with_device(dir, img, dev);
     let mut s = raw_session(&f.sock);
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    // Alone in flight, and held: the reader now waits for its answer (up to 600 s).
+    // Alone in flight, and held: the reader now waits for its answer (up to 600 s). The read
+    // below is of an even block: served on the reader's thread, as soon as it reads it.
     send(&mut s, wire::CMD_WRITE, 0, 1, 0, 4096, &[5; 4096]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while lock(&held).is_empty() {
