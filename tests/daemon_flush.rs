@@ -404,9 +404,9 @@ fn writes_queued_behind_a_busy_secondary_wait_for_it_instead_of_dropping_the_lin
 }
 
 /// One 32 MiB write (the largest request the export takes) on a secondary whose disk writes at
-/// 250 ms per MiB: b is inside one pwrite for 8 s, longer than `daemon.timeout` (3 s). The
-/// primary waits for it (fullsync), but a secondary busy writing is not a dead one: the link
-/// stays up and the data is on b.
+/// 250 ms per MiB: b is inside one write of its disk (in pieces of 256 KiB) for 8 s, longer
+/// than `daemon.timeout` (3 s). The primary waits for it (fullsync), but a secondary busy
+/// writing is not a dead one: the link stays up and the data is on b.
 #[test]
 fn a_large_write_on_a_secondary_slow_to_write_keeps_the_link() {
     if !need("qemu-io", "qemu-utils") {
@@ -431,8 +431,8 @@ fn a_large_write_on_a_secondary_slow_to_write_keeps_the_link() {
 }
 
 /// A resync onto a secondary whose disk takes 4 s for every MiB written: each 1 MiB sync
-/// chunk keeps b inside one pwrite for longer than `daemon.timeout` (3 s). The resync must
-/// complete on its first attempt, not be restarted by every chunk.
+/// chunk keeps b inside one write of its disk for longer than `daemon.timeout` (3 s). The
+/// resync must complete on its first attempt, not be restarted by every chunk.
 #[test]
 fn a_resync_completes_on_a_secondary_slow_to_write() {
     if !need("qemu-io", "qemu-utils") {

@@ -227,9 +227,12 @@ mod faults {
         slow_write: Option<Duration>,
     }
 
-    /// `per_mib` for every whole MiB of `len`.
+    /// `per_mib` for every MiB of `len`, in proportion: a disk's time grows with what it
+    /// writes, whatever the pieces it is written in (`Disk::write_at` writes 256 KiB at a
+    /// time; 10 s per MiB makes each of them take 2.5 s).
     fn per_mib(per_mib: Duration, len: u64) -> Duration {
-        per_mib.saturating_mul((len >> 20).min(u32::MAX.into()) as u32)
+        let nanos = per_mib.as_nanos().saturating_mul(u128::from(len)) >> 20;
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
     fn intersects(offset: u64, len: u64, start: u64, rlen: u64) -> bool {
@@ -734,6 +737,25 @@ mod faults {
         use super::*;
 
         const SIZE: u64 = 1 << 20;
+
+        /// A slow disk's delay grows with the bytes of a call, also below a MiB: the daemon
+        /// writes data in pieces of 256 KiB, and a delay counted in whole MiB left them all
+        /// fast (`daemon_flush`'s slow-write tests then tested nothing).
+        #[test]
+        fn a_slow_disk_takes_its_time_per_byte_whatever_the_pieces() {
+            let s = Duration::from_secs(10);
+            assert_eq!(per_mib(s, 256 << 10), Duration::from_millis(2500));
+            assert_eq!(per_mib(s, 4 << 20), Duration::from_secs(40));
+            assert_eq!(
+                per_mib(Duration::from_millis(250), 32 << 20),
+                Duration::from_secs(8)
+            );
+            assert_eq!(per_mib(s, 0), Duration::ZERO);
+            assert_eq!(
+                per_mib(Duration::MAX, u64::MAX),
+                Duration::from_nanos(u64::MAX)
+            );
+        }
 
         /// A file of `SIZE` bytes of 0x11 and a unit-test machine (the power cut returns).
         fn setup(power_loss: bool) -> (tempfile::TempDir, PathBuf, Machine) {
