@@ -62,7 +62,7 @@ fn notify_reload_and_clean_stop() {
     p.a.edit_conf("timeout = \"3s\"\n", "timeout = \"4s\"\n");
     hup();
     assert!(
-        p.a.log_contains("flush_timeout changed; restart the daemon to apply it", 10),
+        p.a.log_contains("busy_poll changed; restart the daemon to apply it", 10),
         "no word of the ignored timeout change: {}",
         p.a.log_text()
     );
