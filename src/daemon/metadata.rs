@@ -40,11 +40,11 @@ pub const BLOCK: u64 = 4096;
 /// later small write into a large folio walks every block of it: on this project's test
 /// machine a 4 KiB write cost 31 µs of CPU on an ext4 file, 28 µs on a block device, whose
 /// pages 1 MiB writes had created, against 10-11 µs after 256 KiB writes and 3 µs after
-/// 4 KiB ones (`bench/folios`; xfs: 2 µs either way). A replicated write pays it on both nodes, and a
-/// resync writes the secondary's whole disk in large pieces. Pieces of 256 KiB cost a 1 MiB
-/// overwrite some 10 % more CPU in the kernel and tandem's sequential writes nothing
-/// measurable (bench/README.md, change 21). FreeBSD's buffer cache has no such folios: there
-/// a write goes whole.
+/// 4 KiB ones (`bench/folios`; xfs: 2 µs either way). A replicated write pays it on both
+/// nodes, and a resync writes the secondary's whole disk in large pieces. Pieces of 256 KiB
+/// cost a 1 MiB overwrite some 10 % more CPU in the kernel and tandem's sequential writes
+/// nothing measurable (bench/README.md, change 21). FreeBSD's buffer cache has no such
+/// folios: there a write goes whole.
 pub const WRITE_PIECE: usize = if cfg!(target_os = "linux") {
     256 << 10
 } else {
