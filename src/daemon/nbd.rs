@@ -798,8 +798,6 @@ struct Conn {
     reply_error: Mutex<Option<io::Error>>,
     /// MAX_INFLIGHT, or WRITES_THEN_WORKERS.
     max_workers: usize,
-    /// The device's `busy_poll`.
-    busy_poll: Duration,
 }
 
 /// Who answers a request.
@@ -1299,7 +1297,7 @@ fn transmission<R: Read + AsFd>(
         if alone && cmd == (Command::Write { fua: false }) && conn.dev.writes_then() {
             lock(&conn.state).writes.insert(seq);
             let answered = conn.write_then(req, cmd, payload, seq, cost);
-            await_lone(&answered, r, conn.busy_poll);
+            await_lone(&answered, r, conn.dev.busy_poll());
             continue;
         }
         conn.dispatch(Job {
@@ -1399,7 +1397,6 @@ fn serve_inner(
         }
     }
     stream.set_read_timeout(None)?;
-    let dev_busy_poll = dev.busy_poll();
     let max_workers = if dev.writes_then() {
         WRITES_THEN_WORKERS
     } else {
@@ -1423,7 +1420,6 @@ fn serve_inner(
         buffers: Arc::default(),
         reply_error: Mutex::new(None),
         max_workers,
-        busy_poll: dev_busy_poll,
     });
     let result = transmission(&conn, &mut r, size);
     conn.close_and_drain();
