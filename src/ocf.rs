@@ -43,6 +43,9 @@ pub mod rc {
     pub const FAILED_PROMOTED: i32 = 9;
 }
 
+/// Promotion score of the primary while it serves: it holds the newest data there is, so no
+/// secondary's score may reach it (see `promotion_score`).
+pub const SCORE_PRIMARY: u32 = 20000;
 /// Promotion score of an up-to-date copy that is connected to its peer.
 pub const SCORE_CONNECTED: u32 = 10000;
 /// Promotion score of a copy that is up to date as far as it knows, without a peer.
@@ -210,10 +213,12 @@ pub fn monitor_rc(o: &Observed, probe: bool) -> i32 {
 pub fn promotion_score(v: &View) -> Option<u32> {
     match v.role.as_str() {
         "init" => None,
-        // A primary keeps a score while it serves: it holds the newest data it knows of.
+        // A primary keeps the highest score while it serves, whatever its link: it holds the
+        // newest data. With 1000 while alone, a peer that came back and resynced reached
+        // 10000 before the primary's next monitor, and Pacemaker demoted the serving primary
+        // to promote it (cluster lab).
         "primary" if v.error => None,
-        "primary" if v.connected() && v.state == "complete" => Some(SCORE_CONNECTED),
-        "primary" => Some(SCORE_ALONE),
+        "primary" => Some(SCORE_PRIMARY),
         _ if !v.up_to_date() => None,
         _ if v.connected() && v.state == "complete" => Some(SCORE_CONNECTED),
         // Connected but not in sync yet (the sync has not started): wait for it.
@@ -259,8 +264,9 @@ instance is the primary (role primary, device, fsck, mount and the services of
 the resource, the same full promote as "tandem switch master"), the unpromoted
 instance the secondary. The tandem daemon must run on every node (it is started
 by the init system, not by this agent). Promotion scores follow the data state:
-{connected} for an up-to-date copy connected to its peer, {alone} for an
-up-to-date copy alone, none for a stale, syncing or split-brain copy.
+{primary} for the primary while it serves, {connected} for an up-to-date
+secondary connected to its peer, {alone} for an up-to-date secondary alone,
+none for a stale, syncing or split-brain copy.
   </longdesc>
   <shortdesc lang="en">Manages a tandem replicated resource</shortdesc>
   <parameters>
@@ -301,6 +307,7 @@ up-to-date copy alone, none for a stale, syncing or split-brain copy.
 </resource-agent>
 "#,
         version = env!("CARGO_PKG_VERSION"),
+        primary = SCORE_PRIMARY,
         connected = SCORE_CONNECTED,
         alone = SCORE_ALONE,
         config = config::DEFAULT_PATH,
@@ -965,7 +972,7 @@ mod tests {
             monitor_rc(&obs(Daemon::Up(v.clone()), true, true), false),
             8
         );
-        assert_eq!(promotion_score(&v), Some(SCORE_ALONE));
+        assert_eq!(promotion_score(&v), Some(SCORE_PRIMARY));
     }
 
     #[test]
@@ -980,11 +987,11 @@ mod tests {
         );
         assert_eq!(
             promotion_score(&view("primary", "connected", "complete")),
-            Some(SCORE_CONNECTED)
+            Some(SCORE_PRIMARY)
         );
         assert_eq!(
             promotion_score(&view("primary", "disconnected", "degraded")),
-            Some(SCORE_ALONE)
+            Some(SCORE_PRIMARY)
         );
         // Sync target, stale, split-brain, not in sync yet, stopped, broken disk: never.
         assert_eq!(
@@ -1011,6 +1018,40 @@ mod tests {
         stale.stale = true;
         assert_eq!(promotion_score(&stale), None);
         let mut broken = view("secondary", "disconnected", "degraded");
+        broken.error = true;
+        assert_eq!(promotion_score(&broken), None);
+    }
+
+    /// Seen in the cluster lab: a primary alone (its peer crashed or cut off) had 1000, the
+    /// returning peer reached 10000 once resynced, before the primary's own monitor raised its
+    /// score; Pacemaker then demoted the serving primary to promote the peer. A serving
+    /// primary holds the newest data: whatever its link and the peer's state, no secondary's
+    /// score may reach its own.
+    #[test]
+    fn a_serving_primary_outranks_every_secondary() {
+        let states = ["complete", "degraded", "syncing", "split-brain", "diskless"];
+        let links = ["connected", "connecting", "disconnected"];
+        for pl in links {
+            for ps in states {
+                let primary = promotion_score(&view("primary", pl, ps))
+                    .unwrap_or_else(|| panic!("primary {pl} {ps}: no score"));
+                for sl in links {
+                    for ss in states {
+                        for stale in [false, true] {
+                            let mut v = view("secondary", sl, ss);
+                            v.stale = stale;
+                            let secondary = promotion_score(&v).unwrap_or(0);
+                            assert!(
+                                secondary < primary,
+                                "secondary {sl} {ss} (stale {stale}) scores {secondary}, \
+                                 primary {pl} {ps} {primary}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let mut broken = view("primary", "connected", "complete");
         broken.error = true;
         assert_eq!(promotion_score(&broken), None);
     }

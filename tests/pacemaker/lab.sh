@@ -324,6 +324,29 @@ serving() {
 	[ "$(promoted_by_crm "$1")" = "$1" ] && [ "$(role_of "$1")" = primary ] && mounted_in "$1"
 }
 
+# How many times the daemon on node $1 has left role primary (its log survives crashes and
+# boots). The lab never asks for a demote: after the cluster is up, a primary changes only by a
+# crash, so any new line means Pacemaker moved the promotion away from a serving primary.
+demotions() { grep -c "r0: role primary -> " "$LAB/$1/log/daemon.log"; }
+
+# Fail if primary $1 left its role since demotions() said $2.
+assert_not_demoted() {
+	local n=$1 before=$2 now
+	now=$(demotions "$n")
+	[ "$now" = "$before" ] && return 0
+	fail "$n was demoted while it served ($((now - before)) times; Pacemaker moved the promotion): $(grep "r0: role primary -> " "$LAB/$n/log/daemon.log" | tail -n1)"
+}
+
+# The promotion score of node $2 as node $1's partition sees it (0 when it has none).
+score_of() {
+	local v
+	v=$(in_node "$1" crm_attribute --promotion=tandem-r0 --lifetime reboot --node "$2" --query --quiet 2>/dev/null)
+	case $v in
+	'' | *[!0-9]*) echo 0 ;;
+	*) echo "$v" ;;
+	esac
+}
+
 fence_constraint() {
 	in_node "$1" cibadmin --query --xpath "//rsc_location[@id='tandem-fence-r0']" >/dev/null 2>&1
 }
@@ -452,6 +475,11 @@ cmd_up() {
 
 cmd_boot() {
 	local n=$1
+	# A rebooted machine has no block device from before: its loop devices (over the FUSE
+	# mount that died with the node) go, and so does the link to them. A link left behind
+	# made the attach hook take the dead device for attached, and a promote's mount failed.
+	free_loops "$n"
+	rm -f "$LAB/$n/dev"
 	node_up "$n"
 	start_tandem "$n"
 	start_cluster_stack "$n"
@@ -543,7 +571,8 @@ cmd_check() {
 }
 
 # Sample both nodes continuously: a moment with two tandem primaries, two Pacemaker
-# promoted instances or two mounts, or any split-brain state, is recorded.
+# promoted instances or two mounts, a primary outranked by the other node's promotion score,
+# or any split-brain state, is recorded.
 cmd_sampler_start() {
 	rm -f "$LAB/sampler.stop" "$LAB/sampler.bad"
 	(
@@ -557,6 +586,15 @@ cmd_sampler_start() {
 			fi
 			for n in node1 node2; do
 				[ "$(state_of "$n")" = split-brain ] && echo "$(now) split-brain on $n" >>"$LAB/sampler.bad"
+			done
+			# A serving primary must never be outranked: a higher score elsewhere makes
+			# Pacemaker demote it to promote the other copy.
+			for n in node1 node2; do
+				[ "$(role_of "$n")" = primary ] || continue
+				mine=$(score_of "$n" "$n")
+				other=$(score_of "$n" "${PEER[$n]}")
+				[ "$other" -gt "$mine" ] &&
+					echo "$(now) $n is primary with promotion score $mine, below ${PEER[$n]}'s $other" >>"$LAB/sampler.bad"
 			done
 			c1=$(promoted_by_crm node1)
 			c2=$(promoted_by_crm node2)
@@ -621,10 +659,11 @@ scenario_cold() {
 # to the primary's side, whatever its node id) and stops; the primary stays promoted and
 # fences the secondary off; nothing diverges.
 scenario_partition() {
-	local k=$1 p s t v
+	local k=$1 p s t v d
 	p=$(primary)
 	s=$(secondary)
 	log "== partition $k, primary on $p: $s (no quorum) stops, $p stays promoted"
+	d=$(demotions "$p")
 	cmd_sampler_start
 	cmd_partition
 	t=$(now)
@@ -650,6 +689,7 @@ scenario_partition() {
 	# Settled: no switch back, no late second primary.
 	sleep 5
 	cmd_sampler_stop
+	assert_not_demoted "$p" "$d"
 	serving "$p" || fail "$p is not serving after the heal"
 	v=$(tandem_in "$p" verify r0 --json) || fail "tandem verify failed: $v"
 	grep -q '"differing":\[\]' <<<"$v" || fail "verify found differences: $v"
@@ -680,10 +720,11 @@ scenario_crash() {
 }
 
 scenario_return() {
-	local p s t st total resynced v
+	local p s t st total resynced v d
 	p=$(primary)
 	s=$(secondary)
 	log "== $s returns: resyncs only the dirty extents, stays unpromoted"
+	d=$(demotions "$p")
 	t=$(now)
 	cmd_boot "$s"
 	cmd_sampler_start
@@ -704,6 +745,7 @@ scenario_return() {
 	# Settled: the returning node does not take the promotion back.
 	sleep 5
 	cmd_sampler_stop
+	assert_not_demoted "$p" "$d"
 	serving "$p" || fail "$p stopped serving when $s returned"
 	[ "$(role_of "$s")" = secondary ] || fail "$s is $(role_of "$s") after its return"
 	v=$(tandem_in "$p" verify r0 --json) || fail "tandem verify failed: $v"
