@@ -414,11 +414,13 @@ pub fn start(target: Target, blocks: u32, conns: u32, depth: u32, seed: u64) -> 
                     } else {
                         // One write in eight covers a run of 16 to 32 blocks (64-128 KiB: on a
                         // sealed link, behind other writes, tandem writes those locally first
-                        // and seals them where they lie), each block with a stamp of its own.
-                        let run = if rng.next() % 8 == 0 {
-                            (16 + rng.next() % 17).min(u64::from(blocks)) as u32
-                        } else {
-                            1
+                        // and seals them where they lie), one in 64 a run of 80 to 160 blocks
+                        // (320-640 KiB: both disks take it in pieces of 256 KiB, so a crash can
+                        // land between them), each block with a stamp of its own.
+                        let run = match rng.next() % 64 {
+                            0 => (80 + rng.next() % 81).min(u64::from(blocks)) as u32,
+                            r if r % 8 == 1 => (16 + rng.next() % 17).min(u64::from(blocks)) as u32,
+                            _ => 1,
                         };
                         let first = (rng.next() % u64::from(blocks - run + 1)) as u32;
                         let seq = seqs.fetch_add(u64::from(run), Ordering::Relaxed);
