@@ -218,6 +218,9 @@ pub fn promotion_score(v: &View) -> Option<u32> {
         // 10000 before the primary's next monitor, and Pacemaker demoted the serving primary
         // to promote it (cluster lab).
         "primary" if v.error => None,
+        // Its own disk failed: it serves from the peer, which holds every write, so a peer
+        // connected and in sync outranks it and Pacemaker hands over to the copy with a disk.
+        "primary" if v.state == "diskless" => Some(SCORE_ALONE),
         "primary" => Some(SCORE_PRIMARY),
         _ if !v.up_to_date() => None,
         _ if v.connected() && v.state == "complete" => Some(SCORE_CONNECTED),
@@ -264,7 +267,8 @@ instance is the primary (role primary, device, fsck, mount and the services of
 the resource, the same full promote as "tandem switch master"), the unpromoted
 instance the secondary. The tandem daemon must run on every node (it is started
 by the init system, not by this agent). Promotion scores follow the data state:
-{primary} for the primary while it serves, {connected} for an up-to-date
+{primary} for the primary while it serves from its own disk, {alone} for a
+primary whose disk failed (it serves from the peer), {connected} for an up-to-date
 secondary connected to its peer, {alone} for an up-to-date secondary alone,
 none for a stale, syncing or split-brain copy.
   </longdesc>
@@ -1032,7 +1036,7 @@ mod tests {
         let states = ["complete", "degraded", "syncing", "split-brain", "diskless"];
         let links = ["connected", "connecting", "disconnected"];
         for pl in links {
-            for ps in states {
+            for ps in states.into_iter().filter(|&s| s != "diskless") {
                 let primary = promotion_score(&view("primary", pl, ps))
                     .unwrap_or_else(|| panic!("primary {pl} {ps}: no score"));
                 for sl in links {
@@ -1054,6 +1058,10 @@ mod tests {
         let mut broken = view("primary", "connected", "complete");
         broken.error = true;
         assert_eq!(promotion_score(&broken), None);
+        // A primary whose own disk failed serves from the peer: the peer, in sync, takes over.
+        let diskless = promotion_score(&view("primary", "connected", "diskless"));
+        assert!(diskless.is_some());
+        assert!(diskless < promotion_score(&view("secondary", "connected", "complete")));
     }
 
     #[test]

@@ -303,6 +303,11 @@ fn a_failed_local_disk_keeps_the_export_serving_from_the_peer() {
         "{}",
         hook_log(&p)
     );
+    // The peer holds every write and says it is in sync: under Pacemaker its score (10000)
+    // then outranks the diskless primary's (1000) and the promotion moves to the copy with a
+    // disk (tandem ocf).
+    let sb = p.b.status();
+    assert_eq!(sb["state"], "complete", "{sb}");
     // Hand over: the diskless node steps down and may not come back as primary.
     p.a.ok(&["role", "secondary", "r0"]);
     p.b.ok(&["role", "primary", "r0"]);
