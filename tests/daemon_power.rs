@@ -268,6 +268,20 @@ fn power_cut_of_the_secondary_resyncs_the_write_it_lost() {
     assert!(same_data(&p.a.img, &p.b.img, size));
 }
 
+/// `tandem status --json r0` (the CLI, as an administrator or a script runs it): r0's entry.
+fn cli_status(n: &Node) -> serde_json::Value {
+    let out = n.run(&["status", "--json", "r0"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "tandem status --json on {}: {e}: {}{}",
+            n.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    v["resources"][0].clone()
+}
+
 /// The primary's local disk fails (EIO on every read and write of its data region): the
 /// export keeps serving from the peer, as hastd and DRBD (`on-io-error detach`) do. Reads
 /// return the data, writes land on the peer, `status` says diskless, the hook hears
@@ -289,6 +303,10 @@ fn a_failed_local_disk_keeps_the_export_serving_from_the_peer() {
         p.a.log_text()
             .contains("serving reads and writes from the peer")
     );
+    // What the administrator reads: `tandem status` says diskless too, in JSON and in the
+    // table (it said degraded: the disk failure was invisible there).
+    let cli = cli_status(&p.a);
+    assert_eq!(cli["state"], "diskless", "{cli}");
     p.a.qemu_io_ok(&["write -P 0x77 2M 64k", "flush", "read -P 0x77 2M 64k"]);
     assert!(
         region_is(&p.b.img, 2 << 20, 65536, 0x77),
@@ -310,6 +328,11 @@ fn a_failed_local_disk_keeps_the_export_serving_from_the_peer() {
     assert_eq!(sb["state"], "complete", "{sb}");
     // Hand over: the diskless node steps down and may not come back as primary.
     p.a.ok(&["role", "secondary", "r0"]);
+    // Stepped down, it still has no disk, and says so.
+    assert_eq!(p.a.status()["state"], "diskless");
+    let out = p.a.run(&["status", "r0"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("diskless"), "{table}");
     p.b.ok(&["role", "primary", "r0"]);
     p.b.qemu_io_ok(&["read -P 0x5a 1M 64k", "read -P 0x77 2M 64k"]);
     p.b.ok(&["role", "secondary", "r0"]);

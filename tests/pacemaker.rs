@@ -15,7 +15,15 @@
 //!   every acknowledged write, and fences the dead node off;
 //! - the crashed node returns: it resyncs only the dirty extents and stays unpromoted;
 //! - partition again, now with the primary on the other node (so one of the two partitions
-//!   has the primary on node2, which the plain ffsplit tie-breaker would leave without quorum).
+//!   has the primary on node2, which the plain ffsplit tie-breaker would leave without quorum);
+//! - (with `--features faults`, as CI builds it) the primary's disk fails: it goes diskless,
+//!   its promotion score falls below the peer's, Pacemaker moves the promotion to the copy
+//!   with a disk; the failed node, rebuilt on a new disk, resyncs in full.
+//!
+//! Throughout the partitions and the return, the sampler also checks that no primary serving
+//! from its own disk is outranked by the other node's promotion score, and those scenarios
+//! fail if the primary was demoted at all: a resynced peer once outranked a primary alone and
+//! Pacemaker moved the promotion to it.
 //!
 //! `stonith-enabled=false` only because there is no fencing device on this machine; the
 //! qdevice gives the quorum that makes the minority stop. Needs root and the Debian packages
@@ -117,5 +125,13 @@ fn pacemaker_cluster_scenarios() {
         "partition2_secondary_stopped_s=",
     ] {
         assert!(text.contains(key), "no {key} in the lab's timings");
+    }
+    if cfg!(feature = "faults") {
+        for key in [
+            "disk_failure_to_moved_s=",
+            "disk_rebuild_boot_to_in_sync_s=",
+        ] {
+            assert!(text.contains(key), "no {key} in the lab's timings");
+        }
     }
 }

@@ -82,6 +82,35 @@ impl Drbd {
     }
 }
 
+/// The connection and the sync state `tandem status` shows for a DRBD resource.
+fn sync_state(st: &DrbdState) -> (Connection, SyncState) {
+    let connection = if st.connection_states.iter().any(|c| c == "Connected") {
+        Connection::Connected
+    } else if st.connection_states.iter().any(|c| c == "Connecting") {
+        Connection::Connecting
+    } else {
+        Connection::Disconnected
+    };
+    let syncing = st
+        .replication_states
+        .iter()
+        .any(|r| r.starts_with("Sync") || r.starts_with("PausedSync"));
+    let state = if st.disks.iter().any(|d| d == "Diskless") {
+        // Detached (on-io-error detach, or `drbdadm detach`): served from the peer.
+        SyncState::Diskless
+    } else if syncing {
+        SyncState::Syncing
+    } else if connection == Connection::Connected
+        && st.disks.iter().all(|d| d == "UpToDate")
+        && st.out_of_sync_kib == 0
+    {
+        SyncState::Complete
+    } else {
+        SyncState::Degraded
+    };
+    (connection, state)
+}
+
 impl Backend for Drbd {
     fn status(&self) -> Result<BackendStatus> {
         let st = self.state(Duration::from_secs(10))?;
@@ -90,27 +119,7 @@ impl Backend for Drbd {
             "Secondary" => Role::Secondary,
             _ => Role::Unknown,
         };
-        let connection = if st.connection_states.iter().any(|c| c == "Connected") {
-            Connection::Connected
-        } else if st.connection_states.iter().any(|c| c == "Connecting") {
-            Connection::Connecting
-        } else {
-            Connection::Disconnected
-        };
-        let syncing = st
-            .replication_states
-            .iter()
-            .any(|r| r.starts_with("Sync") || r.starts_with("PausedSync"));
-        let state = if syncing {
-            SyncState::Syncing
-        } else if connection == Connection::Connected
-            && st.disks.iter().all(|d| d == "UpToDate")
-            && st.out_of_sync_kib == 0
-        {
-            SyncState::Complete
-        } else {
-            SyncState::Degraded
-        };
+        let (connection, state) = sync_state(&st);
         Ok(BackendStatus {
             role,
             connection,
@@ -222,5 +231,24 @@ mod tests {
         assert_eq!(s.percent_in_sync, Some(75.5));
         assert!(parse_status(JSON, "r1").is_err());
         assert!(parse_status("nope", "r0").is_err());
+        assert_eq!(sync_state(&s), (Connection::Connected, SyncState::Syncing));
+    }
+
+    /// A primary whose disk DRBD detached after an I/O error serves from its peer; status
+    /// says so instead of "degraded".
+    #[test]
+    fn a_detached_disk_is_diskless() {
+        let detached = JSON
+            .replace(r#""role": "Secondary""#, r#""role": "Primary""#)
+            .replace(r#""disk-state": "Outdated""#, r#""disk-state": "Diskless""#)
+            .replace(r#""peer-role": "Primary""#, r#""peer-role": "Secondary""#)
+            .replace(
+                r#""replication-state": "SyncTarget""#,
+                r#""replication-state": "Established""#,
+            )
+            .replace(r#""out-of-sync": 2048"#, r#""out-of-sync": 0"#);
+        let s = parse_status(&detached, "r0").unwrap();
+        assert_eq!(s.disks, vec!["Diskless"]);
+        assert_eq!(sync_state(&s), (Connection::Connected, SyncState::Diskless));
     }
 }

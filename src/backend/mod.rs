@@ -49,6 +49,10 @@ pub enum SyncState {
     Syncing,
     #[serde(rename = "split-brain")]
     SplitBrain,
+    /// The local disk failed and was detached (tandem: served from the peer while primary;
+    /// DRBD: disk state Diskless).
+    #[serde(rename = "diskless")]
+    Diskless,
     #[serde(rename = "n/a")]
     NotApplicable,
 }

@@ -87,6 +87,7 @@ impl Backend for Tandem {
             "complete" => SyncState::Complete,
             "syncing" => SyncState::Syncing,
             "split-brain" => SyncState::SplitBrain,
+            "diskless" => SyncState::Diskless,
             _ => SyncState::Degraded,
         };
         let mut extra = serde_json::to_value(&s)

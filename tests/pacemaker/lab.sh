@@ -8,10 +8,11 @@
 #
 #   lab.sh up            build everything, cluster running, resources placed
 #   lab.sh run           up + the scenarios (cold, partition, crash, return, partition
-#                        again with the primary on the other node) + down
+#                        again with the primary on the other node, the primary's disk
+#                        fails and the node is rebuilt) + down
 #   lab.sh down          tear down (node inits killed by PID, loop devices, netns, files)
 #   lab.sh in NODE CMD…  run a command inside a node
-#   lab.sh crash NODE | boot NODE | partition | heal | state
+#   lab.sh crash NODE | boot NODE [new-disk] | partition | heal | state
 #
 # Addresses 198.18.0.11 (node1), .12 (node2), .13 (qn), only inside the namespaces; the lab
 # refuses to start when the root namespace uses 198.18.0.0/24.
@@ -312,6 +313,12 @@ role_of() {
 		sed -n 's/.*"role":"\([a-z]*\)".*/\1/p' | head -n1
 }
 
+# "ROLE STATE" of node $1 from one status call (two calls can straddle a role change).
+role_state_of() {
+	tandem_in "$1" status --json r0 2>/dev/null |
+		sed -n 's/.*"role":"\([a-z]*\)".*"state":"\([a-z-]*\)".*/\1 \2/p' | head -n1
+}
+
 state_of() {
 	tandem_in "$1" status --json r0 2>/dev/null |
 		sed -n 's/.*"state":"\([a-z-]*\)".*/\1/p' | head -n1
@@ -473,14 +480,23 @@ cmd_up() {
 	log "lab is up"
 }
 
+# Boot node $1 (after a crash); with `new-disk`, on a new, empty disk that gets fresh
+# metadata before the daemon starts (an operator's disk replacement).
 cmd_boot() {
-	local n=$1
+	local n=$1 disk=${2:-}
 	# A rebooted machine has no block device from before: its loop devices (over the FUSE
 	# mount that died with the node) go, and so does the link to them. A link left behind
 	# made the attach hook take the dead device for attached, and a promote's mount failed.
 	free_loops "$n"
 	rm -f "$LAB/$n/dev"
+	if [ "$disk" = new-disk ]; then
+		rm -f "$LAB/$n/disk.img"
+		truncate -s "${DISK_MB}M" "$LAB/$n/disk.img"
+	fi
 	node_up "$n"
+	if [ "$disk" = new-disk ]; then
+		tandem_in "$n" create r0 >>"$LAB/$n/log/daemon.log" 2>&1 || fail "tandem create on $n's new disk"
+	fi
 	start_tandem "$n"
 	start_cluster_stack "$n"
 }
@@ -571,8 +587,8 @@ cmd_check() {
 }
 
 # Sample both nodes continuously: a moment with two tandem primaries, two Pacemaker
-# promoted instances or two mounts, a primary outranked by the other node's promotion score,
-# or any split-brain state, is recorded.
+# promoted instances or two mounts, a primary serving from its own disk outranked by the other
+# node's promotion score, or any split-brain state, is recorded.
 cmd_sampler_start() {
 	rm -f "$LAB/sampler.stop" "$LAB/sampler.bad"
 	(
@@ -590,7 +606,9 @@ cmd_sampler_start() {
 			# A serving primary must never be outranked: a higher score elsewhere makes
 			# Pacemaker demote it to promote the other copy.
 			for n in node1 node2; do
-				[ "$(role_of "$n")" = primary ] || continue
+				# (A diskless primary, serving from the peer, is meant to be outranked.)
+				rs=$(role_state_of "$n")
+				[ "${rs% *}" = primary ] && [ "${rs#* }" != diskless ] || continue
 				mine=$(score_of "$n" "$n")
 				other=$(score_of "$n" "${PEER[$n]}")
 				[ "$other" -gt "$mine" ] &&
@@ -753,6 +771,52 @@ scenario_return() {
 	cmd_check "$p"
 }
 
+# The primary's disk fails (EIO on every read and write of its data): it goes diskless and
+# serves from the peer, which holds every write; its promotion score (1000) falls below the
+# peer's (10000), so Pacemaker moves the promotion to the copy with a disk. The failed node is
+# then rebuilt as an operator would (new disk, `tandem create`, boot) and resyncs in full.
+# Needs a tandem built with `--features faults` (CI's) for the EIO; skipped without.
+scenario_disk_failure() {
+	local p s t size v st
+	p=$(primary)
+	s=$(secondary)
+	log "== the disk of the promoted $p fails: Pacemaker moves the promotion to $s"
+	if ! tandem_in "$p" fault --help >/dev/null 2>&1; then
+		log "skipped: $TANDEM has no \`fault\` command (build it with --features faults)"
+		return 0
+	fi
+	cmd_put "$p" disk1 4 || fail "client write on $p before its disk fails"
+	size=$(json_num "$(tandem_in "$p" status --json r0)" data_size)
+	[ -n "$size" ] || fail "no data_size in $p's status"
+	cmd_sampler_start
+	t=$(now)
+	tandem_in "$p" fault r0 eio rw 0 "$size" >/dev/null || fail "EIO injection on $p"
+	wait_for 60 "$s serving" serving "$s" ||
+		fail "Pacemaker did not move the promotion from the diskless $p to $s"
+	timing disk_failure_to_moved_s "$(elapsed "$t")"
+	sleep 3
+	cmd_sampler_stop
+	echo "$s" >"$LAB/primary"
+	[ "$(role_of "$p")" = secondary ] || fail "$p is $(role_of "$p") after the move, not secondary"
+	[ "$(state_of "$p")" = diskless ] || fail "$p is $(state_of "$p"), not diskless"
+	serving "$p" && fail "$p still serves"
+	cmd_check "$s"
+	cmd_put "$s" disk2 4 || fail "client write on $s after the move"
+	log "rebuilding $p: new disk, tandem create, full resync"
+	cmd_crash "$p"
+	t=$(now)
+	cmd_boot "$p" new-disk
+	wait_for 120 "$p in sync on its new disk" sh -c "[ \"\$($SELF role-of $p)\" = secondary ] && [ \"\$($SELF state-of $p)\" = complete ]" ||
+		fail "$p did not resync onto its new disk"
+	timing disk_rebuild_boot_to_in_sync_s "$(elapsed "$t")"
+	st=$(tandem_in "$p" status --json r0)
+	log "$p resynced $(json_num "$st" bytes_resynced) of $(json_num "$st" data_size) bytes onto its new disk"
+	serving "$s" || fail "$s stopped serving while $p was rebuilt"
+	v=$(tandem_in "$s" verify r0 --json) || fail "tandem verify failed: $v"
+	grep -q '"differing":\[\]' <<<"$v" || fail "verify found differences after the rebuild: $v"
+	cmd_check "$s"
+}
+
 cmd_run() {
 	rm -f "$LAB/timings"
 	local t
@@ -763,6 +827,7 @@ cmd_run() {
 	scenario_crash
 	scenario_return
 	scenario_partition 2
+	scenario_disk_failure
 	timing total_s "$(elapsed "$t")"
 	if [ -n "${TOCF_RESULTS:-}" ]; then
 		cp "$LAB/timings" "$TOCF_RESULTS"
