@@ -48,7 +48,8 @@ pub mod rc {
 pub const SCORE_PRIMARY: u32 = 20000;
 /// Promotion score of an up-to-date copy that is connected to its peer.
 pub const SCORE_CONNECTED: u32 = 10000;
-/// Promotion score of a copy that is up to date as far as it knows, without a peer.
+/// Promotion score of a copy that is up to date as far as it knows, without a peer; and of a
+/// diskless primary (its disk failed), which a peer in sync is to replace.
 pub const SCORE_ALONE: u32 = 1000;
 
 /// The id of the fencing constraint of resource `res`.
