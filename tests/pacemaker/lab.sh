@@ -308,20 +308,22 @@ promoted_by_crm() {
 		sed -n 's/.*running on: \([a-z0-9]*\) \(Promoted\|Master\).*/\1/p' | head -n1
 }
 
-role_of() {
-	tandem_in "$1" status --json r0 2>/dev/null |
-		sed -n 's/.*"role":"\([a-z]*\)".*/\1/p' | head -n1
-}
-
 # "ROLE STATE" of node $1 from one status call (two calls can straddle a role change).
 role_state_of() {
 	tandem_in "$1" status --json r0 2>/dev/null |
-		sed -n 's/.*"role":"\([a-z]*\)".*"state":"\([a-z-]*\)".*/\1 \2/p' | head -n1
+		sed -n 's/.*"role":"\([a-z]*\)".*"state":"\([a-z/-]*\)".*/\1 \2/p' | head -n1
+}
+
+role_of() {
+	local rs
+	rs=$(role_state_of "$1")
+	echo "${rs% *}"
 }
 
 state_of() {
-	tandem_in "$1" status --json r0 2>/dev/null |
-		sed -n 's/.*"state":"\([a-z-]*\)".*/\1/p' | head -n1
+	local rs
+	rs=$(role_state_of "$1")
+	echo "${rs#* }"
 }
 
 mounted_in() { in_node "$1" awk -v m="$LAB/here/mnt" '$5 == m { f = 1 } END { exit !f }' /proc/self/mountinfo; }
@@ -594,21 +596,18 @@ cmd_sampler_start() {
 	(
 		i=0
 		while [ ! -e "$LAB/sampler.stop" ] && [ $i -lt 3000 ]; do
-			r1=$(role_of node1)
-			r2=$(role_of node2)
-			[ "$r1" = primary ] && [ "$r2" = primary ] && echo "$(now) two primaries" >>"$LAB/sampler.bad"
+			declare -A rs=([node1]="$(role_state_of node1)" [node2]="$(role_state_of node2)")
+			[ "${rs[node1]% *}" = primary ] && [ "${rs[node2]% *}" = primary ] &&
+				echo "$(now) two primaries" >>"$LAB/sampler.bad"
 			if mounted_in node1 2>/dev/null && mounted_in node2 2>/dev/null; then
 				echo "$(now) mounted on both" >>"$LAB/sampler.bad"
 			fi
 			for n in node1 node2; do
-				[ "$(state_of "$n")" = split-brain ] && echo "$(now) split-brain on $n" >>"$LAB/sampler.bad"
-			done
-			# A serving primary must never be outranked: a higher score elsewhere makes
-			# Pacemaker demote it to promote the other copy.
-			for n in node1 node2; do
-				# (A diskless primary, serving from the peer, is meant to be outranked.)
-				rs=$(role_state_of "$n")
-				[ "${rs% *}" = primary ] && [ "${rs#* }" != diskless ] || continue
+				[ "${rs[$n]#* }" = split-brain ] && echo "$(now) split-brain on $n" >>"$LAB/sampler.bad"
+				# A primary serving from its own disk must never be outranked: a higher
+				# score elsewhere makes Pacemaker demote it to promote the other copy. (A
+				# diskless primary, serving from the peer, is meant to be outranked.)
+				[ "${rs[$n]% *}" = primary ] && [ "${rs[$n]#* }" != diskless ] || continue
 				mine=$(score_of "$n" "$n")
 				other=$(score_of "$n" "${PEER[$n]}")
 				[ "$other" -gt "$mine" ] &&
