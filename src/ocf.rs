@@ -890,14 +890,20 @@ fn fence(res: &str, what: Fence) {
 }
 
 /// `daemon.exec` entry: `tandem ocf EVENT RESOURCE [ARGS]` (the daemon sets TANDEM_CONFIG).
-/// Acts on `disconnect` (place the constraint if primary) and `syncdone`/`connect` (remove
-/// it once in sync); every other event is accepted and ignored.
+/// Acts on `disconnect` (place the constraint if primary; not `disconnect RES demote`, the
+/// link a demote closes) and `syncdone`/`connect` (remove it once in sync); every other
+/// event is accepted and ignored.
 fn hook(event: &str, args: &[String], cli_config: &Path, node: Option<&str>) -> i32 {
     let Some(name) = args.first() else {
         eprintln!("tandem ocf {event}: missing RESOURCE\n{USAGE}");
         return rc::ERR_ARGS;
     };
     if !matches!(event, "disconnect" | "syncdone" | "connect") {
+        return rc::SUCCESS;
+    }
+    if event == "disconnect" && args.get(1).is_some_and(|a| a == "demote") {
+        // The link closed because this node left role primary (a demote hands over to the
+        // peer): nothing to fence, and the role may still read primary in the daemon.
         return rc::SUCCESS;
     }
     let env = Env {

@@ -124,3 +124,44 @@ fn wait_status(n: &Node, res: &str, text: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Lines of the pair's hook log (both daemons write to it) equal to `line`.
+fn hook_lines(p: &Pair, line: &str) -> usize {
+    hook_log(p).lines().filter(|l| *l == line).count()
+}
+
+/// Wait up to 15 s (hooks run asynchronously) for more than `n` hook lines equal to `line`.
+fn wait_hook_lines(p: &Pair, line: &str, n: usize) {
+    let end = Instant::now() + Duration::from_secs(15);
+    while hook_lines(p, line) <= n {
+        assert!(
+            Instant::now() < end,
+            "no new hook line {line:?} in 15 s; hook log:\n{}",
+            hook_log(p)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A primary's link closed by its own demote is not a lost peer, and the hook is told:
+/// `disconnect r0 demote`. A fencing hook (`tandem ocf disconnect`) took the plain event for
+/// a lost peer while the role still read primary, and under Pacemaker placed a constraint
+/// forbidding the promotion of the very peer the demote handed over to (cluster lab, the
+/// primary's disk failed). A peer that is really lost still gives a plain `disconnect r0`.
+#[test]
+fn a_demote_tells_the_hook_that_it_closed_the_link_itself() {
+    let mut p = synced_pair("fullsync");
+    p.a.ok(&["role", "secondary", "r0"]);
+    wait_hook_lines(&p, "disconnect r0 demote", 0);
+    p.a.ok(&["role", "primary", "r0"]);
+    p.a.wait_for(30, "a connected again", |s| s["connection"] == "connected");
+    let plain = hook_lines(&p, "disconnect r0");
+    p.b.kill9();
+    wait_hook_lines(&p, "disconnect r0", plain);
+    assert_eq!(
+        hook_lines(&p, "disconnect r0 demote"),
+        1,
+        "{}",
+        hook_log(&p)
+    );
+}

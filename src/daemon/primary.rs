@@ -638,7 +638,11 @@ pub fn connector(s: Arc<Shared>, stop: Arc<AtomicBool>) {
                     log::warn!("{}: lost the peer {}: {why}", s.name, link.peer());
                     s.hooks.fire(Event::Disconnect, &s.name, &[]);
                 } else {
-                    s.hooks.fire(Event::Disconnect, &s.name, &[]);
+                    // Closed because this node leaves role primary: not a lost peer. The
+                    // hook is told, so that a fencing hook (tandem ocf) does not take it
+                    // for one: its role still reads primary here, and a constraint placed
+                    // now would forbid promoting the peer this demote hands over to.
+                    s.hooks.fire(Event::Disconnect, &s.name, &["demote"]);
                 }
             }
             Err(ConnectError::Refused(wait)) => {
