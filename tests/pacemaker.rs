@@ -16,6 +16,9 @@
 //! - the crashed node returns: it resyncs only the dirty extents and stays unpromoted;
 //! - partition again, now with the primary on the other node (so one of the two partitions
 //!   has the primary on node2, which the plain ffsplit tie-breaker would leave without quorum);
+//! - a planned switchover (`crm_resource --move --promoted`, then `--clear`): the other node
+//!   is promoted with every acknowledged write, the old primary comes back as secondary in
+//!   sync, no fencing constraint is placed, and the promotion stays after `--clear`;
 //! - (with `--features faults`, as CI builds it) the primary's disk fails: it goes diskless,
 //!   its promotion score falls below the peer's, Pacemaker moves the promotion to the copy
 //!   with a disk; the failed node, rebuilt on a new disk, resyncs in full.
@@ -123,6 +126,8 @@ fn pacemaker_cluster_scenarios() {
         "return_resynced_bytes=",
         "partition1_secondary_stopped_s=",
         "partition2_secondary_stopped_s=",
+        "switchover_to_serving_s=",
+        "switchover_to_in_sync_s=",
     ] {
         assert!(text.contains(key), "no {key} in the lab's timings");
     }

@@ -69,27 +69,36 @@ impl Tandem {
     }
 }
 
+/// A role, connection or state name from the daemon, parsed with the names the CLI prints
+/// (the daemon builds them from the same enums). A name this binary does not know comes only
+/// from a daemon of another version; it is logged and read as `unknown`.
+fn wire<T>(res: &str, what: &str, name: &str, unknown: T) -> T
+where
+    T: serde::de::DeserializeOwned + std::fmt::Display,
+{
+    match serde_json::from_value(serde_json::Value::String(name.to_string())) {
+        Ok(v) => v,
+        Err(_) => {
+            log::warn!(
+                "{res}: the daemon reports {what} {name:?}, which this tandem does not know \
+                 (daemon of another version?); read as {what} {unknown}"
+            );
+            unknown
+        }
+    }
+}
+
 impl Backend for Tandem {
     fn status(&self) -> Result<BackendStatus> {
         let s = self.daemon_status(Duration::from_secs(10))?;
-        let role = match s.role.as_str() {
-            "primary" => Role::Primary,
-            "secondary" => Role::Secondary,
-            "init" => Role::Init,
-            _ => Role::Unknown,
-        };
-        let connection = match s.connection.as_str() {
-            "connected" => Connection::Connected,
-            "connecting" => Connection::Connecting,
-            _ => Connection::Disconnected,
-        };
-        let state = match s.state.as_str() {
-            "complete" => SyncState::Complete,
-            "syncing" => SyncState::Syncing,
-            "split-brain" => SyncState::SplitBrain,
-            "diskless" => SyncState::Diskless,
-            _ => SyncState::Degraded,
-        };
+        let role = wire(&self.name, "role", &s.role, Role::Unknown);
+        let connection = wire(
+            &self.name,
+            "connection",
+            &s.connection,
+            Connection::Disconnected,
+        );
+        let state = wire(&self.name, "state", &s.state, SyncState::Degraded);
         let mut extra = serde_json::to_value(&s)
             .ok()
             .and_then(|v| v.as_object().cloned())
@@ -163,5 +172,53 @@ impl Backend for Tandem {
             self.name,
             self.control.display()
         )]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_the_daemon_prints_reads_back_as_itself() {
+        for s in [
+            SyncState::Complete,
+            SyncState::Degraded,
+            SyncState::Syncing,
+            SyncState::SplitBrain,
+            SyncState::Diskless,
+        ] {
+            assert_eq!(
+                wire("r0", "state", &s.to_string(), SyncState::NotApplicable),
+                s
+            );
+        }
+        for c in [
+            Connection::Connected,
+            Connection::Connecting,
+            Connection::Disconnected,
+        ] {
+            assert_eq!(
+                wire(
+                    "r0",
+                    "connection",
+                    &c.to_string(),
+                    Connection::NotApplicable
+                ),
+                c
+            );
+        }
+        for r in [DaemonRole::Init, DaemonRole::Primary, DaemonRole::Secondary] {
+            assert_ne!(wire("r0", "role", r.name(), Role::Unknown), Role::Unknown);
+        }
+    }
+
+    #[test]
+    fn a_name_from_another_version_is_not_a_known_state() {
+        assert_eq!(
+            wire("r0", "state", "resyncing-backwards", SyncState::Degraded),
+            SyncState::Degraded
+        );
+        assert_eq!(wire("r0", "role", "Primary", Role::Unknown), Role::Unknown);
     }
 }

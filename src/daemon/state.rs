@@ -24,6 +24,7 @@ use super::metadata::Disk;
 use super::metrics::ResourceMetrics;
 use super::peer::{self, Link, Outcome};
 use super::protocol::{Message, NodeState};
+use crate::backend::{self, SyncState};
 use crate::config::{Replication, Resource};
 
 /// The secondary's running session with the primary (see `secondary.rs`); held by the owner
@@ -604,18 +605,20 @@ impl Shared {
         let role = self.role();
         let syncing = self.sync.active.load(Ordering::Acquire);
         let verifying = self.verify.active.load(Ordering::Acquire);
+        // The CLI parses these names back into the same enums (backend::tandem): a state the
+        // daemon can report is a variant there too, never an unknown string.
         let state = if h.split_brain {
-            "split-brain"
+            SyncState::SplitBrain
         } else if self.diskless() {
-            "diskless"
+            SyncState::Diskless
         } else if syncing {
-            "syncing"
+            SyncState::Syncing
         } else if c.connection == Connection::Connected && c.in_sync && !h.inconsistent {
-            "complete"
+            SyncState::Complete
         } else {
-            "degraded"
+            SyncState::Degraded
         };
-        if state == "complete" {
+        if state == SyncState::Complete {
             self.metrics.mark_in_sync_now();
         }
         let total = self.sync.total.load(Ordering::Relaxed);
@@ -626,16 +629,20 @@ impl Shared {
             name: self.name.clone(),
             role: role.name().to_string(),
             connection: match c.connection {
-                Connection::Connected => "connected",
-                Connection::Connecting => "connecting",
-                Connection::Disconnected => "disconnected",
+                Connection::Connected => backend::Connection::Connected,
+                Connection::Connecting => backend::Connection::Connecting,
+                Connection::Disconnected => backend::Connection::Disconnected,
             }
             .to_string(),
             state: state.to_string(),
             dirty_bytes: self.disk.activemap().dirty_bytes(),
             data_size: self.disk.data_size(),
             sync_progress: if !syncing || total == 0 {
-                if state == "complete" { 1.0 } else { 0.0 }
+                if state == SyncState::Complete {
+                    1.0
+                } else {
+                    0.0
+                }
             } else {
                 done as f64 / total as f64
             },

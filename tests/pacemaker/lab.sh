@@ -8,8 +8,9 @@
 #
 #   lab.sh up            build everything, cluster running, resources placed
 #   lab.sh run           up + the scenarios (cold, partition, crash, return, partition
-#                        again with the primary on the other node, the primary's disk
-#                        fails and the node is rebuilt) + down
+#                        again with the primary on the other node, a planned
+#                        switchover, the primary's disk fails and the node is
+#                        rebuilt) + down
 #   lab.sh down          tear down (node inits killed by PID, loop devices, netns, files)
 #   lab.sh in NODE CMD…  run a command inside a node
 #   lab.sh crash NODE | boot NODE [new-disk] | partition | heal | state
@@ -334,8 +335,8 @@ serving() {
 }
 
 # How many times the daemon on node $1 has left role primary (its log survives crashes and
-# boots). The lab never asks for a demote: after the cluster is up, a primary changes only by a
-# crash, so any new line means Pacemaker moved the promotion away from a serving primary.
+# boots). Outside the planned switchover the lab never asks for a demote, so a new line in a
+# scenario that checks it means Pacemaker moved the promotion away from a serving primary.
 demotions() { grep -c "r0: role primary -> " "$LAB/$1/log/daemon.log"; }
 
 # Fail if primary $1 left its role since demotions() said $2.
@@ -770,6 +771,44 @@ scenario_return() {
 	cmd_check "$p"
 }
 
+# A planned switchover, as an administrator does it (`crm_resource --move --promoted`): the
+# primary is demoted, the secondary promoted with every acknowledged write, the old primary
+# reconnects as secondary in sync, and nobody is fenced off. After `--clear` the promotion stays
+# where it is (the serving primary outranks the returning one).
+scenario_switchover() {
+	local p s t d v
+	p=$(primary)
+	s=$(secondary)
+	log "== planned switchover from $p to $s (crm_resource --move --promoted)"
+	cmd_put "$p" move1 4 || fail "client write on $p before the switchover"
+	cmd_sampler_start
+	t=$(now)
+	in_node "$p" crm_resource --move -r tandem-r0-clone --promoted -N "$s" >/dev/null 2>&1 ||
+		fail "crm_resource --move to $s"
+	wait_for 60 "$s serving" serving "$s" || fail "$s was not promoted by the move"
+	timing switchover_to_serving_s "$(elapsed "$t")"
+	wait_for 30 "$p back as secondary, in sync" sh -c "[ \"\$($SELF role-of $p)\" = secondary ] && [ \"\$($SELF state-of $s)\" = complete ]" ||
+		fail "$p did not reconnect as secondary in sync after the switchover"
+	timing switchover_to_in_sync_s "$(elapsed "$t")"
+	echo "$s" >"$LAB/primary"
+	serving "$p" && fail "$p still serves after the switchover"
+	fence_constraint "$s" && fail "a fencing constraint was placed in a planned switchover"
+	cmd_check "$s"
+	cmd_put "$s" move2 4 || fail "client write on $s after the switchover"
+	d=$(demotions "$s")
+	in_node "$s" crm_resource --clear -r tandem-r0-clone >/dev/null 2>&1 ||
+		fail "crm_resource --clear"
+	# Settled: the move's constraint is gone, and the promotion does not go back.
+	sleep 5
+	cmd_sampler_stop
+	assert_not_demoted "$s" "$d"
+	serving "$s" || fail "$s stopped serving after crm_resource --clear"
+	fence_constraint "$s" && fail "a fencing constraint is left after the switchover"
+	v=$(tandem_in "$s" verify r0 --json) || fail "tandem verify failed: $v"
+	grep -q '"differing":\[\]' <<<"$v" || fail "verify found differences after the switchover: $v"
+	cmd_check "$s"
+}
+
 # The primary's disk fails (EIO on every read and write of its data): it goes diskless and
 # serves from the peer, which holds every write; its promotion score (1000) falls below the
 # peer's (10000), so Pacemaker moves the promotion to the copy with a disk. The failed node is
@@ -826,6 +865,7 @@ cmd_run() {
 	scenario_crash
 	scenario_return
 	scenario_partition 2
+	scenario_switchover
 	scenario_disk_failure
 	timing total_s "$(elapsed "$t")"
 	if [ -n "${TOCF_RESULTS:-}" ]; then
