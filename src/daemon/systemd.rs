@@ -202,10 +202,21 @@ mod tests {
         }
     }
 
-    fn recv(s: &UnixDatagram) -> String {
+    /// One datagram, or the socket's read timeout. A signal to the test process interrupts a
+    /// receive with a timeout (EINTR, not restarted); that is no answer either way, so retry.
+    fn try_recv(s: &UnixDatagram) -> std::io::Result<String> {
         let mut buf = [0u8; 4096];
-        let n = s.recv(&mut buf).unwrap();
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        loop {
+            match s.recv(&mut buf) {
+                Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn recv(s: &UnixDatagram) -> String {
+        try_recv(s).unwrap()
     }
 
     #[test]
@@ -294,10 +305,7 @@ mod tests {
         // repeated.
         s.set_read_timeout(Some(Duration::from_millis(600)))
             .unwrap();
-        let mut buf = [0u8; 256];
-        let more = s
-            .recv(&mut buf)
-            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+        let more = try_recv(&s);
         assert!(more.is_err(), "a datagram after the wedge: {more:?}");
         stop.store(true, Ordering::Release);
         t.join().unwrap();
