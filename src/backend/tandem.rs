@@ -71,7 +71,8 @@ impl Tandem {
 
 /// A role, connection or state name from the daemon, parsed with the names the CLI prints
 /// (the daemon builds them from the same enums). A name this binary does not know comes only
-/// from a daemon of another version; it is logged and read as `unknown`.
+/// from a daemon of another version; it is logged and read as `unknown`, the caller's
+/// fallback (role unknown, disconnected, degraded).
 fn wire<T>(res: &str, what: &str, name: &str, unknown: T) -> T
 where
     T: serde::de::DeserializeOwned + std::fmt::Display,
